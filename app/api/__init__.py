@@ -1,0 +1,1 @@
+"""The HTTP layer: thin routers over the completion service, the scheduler and the backend."""

@@ -1,0 +1,86 @@
+"""Dependencies of the routers: the services on app.state, the caller's identity, the request body."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.backends.base import Backend
+from app.errors import BodyTooLarge, Unauthorized
+from app.queue.scheduler import Scheduler
+from app.queue.service import CompletionService
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_service(request: Request) -> CompletionService:
+    service: CompletionService = request.app.state.service
+    return service
+
+
+def get_scheduler(request: Request) -> Scheduler:
+    scheduler: Scheduler = request.app.state.scheduler
+    return scheduler
+
+
+def get_backend(request: Request) -> Backend:
+    backend: Backend = request.app.state.backend
+    return backend
+
+
+def authenticate(request: Request) -> str | None:
+    """The caller's key name ('key-N'), None with authentication off; 401 for a missing or wrong key.
+
+    Every configured key is compared, in constant time, so timing tells nothing of which one nearly matched.
+    """
+    keys: tuple[bytes, ...] = request.app.state.api_keys
+    if not keys:
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    given = token.strip().encode()
+    matched = None
+    for index, key in enumerate(keys):
+        if hmac.compare_digest(given, key):
+            matched = index
+    if matched is None:
+        raise Unauthorized("the API key is not valid")
+    return f"key-{matched + 1}"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing with 413 past `limit` bytes whether or not Content-Length says so."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the request body is {declared} bytes; the most accepted is {limit}")
+    if declared is not None:
+        return await request.body()
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"the request body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def request_id(request: Request) -> str:
+    """The id RequestIdMiddleware gave this request."""
+    rid: str = request.state.request_id
+    return rid
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceDep = Annotated[CompletionService, Depends(get_service)]
+SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
+BackendDep = Annotated[Backend, Depends(get_backend)]
+Owner = Annotated[str | None, Depends(authenticate)]

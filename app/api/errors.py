@@ -1,0 +1,79 @@
+"""The one place GatewayErrors become HTTP: a JSON response, or an SSE error event once a stream has begun."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    UpstreamHTTPError,
+)
+
+log = logging.getLogger("app.api")
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def error_response(exc: GatewayError) -> Response:
+    """The error as an HTTP response; an upstream 4xx goes back exactly as the upstream said it."""
+    if isinstance(exc, UpstreamHTTPError):
+        return Response(exc.raw_body, exc.status_code, headers=exc.headers, media_type=exc.content_type)
+    return Response(orjson.dumps(exc.body()), exc.status_code, headers=exc.headers, media_type="application/json")
+
+
+def sse_error_event(exc: GatewayError) -> bytes:
+    """The error as the last events of a stream that has already sent its headers."""
+    if isinstance(exc, UpstreamHTTPError):
+        body = GatewayError(f"the upstream answered {exc.status_code}").body()
+    else:
+        body = exc.body()
+    return b"data: " + orjson.dumps(body) + b"\n\n" + SSE_DONE
+
+
+def _validation_message(exc: RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    return InvalidRequest(f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app can meet answers in the OpenAI error shape; tracebacks go to the log only."""
+
+    async def gateway_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        return error_response(exc)
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(_validation_message(exc))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
+        error = GatewayError(str(exc.detail))
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        error.code = None
+        return error_response(error)
+
+    async def unexpected_error(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return error_response(GatewayError("internal error; the gateway's log has the details"))
+
+    app.add_exception_handler(GatewayError, gateway_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -1,0 +1,59 @@
+"""The OpenAI routes: completions through the queue, and the backend's model list."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.api.deps import BackendDep, Owner, ServiceDep, SettingsDep, read_body, request_id
+from app.api.streaming import DisconnectWatcher, QueuedStreamResponse
+from app.errors import ClientDisconnected
+from app.schemas import CompletionKind, parse_completion_request, parse_priority
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+async def _serve(
+    request: Request, kind: CompletionKind, owner: str | None, service: ServiceDep, settings: SettingsDep
+) -> Response:
+    completion = parse_completion_request(await read_body(request, settings.max_body_bytes), kind)
+    header = request.headers.get("x-priority")
+    if header is not None:
+        priority = parse_priority(header, "X-Priority")
+    else:
+        priority = completion.body_priority or settings.default_priority
+    job = service.admit(completion, request_id(request), priority, owner)
+    watcher = DisconnectWatcher(request.receive, lambda: service.abort(job, ClientDisconnected("client left")))
+    if not completion.stream:
+        try:
+            result = await service.complete(job, completion)
+        finally:
+            watcher.stop()
+        return Response(result.body, result.status, media_type=result.content_type)
+    try:
+        chunks = await service.open_stream(job, completion)
+    except BaseException:
+        watcher.stop()
+        raise
+    # Headers go out only now that the request is dispatched and the backend accepted it, so a full queue,
+    # a timeout in the queue or an upstream refusal still reach the client as their real status codes.
+    return QueuedStreamResponse(service, job, chunks, watcher)
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, owner: Owner, service: ServiceDep, settings: SettingsDep) -> Response:
+    """OpenAI chat completions, queued by priority."""
+    return await _serve(request, "chat", owner, service, settings)
+
+
+@router.post("/completions")
+async def completions(request: Request, owner: Owner, service: ServiceDep, settings: SettingsDep) -> Response:
+    """OpenAI text completions, queued by priority."""
+    return await _serve(request, "completion", owner, service, settings)
+
+
+@router.get("/models")
+async def models(_: Owner, backend: BackendDep) -> Response:
+    """The backend's models."""
+    result = await backend.models()
+    return Response(result.body, result.status, media_type=result.content_type)

@@ -1,0 +1,85 @@
+"""The SSE response of a queued stream, and the watcher that notices a client hanging up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Callable
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from app.api.errors import sse_error_event
+from app.errors import GatewayError
+from app.queue.job import Job
+from app.queue.service import CompletionService
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx and friends: do not buffer a live stream
+]
+
+
+class DisconnectWatcher:
+    """Calls `on_disconnect` the moment the client hangs up, whatever the request is doing then.
+
+    The server would otherwise notice only at its next write, which for a queued request or a slow
+    upstream may be minutes away.
+    """
+
+    __slots__ = ("_task",)
+
+    def __init__(self, receive: Receive, on_disconnect: Callable[[], object]):
+        self._task = asyncio.get_running_loop().create_task(self._watch(receive, on_disconnect))
+
+    @staticmethod
+    async def _watch(receive: Receive, on_disconnect: Callable[[], object]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                on_disconnect()
+                return
+
+    def stop(self) -> None:
+        """The response is done: stop watching."""
+        self._task.cancel()
+
+
+class QueuedStreamResponse(Response):
+    """Relays a dispatched job's stream; an error after the headers becomes one SSE error event."""
+
+    def __init__(
+        self,
+        service: CompletionService,
+        job: Job,
+        chunks: AsyncGenerator[bytes, None],
+        watcher: DisconnectWatcher,
+    ):
+        self.status_code = 200
+        self.background = None
+        self._service = service
+        self._job = job
+        self._chunks = chunks
+        self._watcher = watcher
+        self.raw_headers = list(SSE_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_chunk(chunk: bytes) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        try:
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            except BaseException as exc:
+                self._service.release(self._job, exc)
+                await self._chunks.aclose()
+                raise
+            try:
+                await self._service.pump(self._job, self._chunks, send_chunk)
+            except GatewayError as exc:
+                await send_chunk(sse_error_event(exc))
+            except OSError:
+                return  # the client is gone; the job is already retired as cancelled
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self._watcher.stop()

@@ -1,0 +1,178 @@
+"""The gateway's one error family: each error knows its HTTP status and its OpenAI error body.
+
+Core code raises these; the API layer renders them in one place (as JSON, or as an SSE error event once a
+stream has begun). Nothing here imports a web framework.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class GatewayError(Exception):
+    """Base of every error a client may be answered with."""
+
+    status_code = 500
+    error_type = "internal_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers: dict[str, str] = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error shape."""
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(GatewayError):
+    """Malformed body, a field of the wrong type or range, an unknown priority or request id format."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param)
+        if code is not None:
+            self.code = code
+
+
+class Unauthorized(GatewayError):
+    """Missing or wrong API key."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFound(GatewayError):
+    """Unknown route or request id."""
+
+    status_code = 404
+    error_type = "not_found_error"
+    code = "not_found"
+
+
+class Conflict(GatewayError):
+    """The request id is already live, or the request has already finished."""
+
+    status_code = 409
+    error_type = "conflict_error"
+    code = "conflict"
+
+    def __init__(self, message: str, *, code: str = "conflict", param: str | None = None):
+        super().__init__(message, param=param)
+        self.code = code
+
+
+class BodyTooLarge(GatewayError):
+    """The request body is over MAX_BODY_BYTES."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class MethodNotAllowed(GatewayError):
+    """The route exists but not for this method."""
+
+    status_code = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """Retry-After in whole seconds (at least 1) and retry-after-ms, both of which the openai SDK honours."""
+    seconds = max(seconds, 0.001)
+    return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, round(seconds * 1000)))}
+
+
+class QueueFull(GatewayError):
+    """MAX_QUEUE_SIZE requests already wait."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message, headers=retry_after_headers(retry_after))
+        self.retry_after = retry_after
+
+
+class ShuttingDown(GatewayError):
+    """The gateway is draining and takes no new work."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "shutting_down"
+
+    def __init__(self, message: str = "the gateway is shutting down; retry on another instance"):
+        super().__init__(message, headers=retry_after_headers(5.0))
+
+
+class BackendNotReady(GatewayError):
+    """The backend does not answer yet."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "backend_not_ready"
+
+
+class RequestTimeout(GatewayError):
+    """The request outlived REQUEST_TIMEOUT, counted from its arrival."""
+
+    status_code = 408
+    error_type = "timeout_error"
+    code = "request_timeout"
+
+
+class RequestCancelled(GatewayError):
+    """The request was cancelled through DELETE /v1/queue/request/{id}.
+
+    499 (client closed request) is outside the set the openai SDK retries (408, 409, 429, 5xx), so a
+    cancelled request is not silently sent again.
+    """
+
+    status_code = 499
+    error_type = "cancelled_error"
+    code = "request_cancelled"
+
+
+class ClientDisconnected(GatewayError):
+    """The client hung up; nobody reads this error, it only records why the request ended."""
+
+    status_code = 499
+    error_type = "cancelled_error"
+    code = "client_disconnected"
+
+
+class UpstreamError(GatewayError):
+    """The upstream is unreachable, broke the connection or answered 5xx."""
+
+    status_code = 502
+    error_type = "upstream_error"
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class UpstreamHTTPError(GatewayError):
+    """The upstream answered 4xx: passed through to the client with its own status and body."""
+
+    error_type = "upstream_error"
+    code = "upstream_client_error"
+
+    def __init__(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None):
+        super().__init__(f"upstream answered {status}", headers=headers)
+        self.status_code = status
+        self.raw_body = body
+        self.content_type = content_type

@@ -1,0 +1,193 @@
+"""A request's life in the queue: its identity, state, timestamps, and the means to stop its work."""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from app.errors import (
+    ClientDisconnected,
+    GatewayError,
+    RequestCancelled,
+    RequestTimeout,
+    ShuttingDown,
+)
+from app.schemas import CompletionKind, JobState
+from app.settings import Priority
+
+if TYPE_CHECKING:
+    from app.queue.priority_queue import Entry
+    from app.queue.slots import Slot
+
+TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT})
+
+
+def terminal_state(error: GatewayError | None) -> JobState:
+    """The state a request ends in, given what ended it."""
+    if error is None:
+        return JobState.COMPLETED
+    if isinstance(error, RequestTimeout):
+        return JobState.TIMEOUT
+    if isinstance(error, RequestCancelled | ClientDisconnected | ShuttingDown):
+        return JobState.CANCELLED
+    return JobState.FAILED
+
+
+class Job:
+    """One accepted request. Only the scheduler changes its state; times are monotonic seconds."""
+
+    __slots__ = (
+        "_dispatched",
+        "_finished_waiters",
+        "_scope",
+        "arrived",
+        "arrived_wall",
+        "deadline",
+        "entry",
+        "error",
+        "finished",
+        "id",
+        "kind",
+        "owner",
+        "priority",
+        "slot",
+        "started",
+        "state",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        kind: CompletionKind,
+        priority: Priority,
+        owner: str | None,
+        arrived: float,
+        arrived_wall: float,
+        deadline: float,
+    ):
+        self.id = id
+        self.kind = kind
+        self.priority = priority
+        self.owner = owner
+        self.arrived = arrived
+        self.arrived_wall = arrived_wall
+        self.deadline = deadline
+        self.state = JobState.QUEUED
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.error: GatewayError | None = None
+        self.slot: Slot | None = None
+        self.entry: Entry[Job] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self._dispatched: asyncio.Future[None] | None = None
+        self._scope: AbortScope | None = None
+        self._finished_waiters: list[asyncio.Future[None]] | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the request has ended."""
+        return self.state in TERMINAL
+
+    def wall_time(self, monotonic: float | None) -> float | None:
+        """A monotonic instant of this job as seconds since the epoch."""
+        return None if monotonic is None else self.arrived_wall + (monotonic - self.arrived)
+
+    async def dispatched(self) -> None:
+        """Return once the scheduler gives this job a backend slot; raise what ended it otherwise."""
+        if self.state is JobState.PROCESSING:
+            return
+        if self.error is not None:
+            raise self.error
+        if self._dispatched is None:
+            self._dispatched = asyncio.get_running_loop().create_future()
+        await self._dispatched
+
+    def abortable(self) -> AbortScope:
+        """A scope whose body is stopped, raising the job's error, if the job is aborted meanwhile."""
+        return AbortScope(self)
+
+    async def wait_finished(self) -> None:
+        """Return once the job has reached a terminal state."""
+        if self.is_terminal:
+            return
+        future = asyncio.get_running_loop().create_future()
+        if self._finished_waiters is None:
+            self._finished_waiters = []
+        self._finished_waiters.append(future)
+        await future
+
+    # The scheduler's side -------------------------------------------------------------------------------
+
+    def mark_dispatched(self) -> None:
+        """Wake the request's handler: its turn has come."""
+        self.state = JobState.PROCESSING
+        if self._dispatched is not None and not self._dispatched.done():
+            self._dispatched.set_result(None)
+
+    def interrupt(self, error: GatewayError) -> None:
+        """Make the handler raise `error`: at once if it waits for a slot, else inside its abort scope."""
+        if self.error is None:
+            self.error = error
+        if self._dispatched is not None and not self._dispatched.done():
+            self._dispatched.set_exception(self.error)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def mark_finished(self, state: JobState, now: float) -> None:
+        """Record the terminal state and release whoever waits for it."""
+        self.state = state
+        self.finished = now
+        self.entry = None
+        self._scope = None
+        if self._dispatched is not None and not self._dispatched.done():
+            # Nobody awaits it any more; mark the exception as retrieved so asyncio does not log it.
+            self._dispatched.cancel()
+        self._dispatched = None
+        if self._finished_waiters:
+            for waiter in self._finished_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._finished_waiters = None
+
+
+class AbortScope:
+    """Like asyncio.timeout(), but fired by Job.interrupt(): the task is cancelled and the job's error raised.
+
+    Used as `async with job.abortable(): await work()`. Interrupts come from other tasks or callbacks (a
+    timer, a disconnect watcher, a DELETE), so the scoped task is always suspended inside the scope when
+    its cancellation is requested, and the CancelledError surfaces inside it.
+    """
+
+    __slots__ = ("_cancelled", "_job", "_task")
+
+    def __init__(self, job: Job):
+        self._job = job
+        self._task: asyncio.Task[object] | None = None
+        self._cancelled = False
+
+    async def __aenter__(self) -> None:
+        job = self._job
+        if job.error is not None:
+            raise job.error
+        self._task = asyncio.current_task()
+        job._scope = self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        job = self._job
+        if job._scope is self:
+            job._scope = None
+        if self._cancelled and self._task is not None:
+            if self._task.uncancel() > 0 and exc_type is asyncio.CancelledError:
+                return  # someone else cancelled the task too: let their cancellation go on
+            assert job.error is not None
+            raise job.error from None
+
+    def cancel(self) -> None:
+        """Stop the scoped work (idempotent)."""
+        if not self._cancelled and self._task is not None:
+            self._cancelled = True
+            self._task.cancel()

@@ -1,0 +1,56 @@
+"""The backend's concurrency slots (seed 002's worker pool): which are busy, with what, and how they fared."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.queue.job import Job
+
+
+class Slot:
+    """One of MAX_CONCURRENT_REQUESTS places at the backend."""
+
+    __slots__ = ("errors", "id", "job", "processed")
+
+    def __init__(self, id: int):
+        self.id = id
+        self.job: Job | None = None
+        self.processed = 0
+        self.errors = 0
+
+
+class SlotPool:
+    """A fixed set of slots; take() and give() are O(1)."""
+
+    __slots__ = ("_free", "slots")
+
+    def __init__(self, size: int):
+        self.slots = [Slot(i) for i in range(size)]
+        # Reversed so slot 0 is handed out first: an idle gateway shows its work on the first workers.
+        self._free = list(reversed(self.slots))
+
+    @property
+    def free(self) -> int:
+        """How many slots are idle."""
+        return len(self._free)
+
+    @property
+    def busy(self) -> int:
+        """How many slots hold a request."""
+        return len(self.slots) - len(self._free)
+
+    def take(self, job: Job) -> Slot:
+        """Give `job` an idle slot; the caller checks `free` first."""
+        slot = self._free.pop()
+        slot.job = job
+        return slot
+
+    def give(self, slot: Slot, ok: bool) -> None:
+        """Return a slot after its request ended, well or not."""
+        slot.job = None
+        if ok:
+            slot.processed += 1
+        else:
+            slot.errors += 1
+        self._free.append(slot)

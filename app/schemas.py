@@ -1,0 +1,197 @@
+"""OpenAI request parsing for the hot path, and the queue's status models.
+
+Completion bodies are not parsed into models: the gateway checks the few fields it relies on and forwards
+the client's bytes untouched, so new OpenAI parameters keep working and the proxy path stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field
+
+from app.errors import InvalidRequest
+from app.settings import Priority
+
+CompletionKind = Literal["chat", "completion"]
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    """One /v1/chat/completions or /v1/completions request, ready for a backend."""
+
+    kind: CompletionKind
+    body: bytes  # what is forwarded upstream: the client's bytes, less the gateway's own `priority` field
+    payload: dict[str, Any] = field(repr=False)
+    model: str | None
+    stream: bool
+    max_tokens: int | None
+    body_priority: Priority | None
+
+    @property
+    def path(self) -> str:
+        """The OpenAI path this request goes to, below /v1."""
+        return "/chat/completions" if self.kind == "chat" else "/completions"
+
+
+def parse_priority(value: object, param: str) -> Priority:
+    """A priority from a header or body value, or a 400 that lists the allowed values."""
+    if isinstance(value, str):
+        try:
+            return Priority(value.strip().lower())
+        except ValueError:
+            pass
+    raise InvalidRequest(f"{param} must be one of 'high', 'normal', 'low', not {value!r}", param=param)
+
+
+def _optional_int(payload: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer, not {type(value).__name__}", param=name)
+    if value < minimum:
+        raise InvalidRequest(f"{name} must be at least {minimum}, not {value}", param=name)
+    return value
+
+
+def _check_number(payload: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = payload.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"{name} must be a number, not {type(value).__name__}", param=name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}, not {value}", param=name)
+
+
+def _check_messages(payload: dict[str, Any]) -> None:
+    messages = payload.get("messages")
+    if messages is None:
+        raise InvalidRequest("messages is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of message objects", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"messages[{index}] must be an object with a string 'role'", param=f"messages[{index}]"
+            )
+
+
+def _check_prompt(payload: dict[str, Any]) -> None:
+    prompt = payload.get("prompt")
+    if prompt is None:
+        raise InvalidRequest("prompt is required", param="prompt")
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | int) for p in prompt):
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        return
+    raise InvalidRequest("prompt must be a string, a list of strings or a list of token ids", param="prompt")
+
+
+def parse_completion_request(raw: bytes, kind: CompletionKind) -> CompletionRequest:
+    """Check the fields the gateway relies on; any other field is the backend's business."""
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("model must be a string", param="model")
+    stream = payload.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidRequest(f"stream must be a boolean, not {type(stream).__name__}", param="stream")
+    max_tokens = _optional_int(payload, "max_tokens", 1)
+    completion_tokens = _optional_int(payload, "max_completion_tokens", 1)
+    _optional_int(payload, "n", 1)
+    _check_number(payload, "temperature", 0.0, 2.0)
+    _check_number(payload, "top_p", 0.0, 1.0)
+    if kind == "chat":
+        _check_messages(payload)
+    else:
+        _check_prompt(payload)
+
+    body_priority = None
+    body = raw
+    if "priority" in payload:
+        body_priority = parse_priority(payload.pop("priority"), "priority")
+        body = orjson.dumps(payload)  # the upstream must not see a field it does not know
+    return CompletionRequest(
+        kind=kind,
+        body=body,
+        payload=payload,
+        model=model,
+        stream=stream,
+        max_tokens=completion_tokens if completion_tokens is not None else max_tokens,
+        body_priority=body_priority,
+    )
+
+
+class JobState(StrEnum):
+    """Where a request is in its life; the last four are terminal."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+
+class WorkerStatus(BaseModel):
+    """One concurrency slot at the backend (seed 002's worker health)."""
+
+    id: int
+    busy: bool
+    current_request_id: str | None
+    processed: int
+    errors: int
+
+
+class QueueStatus(BaseModel):
+    """GET /v1/queue/status: seed 003's fields first, then the gateway's own."""
+
+    queue_size: int
+    processing_count: int
+    max_concurrent: int
+    max_queue_size: int
+    total_processed: int
+    total_failed: int
+    total_queued: int
+    active_requests: int
+    is_running: bool
+    queue_size_by_priority: dict[str, int]
+    waiting_for_admission: int = Field(description="Requests held back by a full queue (QUEUE_FULL_BEHAVIOR=wait).")
+    total_rejected: int
+    total_timed_out: int
+    total_cancelled: int
+    queue_full_behavior: str
+    estimated_service_seconds: float | None = Field(
+        description="Moving average of how long a request holds a backend slot; None before the first."
+    )
+    workers: list[WorkerStatus]
+
+
+class RequestStatus(BaseModel):
+    """GET /v1/queue/request/{id}: seed 003's fields first, then the gateway's own."""
+
+    id: str
+    status: JobState
+    completion_type: CompletionKind
+    timestamp: float = Field(description="Arrival, seconds since the epoch.")
+    error: str | None
+    priority: Priority
+    position: int | None = Field(description="1-based place in the queue while waiting, else None.")
+    queued_at: float
+    started_at: float | None
+    finished_at: float | None

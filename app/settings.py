@@ -1,0 +1,110 @@
+"""Every setting of the gateway: read from the environment and an optional .env file, typed and bounded."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Priority(StrEnum):
+    """A request's priority level; the queue serves high before normal before low."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """0 for high, 1 for normal, 2 for low: the order the queue serves them in."""
+        return _RANKS[self]
+
+
+_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+
+
+class QueueFullBehavior(StrEnum):
+    """What a request meets when MAX_QUEUE_SIZE requests already wait."""
+
+    REJECT = "reject"
+    WAIT = "wait"
+
+
+class Settings(BaseSettings):
+    """The gateway's configuration; see the README's settings table."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    backend: Literal["proxy"] = Field(
+        default="proxy",
+        description="Which backend answers: 'proxy' forwards to an OpenAI-compatible server at UPSTREAM_BASE_URL.",
+    )
+    upstream_base_url: str = Field(
+        default="http://127.0.0.1:8080/v1",
+        description="Base URL of the upstream OpenAI-compatible API, including /v1.",
+    )
+    upstream_api_key: str = Field(default="", description="Bearer key sent upstream; empty sends none.")
+    upstream_connect_timeout: float = Field(
+        default=10.0, gt=0, le=600, description="Seconds to open a connection to the upstream."
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8091, ge=1, le=65535, description="Port to listen on.")
+    max_concurrent_requests: int = Field(
+        default=1, ge=1, le=100_000, description="Most requests at the backend at once."
+    )
+    max_queue_size: int = Field(default=100, ge=1, le=10_000_000, description="Most requests waiting at once.")
+    request_timeout: float = Field(
+        default=300.0, gt=0, le=86_400, description="Seconds a request may live, counted from its arrival."
+    )
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Comma-separated client keys; empty turns authentication off."
+    )
+    default_priority: Priority = Field(default=Priority.NORMAL, description="Priority of a request that names none.")
+    queue_full_behavior: QueueFullBehavior = Field(
+        default=QueueFullBehavior.REJECT,
+        description="'reject': 503 at once when the queue is full; 'wait': hold the request until a place frees.",
+    )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body accepted, in bytes."
+    )
+    request_history_size: int = Field(
+        default=10_000, ge=0, le=10_000_000, description="Finished requests kept for /v1/queue/request/{id}."
+    )
+    drain_timeout: float = Field(
+        default=30.0, ge=0, le=3600, description="Seconds running requests get to finish after SIGTERM."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Least severe log level written."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("upstream_base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class SettingsError(Exception):
+    """A setting has a value that is not allowed; str() is one line per bad variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning pydantic's report into one line per bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = str(err["loc"][0]).upper() if err["loc"] else "settings"
+            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("; ".join(lines)) from None

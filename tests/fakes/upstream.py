@@ -1,0 +1,218 @@
+"""A fake OpenAI-compatible upstream with fault injection: a real aiohttp server on loopback.
+
+Tests set `upstream.behavior` fields to inject latency, a stream pace, error statuses (500, 429 with
+Retry-After), dropped connections and hangs; `upstream.seen` records what arrived. Also runs on its own
+for benchmarks: `python -m tests.fakes.upstream --port 9100`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Behavior:
+    """How the next requests are answered; change fields at any time."""
+
+    latency: float = 0.0  # seconds before the answer (or before the first chunk)
+    chunks: int = 5  # SSE content chunks per stream
+    pace: float = 0.0  # seconds between chunks
+    status: int | None = None  # answer every completion with this status and an OpenAI error body
+    retry_after: str | None = None  # Retry-After header sent with `status`
+    drop: bool = False  # close the connection without answering
+    drop_mid_stream: bool = False  # close the connection after the first chunk
+    hang: bool = False  # never answer
+
+
+@dataclass
+class Seen:
+    """One completion request as the upstream received it."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeUpstream:
+    """Serves /v1/chat/completions, /v1/completions and /v1/models on 127.0.0.1 from a thread of its own."""
+
+    behavior: Behavior = field(default_factory=Behavior)
+    seen: list[Seen] = field(default_factory=list)
+    active: int = 0  # completions being answered now
+    abandoned: int = 0  # completions whose client hung up before the answer ended
+    port: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._completion)
+        app.router.add_post("/v1/completions", self._completion)
+        app.router.add_get("/v1/models", self._models)
+        return app
+
+    async def _models(self, _: web.Request) -> web.Response:
+        body = {"object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": "tests"}]}
+        return web.json_response(body)
+
+    async def _completion(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json(loads=orjson.loads)
+        self.seen.append(Seen(request.path, dict(request.headers), body))
+        b = self.behavior
+        self.active += 1
+        try:
+            if b.hang:
+                await asyncio.Event().wait()
+            if b.latency:
+                await asyncio.sleep(b.latency)
+            if b.drop:
+                assert request.transport is not None
+                request.transport.close()
+                raise web.HTTPInternalServerError()  # never reaches the client: the socket is closed
+            if b.status is not None:
+                headers = {"Retry-After": b.retry_after} if b.retry_after else {}
+                error = {"message": f"injected {b.status}", "type": "fake_error", "param": None, "code": None}
+                return web.json_response({"error": error}, status=b.status, headers=headers)
+            if body.get("stream"):
+                return await self._stream(request, body)
+            return web.Response(body=orjson.dumps(_answer(request.path, body)), content_type="application/json")
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.abandoned += 1
+            raise
+        finally:
+            self.active -= 1
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        b = self.behavior
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chat = request.path.endswith("chat/completions")
+        for index in range(b.chunks):
+            if index and b.pace:
+                await asyncio.sleep(b.pace)
+            await response.write(b"data: " + orjson.dumps(_chunk(chat, body, index)) + b"\n\n")
+            if b.drop_mid_stream:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    # Running in a thread ---------------------------------------------------------------------------------
+
+    def start(self) -> FakeUpstream:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", self.port))
+        self.port = sock.getsockname()[1]
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            # handler_cancellation: a client hanging up cancels its handler, so `abandoned` sees it.
+            self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+            loop.run_until_complete(self._runner.setup())
+            loop.run_until_complete(web.SockSite(self._runner, sock).start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
+        """Poll a condition on this upstream's state from a test thread."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return True
+            time.sleep(0.01)
+        return bool(predicate())
+
+
+def _last_text(path: str, body: dict[str, Any]) -> str:
+    if path.endswith("chat/completions"):
+        content = body["messages"][-1].get("content")
+        return content if isinstance(content, str) else ""
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else ""
+
+
+def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    text = "echo: " + _last_text(path, body)
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    if path.endswith("chat/completions"):
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "fake-model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": usage,
+        }
+    return {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.get("model", "fake-model"),
+        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+        "usage": usage,
+    }
+
+
+def _chunk(chat: bool, body: dict[str, Any], index: int) -> dict[str, Any]:
+    model = body.get("model", "fake-model")
+    if chat:
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "delta": {"content": f"tok{index} "}, "finish_reason": None}],
+        }
+    return {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "text": f"tok{index} ", "finish_reason": None, "logprobs": None}],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream for tests and benchmarks")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--pace", type=float, default=0.0)
+    parser.add_argument("--chunks", type=int, default=5)
+    args = parser.parse_args()
+    upstream = FakeUpstream(behavior=Behavior(latency=args.latency, pace=args.pace, chunks=args.chunks))
+    web.run_app(upstream.app(), host="127.0.0.1", port=args.port, access_log=None, handler_cancellation=True)
+
+
+if __name__ == "__main__":
+    main()

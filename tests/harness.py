@@ -1,0 +1,104 @@
+"""Runs a real gateway (uvicorn, uvloop, httptools) on a loopback port in a thread, for end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.backends.base import Backend
+from app.main import create_app
+from app.queue.scheduler import Scheduler
+from app.settings import Settings, load_settings
+
+
+class RunningGateway:
+    """A gateway serving on 127.0.0.1:<port> until stop()."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None):
+        self.settings = settings
+        self.app: FastAPI = create_app(settings, backend=backend)
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=settings.drain_timeout,
+        )
+        self.server = uvicorn.Server(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def scheduler(self) -> Scheduler:
+        scheduler: Scheduler = self.app.state.scheduler
+        return scheduler
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve(sockets=[self._sock])
+
+        uvicorn.config.LOOP_FACTORIES["uvloop"]  # noqa: B018 -- fail loudly if uvloop support is missing
+        import uvloop
+
+        uvloop.run(main())
+
+    def start(self) -> RunningGateway:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.005)
+        return self
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run fn(*args) on the gateway's loop and return its result (to read or poke state safely)."""
+        assert self.loop is not None
+        done = threading.Event()
+        box: list[Any] = []
+
+        def run() -> None:
+            box.append(fn(*args))
+            done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        done.wait(5)
+        return box[0]
+
+    def drain(self) -> None:
+        self.call(self.scheduler.drain)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+
+def gateway_settings(**overrides: Any) -> Settings:
+    """Settings for a test gateway: env and .env ignored, so a developer's shell cannot change a test."""
+    return load_settings(_env_file=None, **overrides)
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.005) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
