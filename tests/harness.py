@@ -6,9 +6,12 @@ import asyncio
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import uvicorn
+import uvloop
 from fastapi import FastAPI
 
 from app.backends.base import Backend
@@ -53,9 +56,6 @@ class RunningGateway:
         async def main() -> None:
             self.loop = asyncio.get_running_loop()
             await self.server.serve(sockets=[self._sock])
-
-        uvicorn.config.LOOP_FACTORIES["uvloop"]  # noqa: B018 -- fail loudly if uvloop support is missing
-        import uvloop
 
         uvloop.run(main())
 
@@ -102,3 +102,23 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.005) ->
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def chat_body(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
+
+
+class Background:
+    """Requests sent from threads, so a test can queue many and watch them wait."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=64)
+
+    def post(self, url: str, body: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 30) -> Any:
+        return self._pool.submit(httpx.post, url, json=body, headers=headers or {}, timeout=timeout)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

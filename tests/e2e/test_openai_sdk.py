@@ -1,0 +1,101 @@
+"""The real openai package against the real gateway: sync, async, streaming; chat and completions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import openai
+import pytest
+
+from tests.fakes.upstream import FakeUpstream
+from tests.harness import Background, RunningGateway, wait_until
+
+StartGateway = Callable[..., RunningGateway]
+MESSAGES = [{"role": "user", "content": "hi there"}]
+
+
+def client(gw: RunningGateway, **kwargs: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", **kwargs)  # type: ignore[arg-type]
+
+
+def test_sync_chat_and_completion(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
+    gw = start_gateway()
+    sdk = client(gw)
+    chat = sdk.chat.completions.create(model="fake-model", messages=MESSAGES)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content == "echo: hi there"
+    assert chat.usage is not None and chat.usage.total_tokens == 5
+    text = sdk.completions.create(model="fake-model", prompt="say")
+    assert text.choices[0].text == "echo: say"
+
+
+def test_sync_streams(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
+    gw = start_gateway()
+    sdk = client(gw)
+    chat = sdk.chat.completions.create(model="fake-model", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == "tok0 tok1 tok2 tok3 tok4 "
+    text = sdk.completions.create(model="fake-model", prompt="x", stream=True)
+    assert "".join(c.choices[0].text for c in text) == "tok0 tok1 tok2 tok3 tok4 "
+
+
+def test_extra_fields_are_forwarded_untouched(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
+    gw = start_gateway()
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="fake-model",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        temperature=0.3,
+        seed=7,
+        extra_body={"priority": "high", "some_future_param": {"nested": [1, 2]}},
+    )
+    body = upstream.seen[-1].body
+    assert body["some_future_param"] == {"nested": [1, 2]} and body["seed"] == 7 and body["temperature"] == 0.3
+    assert "priority" not in body
+    record = gw.scheduler.lookup(raw.headers["x-request-id"])
+    assert record is not None and record.priority.value == "high"
+
+
+def test_async_client_many_at_once(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
+    gw = start_gateway(max_concurrent_requests=4)
+    upstream.behavior.latency = 0.02
+
+    async def run() -> list[str]:
+        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused")
+        async with sdk:
+            calls = [
+                sdk.chat.completions.create(
+                    model="fake-model",
+                    messages=[{"role": "user", "content": str(i)}],
+                    extra_headers={"X-Priority": ("high", "normal", "low")[i % 3]},
+                )
+                for i in range(30)
+            ]
+            results = await asyncio.gather(*calls)
+            stream = await sdk.completions.create(model="fake-model", prompt="x", stream=True)
+            streamed = "".join([c.choices[0].text async for c in stream])
+        return [r.choices[0].message.content or "" for r in results] + [streamed]
+
+    answers = asyncio.run(run())
+    assert answers[:30] == [f"echo: {i}" for i in range(30)]
+    assert answers[30] == "tok0 tok1 tok2 tok3 tok4 "
+    assert gw.scheduler.total_processed == 31
+
+
+def test_models_lists_the_upstreams(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
+    gw = start_gateway()
+    assert [m.id for m in client(gw).models.list()] == ["fake-model"]
+
+
+def test_sdk_sees_queue_full_as_a_503_after_honouring_retry_after(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    gw = start_gateway(max_concurrent_requests=1, max_queue_size=1)
+    upstream.behavior.hang = True
+    background = Background()
+    blockers = [background.post(gw.url + "/v1/completions", {"model": "m", "prompt": "x"}, timeout=1) for _ in range(2)]
+    assert wait_until(lambda: gw.scheduler.waiting == 1 and gw.scheduler.in_flight == 1)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client(gw, max_retries=0).completions.create(model="m", prompt="x")
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["retry-after"] == "1"
+    background.close()
+    assert all(isinstance(f.exception(), Exception) for f in blockers)  # their clients gave up after 1 s

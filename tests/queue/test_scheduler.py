@@ -1,0 +1,225 @@
+"""The scheduler alone, on a fake clock: ordering, bounds, aborts, exactly-once accounting. No sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.errors import Conflict, QueueFull, RequestCancelled, RequestTimeout, ShuttingDown
+from app.metrics import Metrics
+from app.queue.scheduler import Scheduler
+from app.schemas import JobState
+from app.settings import Priority, QueueFullBehavior
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    concurrency: int = 1, queue: int = 10, behavior: QueueFullBehavior = QueueFullBehavior.REJECT, history: int = 100
+) -> tuple[Scheduler, FakeClock, CollectorRegistry]:
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    scheduler = Scheduler(
+        max_concurrent=concurrency,
+        max_queue_size=queue,
+        request_timeout=60,
+        full_behavior=behavior,
+        history_size=history,
+        metrics=Metrics(registry),
+        clock=clock,
+        wall_clock=lambda: 5000.0 + clock.now,
+    )
+    return scheduler, clock, registry
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_dispatches_at_once_when_idle_then_queues_by_priority_and_arrival() -> None:
+    s, _, _ = make(concurrency=1)
+    running = s.submit("r", "chat", Priority.LOW, None)
+    assert running.state is JobState.PROCESSING
+    order = [
+        ("l1", Priority.LOW),
+        ("n1", Priority.NORMAL),
+        ("h1", Priority.HIGH),
+        ("l2", Priority.LOW),
+        ("h2", Priority.HIGH),
+        ("n2", Priority.NORMAL),
+    ]
+    jobs = {rid: s.submit(rid, "chat", p, None) for rid, p in order}
+    assert s.queue_sizes() == {"high": 2, "normal": 2, "low": 2}
+    assert [s.position(jobs[r]) for r in ("h1", "h2", "n1", "n2", "l1", "l2")] == [1, 2, 3, 4, 5, 6]
+
+    served = []
+    current = running
+    for _ in range(6):
+        s.finish(current, None)
+        current = next(j for j in jobs.values() if j.state is JobState.PROCESSING)
+        served.append(current.id)
+    assert served == ["h1", "h2", "n1", "n2", "l1", "l2"]
+
+
+async def test_full_queue_rejects_with_retry_after_from_measured_service_time() -> None:
+    s, clock, registry = make(concurrency=2, queue=2)
+    a = s.submit("a", "chat", Priority.NORMAL, None)
+    s.submit("b", "chat", Priority.NORMAL, None)
+    clock.now += 4.0
+    s.finish(a, None)  # measured: a request holds a slot for 4 s
+    s.submit("c", "chat", Priority.NORMAL, None)  # takes the free slot
+    s.submit("d", "chat", Priority.NORMAL, None)
+    s.submit("e", "chat", Priority.NORMAL, None)
+    with pytest.raises(QueueFull) as caught:
+        s.submit("f", "chat", Priority.HIGH, None)
+    # One place frees about every 4 s / 2 slots.
+    assert caught.value.retry_after == pytest.approx(2.0)
+    assert caught.value.headers == {"Retry-After": "2", "retry-after-ms": "2000"}
+    assert s.total_rejected == 1
+    assert sample(registry, "gateway_requests_total", priority="high", outcome="rejected") == 1
+
+
+async def test_retry_after_before_any_measure_is_one_second() -> None:
+    s, _, _ = make(concurrency=1, queue=1)
+    s.submit("a", "chat", Priority.NORMAL, None)
+    s.submit("b", "chat", Priority.NORMAL, None)
+    with pytest.raises(QueueFull) as caught:
+        s.submit("c", "chat", Priority.NORMAL, None)
+    assert caught.value.headers["Retry-After"] == "1"
+
+
+async def test_waiting_job_aborted_leaves_queue_and_its_waiter_raises() -> None:
+    s, _, _ = make(concurrency=1)
+    s.submit("a", "chat", Priority.NORMAL, None)
+    b = s.submit("b", "chat", Priority.NORMAL, None)
+    waiter = asyncio.ensure_future(b.dispatched())
+    await asyncio.sleep(0)
+    assert s.abort(b, RequestCancelled("stop"))
+    with pytest.raises(RequestCancelled):
+        await waiter
+    assert b.state is JobState.CANCELLED and s.waiting == 0
+    assert not s.abort(b, RequestCancelled("again"))
+    assert s.total_cancelled == 1
+
+
+async def test_running_job_aborted_inside_scope_raises_its_error_and_frees_slot() -> None:
+    s, _, _ = make(concurrency=1)
+    a = s.submit("a", "chat", Priority.NORMAL, None)
+    b = s.submit("b", "chat", Priority.NORMAL, None)
+    started = asyncio.Event()
+
+    async def work() -> None:
+        await a.dispatched()
+        async with a.abortable():
+            started.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(work())
+    await started.wait()
+    s.abort(a, RequestTimeout("too slow"))
+    with pytest.raises(RequestTimeout):
+        await task
+    assert not task.cancelled()  # the scope turned the cancellation into the job's error
+    s.finish(a, a.error)
+    assert a.state is JobState.TIMEOUT and b.state is JobState.PROCESSING
+    assert s.status().workers[0].errors == 1
+
+
+async def test_outside_cancellation_is_not_swallowed_by_the_scope() -> None:
+    s, _, _ = make()
+    a = s.submit("a", "chat", Priority.NORMAL, None)
+    started = asyncio.Event()
+
+    async def work() -> None:
+        async with a.abortable():
+            started.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(work())
+    await started.wait()
+    task.cancel()
+    s.abort(a, RequestCancelled("and also this"))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_every_job_ends_exactly_once() -> None:
+    s, _, registry = make(concurrency=1)
+    a = s.submit("a", "chat", Priority.NORMAL, None)
+    s.finish(a, None)
+    s.finish(a, RequestTimeout("late"))
+    s.abort(a, RequestCancelled("late"))
+    assert a.state is JobState.COMPLETED
+    assert s.total_processed == 1 and s.total_timed_out == 0 and s.total_cancelled == 0
+    assert sample(registry, "gateway_requests_total", priority="normal", outcome="completed") == 1
+    assert sample(registry, "gateway_requests_total", priority="normal", outcome="timeout") == 0
+
+
+async def test_duplicate_live_id_conflicts_but_finished_id_may_be_reused() -> None:
+    s, _, _ = make(concurrency=1)
+    a = s.submit("same", "chat", Priority.NORMAL, None)
+    with pytest.raises(Conflict):
+        s.submit("same", "chat", Priority.NORMAL, None)
+    s.finish(a, None)
+    again = s.submit("same", "chat", Priority.NORMAL, None)
+    assert s.lookup("same") is again
+
+
+async def test_history_is_bounded() -> None:
+    s, _, _ = make(concurrency=1, history=3)
+    for i in range(10):
+        s.finish(s.submit(f"r{i}", "completion", Priority.NORMAL, None), None)
+    assert [s.lookup(f"r{i}") is not None for i in range(10)] == [False] * 7 + [True] * 3
+
+
+async def test_wait_mode_holds_overflow_in_priority_order() -> None:
+    s, _, _ = make(concurrency=1, queue=1, behavior=QueueFullBehavior.WAIT)
+    a = s.submit("a", "chat", Priority.NORMAL, None)
+    s.submit("b", "chat", Priority.LOW, None)  # fills the queue
+    c = s.submit("c", "chat", Priority.LOW, None)  # overflow
+    d = s.submit("d", "chat", Priority.HIGH, None)  # overflow, ahead of c
+    assert s.status().waiting_for_admission == 2
+    assert s.position(d) == 2 and s.position(c) == 3
+    s.finish(a, None)  # b runs, d enters the queue
+    assert s.status().waiting_for_admission == 1
+    assert s.position(d) == 1 and s.position(c) == 2
+
+
+async def test_drain_answers_waiting_and_refuses_new_but_running_goes_on() -> None:
+    s, _, _ = make(concurrency=1)
+    a = s.submit("a", "chat", Priority.NORMAL, None)
+    b = s.submit("b", "chat", Priority.NORMAL, None)
+    s.drain()
+    assert b.state is JobState.CANCELLED and isinstance(b.error, ShuttingDown)
+    assert a.state is JobState.PROCESSING
+    with pytest.raises(ShuttingDown):
+        s.submit("c", "chat", Priority.NORMAL, None)
+    assert not s.status().is_running
+
+
+async def test_timeout_timer_fires_in_queue() -> None:
+    clock = FakeClock()
+    s = Scheduler(
+        max_concurrent=1,
+        max_queue_size=5,
+        request_timeout=0.01,
+        full_behavior=QueueFullBehavior.REJECT,
+        history_size=10,
+        metrics=Metrics(CollectorRegistry()),
+        clock=clock,
+    )
+    s.submit("a", "chat", Priority.NORMAL, None)
+    b = s.submit("b", "chat", Priority.NORMAL, None)
+    with pytest.raises(RequestTimeout, match="in the queue"):
+        await b.dispatched()
+    assert b.state is JobState.TIMEOUT and s.total_timed_out == 1

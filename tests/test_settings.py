@@ -1,0 +1,61 @@
+"""Settings: defaults from the seeds, bounds, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.settings import Priority, QueueFullBehavior, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_follow_the_seed() -> None:
+    s = load_settings(_env_file=None)
+    assert (s.max_concurrent_requests, s.max_queue_size, s.request_timeout) == (1, 100, 300)
+    assert s.port == 8091 and s.api_keys == () and s.default_priority is Priority.NORMAL
+    assert s.queue_full_behavior is QueueFullBehavior.REJECT
+
+
+def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_CONCURRENT_REQUESTS", "3")
+    monkeypatch.setenv("API_KEYS", " a , b,,c ")
+    monkeypatch.setenv("DEFAULT_PRIORITY", "low")
+    monkeypatch.setenv("QUEUE_FULL_BEHAVIOR", "wait")
+    s = load_settings(_env_file=None)
+    assert s.max_concurrent_requests == 3 and s.api_keys == ("a", "b", "c")
+    assert s.default_priority is Priority.LOW and s.queue_full_behavior is QueueFullBehavior.WAIT
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("MAX_QUEUE_SIZE", "0", "greater than or equal to 1"),
+        ("MAX_CONCURRENT_REQUESTS", "many", "valid integer"),
+        ("REQUEST_TIMEOUT", "-1", "greater than 0"),
+        ("DEFAULT_PRIORITY", "urgent", "'high', 'normal' or 'low'"),
+        ("QUEUE_FULL_BEHAVIOR", "drop", "'reject' or 'wait'"),
+        ("UPSTREAM_BASE_URL", "ftp://x", "http:// or https://"),
+        ("BACKEND", "cloud", "'proxy'"),
+    ],
+)
+def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None)
+    message = str(caught.value)
+    assert message.startswith(f"{name}:") and words in message and "\n" not in message
+
+
+def test_startup_stops_with_one_line_on_a_bad_value() -> None:
+    env = {**os.environ, "MAX_QUEUE_SIZE": "zero"}
+    result = subprocess.run(
+        [sys.executable, "-m", "app"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MAX_QUEUE_SIZE" in lines[0]
