@@ -161,6 +161,6 @@ class ProxyBackend:
                     await response.read()
                     status = response.status
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise BackendNotReady(f"the upstream at {self._base_url} does not answer: {exc!r}") from None
+            raise BackendNotReady(f"the upstream at {self._base_url} does not answer: {exc}") from None
         if status >= 300:
             raise BackendNotReady(f"the upstream at {self._base_url} answered GET /models with {status}")
