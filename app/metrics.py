@@ -1,16 +1,20 @@
 """Prometheus metrics on a registry passed in, so each app (and each test) has its own.
 
-Label children are bound once here: the request path calls plain methods and never looks labels up.
-Queue depth and requests in flight are read from the scheduler when Prometheus scrapes, not kept in step.
+The request path only adds to plain integers and bucket arrays (prometheus_client's own Counter and
+Histogram take a lock and scan buckets in Python, several microseconds per request); a collector turns them
+into Prometheus families when the registry is scraped. Everything here runs on the event loop thread,
+scrapes included, so no lock is needed.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from app.settings import Priority
 
@@ -22,68 +26,108 @@ WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
-class _LiveGauges(Collector):
-    """Reads queue sizes and in-flight count from callables at scrape time."""
+class Buckets:
+    """One histogram series: counts per bucket (the last is +Inf) and the sum."""
 
-    def __init__(self, queue_sizes: Callable[[], Mapping[str, int]], in_flight: Callable[[], int]):
-        self._queue_sizes = queue_sizes
-        self._in_flight = in_flight
+    __slots__ = ("bounds", "counts", "labels", "total")
 
-    def collect(self) -> Iterable[Metric]:
-        sizes = GaugeMetricFamily(
-            "gateway_queue_size", "Requests waiting in the queue, by priority.", labels=["priority"]
-        )
-        for priority, size in self._queue_sizes().items():
-            sizes.add_metric([priority], size)
-        yield sizes
-        yield GaugeMetricFamily("gateway_requests_in_flight", "Requests at the backend now.", value=self._in_flight())
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.labels: tuple[str, ...] = tuple(floatToGoString(b) for b in (*bounds, float("inf")))  # type: ignore[no-untyped-call]
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: Prometheus' `le`
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(le, count of observations <= le) pairs, as the exposition format wants them."""
+        pairs = []
+        running = 0
+        for label, count in zip(self.labels, self.counts, strict=True):
+            running += count
+            pairs.append((label, float(running)))
+        return pairs
 
 
 class Metrics:
-    """The gateway's metrics, all named gateway_<noun>_<unit>."""
+    """The gateway's metrics, all named gateway_<noun>_<unit>; see the README's table."""
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        wait = Histogram(
-            "gateway_queue_wait_seconds",
-            "Time from arrival to dispatch to the backend, by priority.",
-            ["priority"],
-            buckets=WAIT_BUCKETS,
-            registry=registry,
-        )
-        duration = Histogram(
-            "gateway_request_duration_seconds",
-            "Time from arrival to the end of the response, by priority and outcome.",
-            ["priority", "outcome"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        requests = Counter(
-            "gateway_requests",
-            "Requests by priority and outcome (completed, failed, rejected, timeout, cancelled).",
-            ["priority", "outcome"],
-            registry=registry,
-        )
-        upstream_errors = Counter("gateway_upstream_errors", "Upstream failures by kind.", ["kind"], registry=registry)
-        self._wait = {p: wait.labels(p.value) for p in Priority}
-        self._duration = {(p, o): duration.labels(p.value, o) for p in Priority for o in OUTCOMES}
-        self._requests = {(p, o): requests.labels(p.value, o) for p in Priority for o in OUTCOMES}
-        self._upstream_errors = {k: upstream_errors.labels(k) for k in UPSTREAM_ERROR_KINDS}
+        self.waits = {p: Buckets(WAIT_BUCKETS) for p in Priority}
+        self.durations = {(p, o): Buckets(DURATION_BUCKETS) for p in Priority for o in OUTCOMES}
+        self.requests = {(p, o): 0 for p in Priority for o in OUTCOMES}
+        self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
+        self._queue_sizes: Callable[[], Mapping[str, int]] = dict
+        self._in_flight: Callable[[], int] = int
+        registry.register(_Exporter(self))
 
     def watch_queue(self, queue_sizes: Callable[[], Mapping[str, int]], in_flight: Callable[[], int]) -> None:
         """Export the queue's live sizes, read at each scrape."""
-        self.registry.register(_LiveGauges(queue_sizes, in_flight))
+        self._queue_sizes = queue_sizes
+        self._in_flight = in_flight
 
     def dispatched(self, priority: Priority, waited: float) -> None:
         """A request left the queue for the backend after waiting `waited` seconds."""
-        self._wait[priority].observe(waited)
+        self.waits[priority].observe(waited)
 
     def finished(self, priority: Priority, outcome: str, duration: float | None) -> None:
         """A request ended; rejected ones have no duration."""
-        self._requests[priority, outcome].inc()
+        self.requests[priority, outcome] += 1
         if duration is not None:
-            self._duration[priority, outcome].observe(duration)
+            self.durations[priority, outcome].observe(duration)
 
     def upstream_error(self, kind: str) -> None:
         """The upstream failed in one of UPSTREAM_ERROR_KINDS."""
-        self._upstream_errors[kind].inc()
+        self.upstream_errors[kind] += 1
+
+
+class _Exporter(Collector):
+    """Turns Metrics' plain numbers into Prometheus families at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self._m = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._m
+        sizes = GaugeMetricFamily(
+            "gateway_queue_size", "Requests waiting in the queue, by priority.", labels=["priority"]
+        )
+        for priority, size in m._queue_sizes().items():
+            sizes.add_metric([priority], size)
+        yield sizes
+        yield GaugeMetricFamily("gateway_requests_in_flight", "Requests at the backend now.", value=m._in_flight())
+
+        waits = HistogramMetricFamily(
+            "gateway_queue_wait_seconds",
+            "Time from arrival to dispatch to the backend, by priority.",
+            labels=["priority"],
+        )
+        for priority, series in m.waits.items():
+            waits.add_metric([priority.value], series.cumulative(), series.total)
+        yield waits
+
+        durations = HistogramMetricFamily(
+            "gateway_request_duration_seconds",
+            "Time from arrival to the end of the response, by priority and outcome.",
+            labels=["priority", "outcome"],
+        )
+        for (priority, outcome), series in m.durations.items():
+            durations.add_metric([priority.value, outcome], series.cumulative(), series.total)
+        yield durations
+
+        requests = CounterMetricFamily(
+            "gateway_requests",
+            "Requests by priority and outcome (completed, failed, rejected, timeout, cancelled).",
+            labels=["priority", "outcome"],
+        )
+        for (priority, outcome), count in m.requests.items():
+            requests.add_metric([priority.value, outcome], count)
+        yield requests
+
+        errors = CounterMetricFamily("gateway_upstream_errors", "Upstream failures by kind.", labels=["kind"])
+        for kind, count in m.upstream_errors.items():
+            errors.add_metric([kind], count)
+        yield errors

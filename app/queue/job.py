@@ -54,7 +54,7 @@ class Job:
         "slot",
         "started",
         "state",
-        "timer",
+        "watched",
     )
 
     def __init__(
@@ -80,7 +80,7 @@ class Job:
         self.error: GatewayError | None = None
         self.slot: Slot | None = None
         self.entry: Entry[Job] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.watched = False  # whether the scheduler's Deadlines still watch this job
         self._dispatched: asyncio.Future[None] | None = None
         self._scope: AbortScope | None = None
         self._finished_waiters: list[asyncio.Future[None]] | None = None

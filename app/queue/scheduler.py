@@ -6,7 +6,6 @@ lock is needed and nothing polls. Dispatch happens the moment a slot frees or a 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -14,6 +13,7 @@ from collections.abc import Callable
 
 from app.errors import Conflict, GatewayError, QueueFull, RequestTimeout, ShuttingDown
 from app.metrics import Metrics
+from app.queue.deadlines import Deadlines
 from app.queue.job import Job, terminal_state
 from app.queue.priority_queue import PriorityQueue
 from app.queue.slots import SlotPool
@@ -62,6 +62,7 @@ class Scheduler:
         self._live: dict[str, Job] = {}
         self._history: OrderedDict[str, Job] = OrderedDict()
         self._service_time: float | None = None
+        self._deadlines = Deadlines(clock, self._expire)
         self.draining = False
 
         self.total_queued = 0
@@ -100,7 +101,7 @@ class Scheduler:
         job = Job(request_id, kind, priority, owner, now, self._wall_clock(), now + self.request_timeout)
         self._live[request_id] = job
         self.total_queued += 1
-        job.timer = asyncio.get_running_loop().call_later(self.request_timeout, self._expire, job)
+        self._deadlines.add(job)
         if self._slots.free and not waiting:
             self._start(job, now)
         elif waiting < self.max_queue_size:
@@ -148,9 +149,7 @@ class Scheduler:
             return
         now = self._clock()
         state = terminal_state(error)
-        if job.timer is not None:
-            job.timer.cancel()
-            job.timer = None
+        self._deadlines.discard(job)
         if job.entry is not None:
             job.entry.owner.remove(job.entry)
         if job.slot is not None:
@@ -182,13 +181,12 @@ class Scheduler:
         if self._live.get(job.id) is job:
             del self._live[job.id]
         if self._history_size:
+            self._history.pop(job.id, None)  # a reused id moves to the newest end
             self._history[job.id] = job
-            self._history.move_to_end(job.id)
             if len(self._history) > self._history_size:
                 self._history.popitem(last=False)
 
     def _expire(self, job: Job) -> None:
-        job.timer = None
         where = "in the queue" if job.state is JobState.QUEUED else "at the backend"
         self.abort(job, RequestTimeout(f"request timed out after {self.request_timeout:g}s ({where})"))
 
@@ -209,6 +207,7 @@ class Scheduler:
         self.drain()
         for job in list(self._live.values()):
             self.abort(job, ShuttingDown("the gateway stopped before this request finished"))
+        self._deadlines.close()
 
     # Reading ----------------------------------------------------------------------------------------------
 

@@ -207,7 +207,7 @@ async def test_drain_answers_waiting_and_refuses_new_but_running_goes_on() -> No
     assert not s.status().is_running
 
 
-async def test_timeout_timer_fires_in_queue() -> None:
+async def test_timeout_fires_in_the_queue_when_the_clock_says_so() -> None:
     clock = FakeClock()
     s = Scheduler(
         max_concurrent=1,
@@ -218,8 +218,22 @@ async def test_timeout_timer_fires_in_queue() -> None:
         metrics=Metrics(CollectorRegistry()),
         clock=clock,
     )
-    s.submit("a", "chat", Priority.NORMAL, None)
+    a = s.submit("a", "chat", Priority.NORMAL, None)
     b = s.submit("b", "chat", Priority.NORMAL, None)
+    clock.now += 0.005  # not yet: the timer fires on time and finds nothing due
+    await asyncio.sleep(0.02)
+    assert b.state is JobState.QUEUED
+    clock.now += 0.005
     with pytest.raises(RequestTimeout, match="in the queue"):
         await b.dispatched()
     assert b.state is JobState.TIMEOUT and s.total_timed_out == 1
+    assert a.state is JobState.PROCESSING  # its abort has begun; its handler would now finish it
+    assert isinstance(a.error, RequestTimeout)
+
+
+async def test_deadlines_compact_instead_of_growing() -> None:
+    s, _, _ = make(concurrency=1, queue=10)
+    for i in range(5000):
+        s.finish(s.submit(f"r{i}", "chat", Priority.NORMAL, None), None)
+    assert len(s._deadlines) == 0
+    assert len(s._deadlines._heap) <= 2 * 256
