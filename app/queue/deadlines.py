@@ -1,10 +1,9 @@
-"""Request deadlines on one timer: a heap of (deadline, seq, job), instead of an asyncio timer per request."""
+"""Request deadlines on one timer, instead of an asyncio timer per request."""
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -15,67 +14,60 @@ _COMPACT_MIN_DEAD = 256
 
 
 class Deadlines:
-    """Calls `on_expire(job)` once a job's deadline passes, unless the job has ended by then.
+    """Calls `on_expire(job)` once a job's deadline passes, unless it was discarded first.
 
-    Discarded jobs are left in the heap and skipped; once they outnumber the live
-    ones, the heap is rebuilt, so memory follows the live jobs and every operation stays amortised O(log n).
-    Deadlines are compared with `clock`, so a fake clock in tests decides what has expired.
-
-    >>> deadlines = Deadlines(clock=time.monotonic, on_expire=scheduler_abort)  # doctest: +SKIP
-    >>> deadlines.add(job)  # job.deadline is in clock's seconds
+    Every request gets the same REQUEST_TIMEOUT from its arrival on a monotonic clock, so deadlines arrive
+    in order: a deque holds them sorted for free, and one timer, armed for the head, serves them all.
+    Discarded jobs stay in the deque and are skipped; once they outnumber the live ones the deque is
+    rebuilt, so memory follows the live jobs and each operation is amortised O(1). Deadlines are compared
+    with `clock`, so a fake clock in tests decides what has expired.
     """
 
-    __slots__ = ("_armed_at", "_clock", "_dead", "_heap", "_on_expire", "_seq", "_timer")
+    __slots__ = ("_armed", "_clock", "_dead", "_jobs", "_on_expire", "_timer")
 
     def __init__(self, clock: Callable[[], float], on_expire: Callable[[Job], object]):
         self._clock = clock
         self._on_expire = on_expire
-        self._heap: list[tuple[float, int, Job]] = []
-        self._seq = itertools.count()
+        self._jobs: deque[Job] = deque()
         self._dead = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._armed_at: float | None = None
+        self._armed = False
 
     def __len__(self) -> int:
-        return len(self._heap) - self._dead
+        return len(self._jobs) - self._dead
 
     def add(self, job: Job) -> None:
-        """Watch `job.deadline`."""
+        """Watch `job.deadline`, which must not be earlier than any deadline added before."""
         job.watched = True
-        heapq.heappush(self._heap, (job.deadline, next(self._seq), job))
-        if self._armed_at is None or job.deadline < self._armed_at:
+        self._jobs.append(job)
+        if not self._armed:
             self._arm(job.deadline)
 
     def discard(self, job: Job) -> None:
-        """Stop watching `job` (it stays in the heap until skipped or compacted)."""
+        """Stop watching `job`."""
         if not job.watched:
             return
         job.watched = False
         self._dead += 1
-        heap = self._heap
-        if self._dead > _COMPACT_MIN_DEAD and self._dead * 2 > len(heap):
-            self._heap = [entry for entry in heap if entry[2].watched]
-            heapq.heapify(self._heap)
+        if self._dead > _COMPACT_MIN_DEAD and self._dead * 2 > len(self._jobs):
+            self._jobs = deque(j for j in self._jobs if j.watched)
             self._dead = 0
 
     def _arm(self, deadline: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._armed_at = deadline
-        delay = max(deadline - self._clock(), 0.0)
-        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+        self._armed = True
+        self._timer = asyncio.get_running_loop().call_later(max(deadline - self._clock(), 0.0), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        self._armed_at = None
-        heap = self._heap
+        self._armed = False
+        jobs = self._jobs
         now = self._clock()
-        while heap:
-            deadline, _, job = heap[0]
-            if job.watched and deadline > now:
-                self._arm(deadline)
+        while jobs:
+            job = jobs[0]
+            if job.watched and job.deadline > now:
+                self._arm(job.deadline)
                 return
-            heapq.heappop(heap)
+            jobs.popleft()
             if job.watched:
                 job.watched = False
                 self._on_expire(job)  # ends the job, or starts the abort of a running one
@@ -87,4 +79,4 @@ class Deadlines:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            self._armed_at = None
+        self._armed = False

@@ -17,7 +17,6 @@ from app.schemas import CompletionKind, JobState
 from app.settings import Priority
 
 if TYPE_CHECKING:
-    from app.queue.priority_queue import Entry
     from app.queue.slots import Slot
 
 TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT})
@@ -44,13 +43,14 @@ class Job:
         "arrived",
         "arrived_wall",
         "deadline",
-        "entry",
         "error",
         "finished",
         "id",
         "kind",
         "owner",
         "priority",
+        "queue_owner",
+        "queue_seq",
         "slot",
         "started",
         "state",
@@ -79,7 +79,8 @@ class Job:
         self.finished: float | None = None
         self.error: GatewayError | None = None
         self.slot: Slot | None = None
-        self.entry: Entry[Job] | None = None
+        self.queue_owner: object | None = None  # the PriorityQueue this job waits in, if any
+        self.queue_seq = -1
         self.watched = False  # whether the scheduler's Deadlines still watch this job
         self._dispatched: asyncio.Future[None] | None = None
         self._scope: AbortScope | None = None
@@ -139,7 +140,6 @@ class Job:
         """Record the terminal state and release whoever waits for it."""
         self.state = state
         self.finished = now
-        self.entry = None
         self._scope = None
         if self._dispatched is not None and not self._dispatched.done():
             # Nobody awaits it any more; mark the exception as retrieved so asyncio does not log it.

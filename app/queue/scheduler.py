@@ -105,9 +105,9 @@ class Scheduler:
         if self._slots.free and not waiting:
             self._start(job, now)
         elif waiting < self.max_queue_size:
-            job.entry = self._queue.push(job, priority.rank)
+            self._queue.push(job, priority.rank)
         else:
-            job.entry = self._overflow.push(job, priority.rank)
+            self._overflow.push(job, priority.rank)
         return job
 
     def _start(self, job: Job, now: float) -> None:
@@ -123,13 +123,12 @@ class Scheduler:
             job = self._queue.pop()
             if job is None:
                 break
-            job.entry = None
             self._start(job, now)
-        while len(self._queue) < self.max_queue_size:
+        while self._overflow and len(self._queue) < self.max_queue_size:
             job = self._overflow.pop()
             if job is None:
                 break
-            job.entry = self._queue.push(job, job.priority.rank)
+            self._queue.push(job, job.priority.rank)
 
     # Ending -----------------------------------------------------------------------------------------------
 
@@ -150,8 +149,8 @@ class Scheduler:
         now = self._clock()
         state = terminal_state(error)
         self._deadlines.discard(job)
-        if job.entry is not None:
-            job.entry.owner.remove(job.entry)
+        if job.queue_owner is not None:
+            self._queue.remove(job, job.priority.rank) or self._overflow.remove(job, job.priority.rank)
         if job.slot is not None:
             self._slots.give(job.slot, ok=state is JobState.COMPLETED)
             job.slot = None
@@ -217,12 +216,11 @@ class Scheduler:
 
     def position(self, job: Job) -> int | None:
         """1-based place of a waiting request, counting the overflow after the queue proper."""
-        if job.state is not JobState.QUEUED or job.entry is None:
-            return None
-        place = self._queue.position(job.entry)
+        rank = job.priority.rank
+        place = self._queue.position(job, rank)
         if place is not None:
             return place
-        place = self._overflow.position(job.entry)
+        place = self._overflow.position(job, rank)
         return None if place is None else len(self._queue) + place
 
     def queue_sizes(self) -> dict[str, int]:

@@ -1,45 +1,72 @@
 from app.queue.priority_queue import PriorityQueue
 
 
+class Item:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue_owner: object | None = None
+        self.queue_seq = -1
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def names(items: list[Item | None]) -> list[str | None]:
+    return [i.name if i is not None else None for i in items]
+
+
 def test_lower_rank_first_and_fifo_within_rank() -> None:
-    q: PriorityQueue[str] = PriorityQueue(levels=3)
+    q: PriorityQueue[Item] = PriorityQueue(levels=3)
     for name, rank in [("low1", 2), ("norm1", 1), ("high1", 0), ("low2", 2), ("high2", 0), ("norm2", 1)]:
-        q.push(name, rank)
-    assert [q.pop() for _ in range(6)] == ["high1", "high2", "norm1", "norm2", "low1", "low2"]
-    assert q.pop() is None
+        q.push(Item(name), rank)
+    assert names([q.pop() for _ in range(7)]) == ["high1", "high2", "norm1", "norm2", "low1", "low2", None]
 
 
 def test_remove_counts_and_positions() -> None:
-    q: PriorityQueue[str] = PriorityQueue(levels=3)
-    a = q.push("a", 1)
-    b = q.push("b", 1)
-    c = q.push("c", 0)
-    assert (q.position(c), q.position(a), q.position(b)) == (1, 2, 3)
-    assert q.remove(a)
-    assert not q.remove(a)
+    q: PriorityQueue[Item] = PriorityQueue(levels=3)
+    a, b, c = Item("a"), Item("b"), Item("c")
+    q.push(a, 1)
+    q.push(b, 1)
+    q.push(c, 0)
+    assert (q.position(c, 0), q.position(a, 1), q.position(b, 1)) == (1, 2, 3)
+    assert q.remove(a, 1)
+    assert not q.remove(a, 1)
     assert len(q) == 2 and q.count(1) == 1 and q.count(0) == 1
-    assert q.position(b) == 2 and q.position(a) is None
-    assert q.peek_rank() == 0
-    assert [q.pop(), q.pop(), q.pop()] == ["c", "b", None]
+    assert q.position(b, 1) == 2 and q.position(a, 1) is None
+    assert names([q.pop(), q.pop(), q.pop()]) == ["c", "b", None]
 
 
-def test_entry_of_another_queue_is_not_removed() -> None:
-    first: PriorityQueue[str] = PriorityQueue(levels=3)
-    second: PriorityQueue[str] = PriorityQueue(levels=3)
-    entry = first.push("x", 2)
-    second.push("y", 2)
-    assert not second.remove(entry)
+def test_an_item_of_another_queue_is_not_removed() -> None:
+    first: PriorityQueue[Item] = PriorityQueue(levels=3)
+    second: PriorityQueue[Item] = PriorityQueue(levels=3)
+    x, y = Item("x"), Item("y")
+    first.push(x, 2)
+    second.push(y, 2)
+    assert not second.remove(x, 2)
     assert second.count(2) == 1 and first.count(2) == 1
 
 
+def test_a_removed_then_requeued_item_appears_once_at_its_new_place() -> None:
+    q: PriorityQueue[Item] = PriorityQueue(levels=3)
+    a, b = Item("a"), Item("b")
+    q.push(a, 2)
+    q.push(b, 1)
+    q.remove(a, 2)
+    q.push(a, 1)  # as aging would: same queue, higher level, behind b
+    assert names([q.pop(), q.pop(), q.pop()]) == ["b", "a", None]
+    assert len(q) == 0
+
+
 def test_mass_removal_compacts_and_keeps_order() -> None:
-    q: PriorityQueue[int] = PriorityQueue(levels=3)
-    entries = [q.push(i, i % 3) for i in range(1000)]
+    q: PriorityQueue[Item] = PriorityQueue(levels=3)
+    items = [Item(str(i)) for i in range(1000)]
+    for i, item in enumerate(items):
+        q.push(item, i % 3)
     removed = set(range(0, 1000, 3)) | set(range(1, 1000, 3))
     for i in sorted(removed):
-        q.remove(entries[i])
+        q.remove(items[i], i % 3)
     assert len(q) == 1000 - len(removed)
-    assert len(q._heap) < 1000  # compacted once the dead outnumbered the live, rather than left to grow
+    assert sum(len(level) for level in q._levels) < 1000  # compacted rather than left to grow
     expected = sorted(set(range(1000)) - removed, key=lambda i: (i % 3, i))
-    assert [q.pop() for _ in range(len(expected))] == expected
+    assert [int(q.pop().name) for _ in range(len(expected))] == expected  # type: ignore[union-attr]
     assert len(q) == 0

@@ -236,4 +236,4 @@ async def test_deadlines_compact_instead_of_growing() -> None:
     for i in range(5000):
         s.finish(s.submit(f"r{i}", "chat", Priority.NORMAL, None), None)
     assert len(s._deadlines) == 0
-    assert len(s._deadlines._heap) <= 2 * 256
+    assert len(s._deadlines._jobs) <= 2 * 256
