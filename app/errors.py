@@ -165,6 +165,14 @@ class UpstreamError(GatewayError):
         self.kind = kind
 
 
+class ModelError(GatewayError):
+    """The in-process model failed while generating."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "model_error"
+
+
 class UpstreamHTTPError(GatewayError):
     """The upstream answered 4xx: passed through to the client with its own status and body."""
 

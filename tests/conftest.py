@@ -24,7 +24,25 @@ def start_gateway(upstream: FakeUpstream) -> Iterator[Callable[..., RunningGatew
     started: list[RunningGateway] = []
 
     def start(**overrides: Any) -> RunningGateway:
-        values = {"upstream_base_url": upstream.base_url, **{k.lower(): v for k, v in overrides.items()}}
+        values = {"backend": "proxy", "upstream_base_url": upstream.base_url}
+        values.update({k.lower(): v for k, v in overrides.items()})
+        gateway = RunningGateway(gateway_settings(**values)).start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def start_local() -> Iterator[Callable[..., RunningGateway]]:
+    """start_local(MAX_CONCURRENT_REQUESTS=4, ...) -> a running gateway on the bundled SmolLM2 model."""
+    started: list[RunningGateway] = []
+
+    def start(**overrides: Any) -> RunningGateway:
+        values: dict[str, Any] = {"backend": "local", "n_ctx": 512}
+        values.update({k.lower(): v for k, v in overrides.items()})
         gateway = RunningGateway(gateway_settings(**values)).start()
         started.append(gateway)
         return gateway

@@ -19,6 +19,14 @@ def test_defaults_follow_the_seed() -> None:
     assert (s.max_concurrent_requests, s.max_queue_size, s.request_timeout) == (1, 100, 300)
     assert s.port == 8091 and s.api_keys == () and s.default_priority is Priority.NORMAL
     assert s.queue_full_behavior is QueueFullBehavior.REJECT
+    assert s.backend == "local" and s.model_path is None  # the bundled model, with no configuration
+
+
+def test_chat_template_from_a_file(tmp_path: Path) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    assert load_settings(_env_file=None, chat_template=f"@{template}").chat_template == "{{ messages[0]['content'] }}"
+    assert load_settings(_env_file=None, chat_template="{{ x }}").chat_template == "{{ x }}"
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,7 +48,10 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DEFAULT_PRIORITY", "urgent", "'high', 'normal' or 'low'"),
         ("QUEUE_FULL_BEHAVIOR", "drop", "'reject' or 'wait'"),
         ("UPSTREAM_BASE_URL", "ftp://x", "http:// or https://"),
-        ("BACKEND", "cloud", "'proxy'"),
+        ("BACKEND", "cloud", "'local' or 'proxy'"),
+        ("MODEL_PATH", "/nowhere/model.gguf", "no such file"),
+        ("CHAT_TEMPLATE", "@/nowhere/template.jinja", "no such file"),
+        ("N_CTX", "8", "greater than or equal to 64"),
     ],
 )
 def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str) -> None:

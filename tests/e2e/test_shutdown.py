@@ -27,6 +27,7 @@ def test_sigterm_drains(upstream: FakeUpstream) -> None:
     port = free_port()
     env = {
         **os.environ,
+        "BACKEND": "proxy",
         "UPSTREAM_BASE_URL": upstream.base_url,
         "PORT": str(port),
         "MAX_CONCURRENT_REQUESTS": "2",

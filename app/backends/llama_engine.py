@@ -1,0 +1,421 @@
+"""One llama.cpp model and context, owned by one thread: continuous batching over up to n_seq sequences.
+
+Every step, each generating sequence adds its last token to one llama_batch and waiting prompts fill the
+rest (chunked, so a long prompt never stalls the others for more than a step); one llama_decode serves
+them all. A sequence that ends frees its KV cells (llama_memory_seq_rm) and its slot at once, so the next
+request joins at the next step rather than when the whole batch ends. ctypes releases the GIL during
+llama_decode, so the event loop keeps serving HTTP while the model computes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp as ll
+
+log = logging.getLogger("app.backends.llama")
+
+# Events a sequence emits (on the engine thread): ("delta", text) any number of times, then exactly one of
+# ("done", finish_reason, prompt_tokens, completion_tokens) or ("error", message).
+Event = tuple[Any, ...]
+
+_PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama.cpp's default)
+_PIECE_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How one sequence picks its tokens; temperature 0 is greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+
+
+class StopText:
+    """Turns token bytes into text deltas, holding back what could still become a stop string."""
+
+    __slots__ = ("_decoder", "_pending", "_stops")
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._stops = stops
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""
+
+    def feed(self, data: bytes) -> tuple[str, bool]:
+        """Text safe to send now, and whether a stop string was reached (its text is never sent)."""
+        self._pending += self._decoder.decode(data)
+        pending = self._pending
+        if not self._stops:
+            self._pending = ""
+            return pending, False
+        cut = min((i for i in (pending.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._pending = ""
+            return pending[:cut], True
+        hold = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(pending)), hold, -1):
+                if pending.endswith(stop[:size]):
+                    hold = size
+                    break
+        self._pending = pending[len(pending) - hold :]
+        return pending[: len(pending) - hold], False
+
+    def flush(self) -> str:
+        """Whatever is left once generation ends without a stop string."""
+        rest = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return rest
+
+
+class Sequence:
+    """One request's generation. Its fields belong to the engine thread once submitted."""
+
+    __slots__ = (
+        "cancelled",
+        "emit",
+        "generated",
+        "id",
+        "logit_index",
+        "max_tokens",
+        "next_token",
+        "prefilled",
+        "prompt",
+        "sampler",
+        "sampling",
+        "text",
+    )
+
+    def __init__(
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        max_tokens: int,
+        stops: tuple[str, ...],
+        emit: Callable[[Event], None],
+    ):
+        self.prompt = prompt
+        self.sampling = sampling
+        self.max_tokens = max_tokens
+        self.text = StopText(stops)
+        self.emit = emit
+        self.cancelled = False
+        self.id = -1
+        self.prefilled = 0
+        self.generated = 0
+        self.next_token: int | None = None
+        self.logit_index = -1
+        self.sampler: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What the engine loads and how it runs."""
+
+    model_path: str
+    n_ctx: int  # per sequence
+    n_seq: int
+    n_threads: int
+    n_gpu_layers: int
+    n_batch: int = 512
+
+
+class LlamaEngine:
+    """The model, its context and the thread that drives them. Thread-safe: submit() and cancel()."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self._cond = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._model: Any = None
+        self._ctx: Any = None
+        self._vocab: Any = None
+        self._memory: Any = None
+        self._batch: Any = None
+        self._piece = ctypes.create_string_buffer(_PIECE_BYTES)
+        self._free_ids: list[int] = []
+        self._active: list[Sequence] = []
+        self._waiting: deque[Sequence] = deque()
+        # Keep the ctypes callback alive as long as llama.cpp may call it.
+        self._log_callback = ll.llama_log_callback(_forward_log)
+
+    # Loading (blocking: call from a worker thread) ----------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model and create the context; raises RuntimeError if llama.cpp cannot."""
+        ll.llama_log_set(self._log_callback, ctypes.c_void_p(0))
+        ll.llama_backend_init()
+        model_params = ll.llama_model_default_params()
+        model_params.n_gpu_layers = self.config.n_gpu_layers if self.config.n_gpu_layers >= 0 else 0x7FFFFFFF
+        self._model = ll.llama_model_load_from_file(self.config.model_path.encode(), model_params)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load the model at {self.config.model_path}")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        params = ll.llama_context_default_params()
+        params.n_ctx = self.config.n_ctx * self.config.n_seq
+        params.n_batch = self.config.n_batch
+        params.n_ubatch = self.config.n_batch
+        params.n_seq_max = self.config.n_seq
+        params.n_threads = self.config.n_threads
+        params.n_threads_batch = self.config.n_threads
+        params.kv_unified = False  # each sequence owns n_ctx cells: one long request cannot starve another
+        self._ctx = ll.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self._memory = ll.llama_get_memory(self._ctx)
+        self._batch = ll.llama_batch_init(self.config.n_batch, 0, 1)
+        self._free_ids = list(reversed(range(self.config.n_seq)))
+        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata string, such as tokenizer.chat_template."""
+        size = ll.llama_model_meta_val_str(self._model, key.encode(), None, 0)
+        if size < 0:
+            return None
+        buffer = ctypes.create_string_buffer(size + 1)
+        ll.llama_model_meta_val_str(self._model, key.encode(), buffer, size + 1)
+        return buffer.value.decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Text to token ids (thread-safe: the vocabulary is read-only)."""
+        data = text.encode()
+        capacity = len(data) + 16
+        tokens = (ll.llama_token * capacity)()
+        count = ll.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        if count < 0:  # the buffer was too small: -count is the size needed
+            capacity = -count
+            tokens = (ll.llama_token * capacity)()
+            count = ll.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        return list(tokens[:count])
+
+    def token_text(self, token: int) -> str:
+        """A special token's text, such as the BOS and EOS strings chat templates use."""
+        buffer = ctypes.create_string_buffer(_PIECE_BYTES)
+        size = ll.llama_token_to_piece(self._vocab, token, buffer, _PIECE_BYTES, 0, True)
+        return buffer.raw[: max(size, 0)].decode("utf-8", "replace")
+
+    @property
+    def bos_token(self) -> int:
+        return int(ll.llama_vocab_bos(self._vocab))
+
+    @property
+    def eos_token(self) -> int:
+        return int(ll.llama_vocab_eos(self._vocab))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(ll.llama_vocab_n_tokens(self._vocab))
+
+    # The request side (any thread) ---------------------------------------------------------------------
+
+    def submit(self, sequence: Sequence) -> None:
+        """Start generating; events arrive through sequence.emit on the engine thread."""
+        with self._cond:
+            if self._closing:
+                sequence.emit(("error", "the model is shutting down"))
+                return
+            self._inbox.append(sequence)
+            self._cond.notify()
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Stop a sequence at the next step and free its slot; it emits nothing more."""
+        sequence.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the thread and free the model (blocking)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    # The engine thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._inbox and not self._active and not self._waiting and not self._closing:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                self._step()
+        except Exception:  # a bug here must not leave clients waiting forever
+            log.exception("the llama.cpp engine thread failed")
+        finally:
+            with self._cond:
+                self._closing = True
+                orphans = [*self._active, *self._waiting, *self._inbox]
+            for sequence in orphans:
+                if not sequence.cancelled:
+                    sequence.emit(("error", "the model stopped"))
+
+    def _step(self) -> None:
+        for sequence in [s for s in self._active if s.cancelled]:
+            self._release(sequence)
+        while self._waiting and self._free_ids:
+            sequence = self._waiting.popleft()
+            if not sequence.cancelled:
+                self._admit(sequence)
+        batch = self._batch
+        batch.n_tokens = 0
+        for sequence in self._active:  # generating sequences first: one token each keeps every stream moving
+            if sequence.next_token is not None:
+                self._add(sequence, sequence.next_token, sequence.prefilled + sequence.generated - 1, True)
+                sequence.next_token = None
+        for sequence in self._active:
+            room = self.config.n_batch - batch.n_tokens
+            remaining = len(sequence.prompt) - sequence.prefilled
+            if room <= 0:
+                break
+            if remaining <= 0:
+                continue
+            take = min(room, remaining)
+            start = sequence.prefilled
+            for offset in range(take):
+                position = start + offset
+                self._add(sequence, sequence.prompt[position], position, position == len(sequence.prompt) - 1)
+            sequence.prefilled += take
+        if batch.n_tokens == 0:
+            return
+        status = ll.llama_decode(self._ctx, batch)
+        if status != 0:
+            log.error(
+                "llama_decode failed with status %d; ending the %d sequences in the batch", status, len(self._active)
+            )
+            for sequence in list(self._active):
+                self._release(sequence)
+                sequence.emit(("error", f"the model failed to decode (status {status})"))
+            return
+        for sequence in list(self._active):
+            if sequence.logit_index >= 0:
+                token = ll.llama_sampler_sample(sequence.sampler, self._ctx, sequence.logit_index)
+                sequence.logit_index = -1
+                self._accept(sequence, token)
+
+    def _add(self, sequence: Sequence, token: int, position: int, logits: bool) -> None:
+        batch = self._batch
+        index = batch.n_tokens
+        batch.token[index] = token
+        batch.pos[index] = position
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = sequence.id
+        batch.logits[index] = logits
+        if logits:
+            sequence.logit_index = index
+        batch.n_tokens = index + 1
+
+    def _admit(self, sequence: Sequence) -> None:
+        sequence.id = self._free_ids.pop()
+        sequence.sampler = _sampler_chain(sequence.sampling)
+        self._active.append(sequence)
+
+    def _accept(self, sequence: Sequence, token: int) -> None:
+        if ll.llama_vocab_is_eog(self._vocab, token):
+            self._finish(sequence, "stop")
+            return
+        sequence.generated += 1
+        size = ll.llama_token_to_piece(self._vocab, token, self._piece, _PIECE_BYTES, 0, False)
+        text, stopped = sequence.text.feed(self._piece.raw[: max(size, 0)])
+        if text:
+            sequence.emit(("delta", text))
+        if stopped:
+            self._finish(sequence, "stop", flush=False)  # what was held back belongs to the stop string
+        elif sequence.generated >= sequence.max_tokens:
+            self._finish(sequence, "length")
+        else:
+            sequence.next_token = token
+
+    def _finish(self, sequence: Sequence, reason: str, flush: bool = True) -> None:
+        rest = sequence.text.flush() if flush else ""
+        if rest:
+            sequence.emit(("delta", rest))
+        self._release(sequence)  # before "done": the next request may already be on its way here
+        sequence.emit(("done", reason, len(sequence.prompt), sequence.generated))
+
+    def _release(self, sequence: Sequence) -> None:
+        ll.llama_memory_seq_rm(self._memory, sequence.id, -1, -1)
+        ll.llama_sampler_free(sequence.sampler)
+        sequence.sampler = None
+        self._active.remove(sequence)
+        self._free_ids.append(sequence.id)
+
+
+def _sampler_chain(sampling: Sampling) -> Any:
+    chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+    add = ll.llama_sampler_chain_add
+    if sampling.repeat_penalty != 1.0 or sampling.frequency_penalty or sampling.presence_penalty:
+        # The bindings declare an old five-argument signature (n_vocab first); llama.cpp now takes four.
+        # Passing the look-back in both integer places is right under either.
+        add(
+            chain,
+            ll.llama_sampler_init_penalties(
+                _PENALTY_LAST_N,
+                _PENALTY_LAST_N,
+                sampling.repeat_penalty,
+                sampling.frequency_penalty,
+                sampling.presence_penalty,
+            ),
+        )
+    if sampling.temperature <= 0:
+        add(chain, ll.llama_sampler_init_greedy())
+        return chain
+    if sampling.top_k > 0:
+        add(chain, ll.llama_sampler_init_top_k(sampling.top_k))
+    if sampling.top_p < 1.0:
+        add(chain, ll.llama_sampler_init_top_p(sampling.top_p, 1))
+    if sampling.min_p > 0.0:
+        add(chain, ll.llama_sampler_init_min_p(sampling.min_p, 1))
+    add(chain, ll.llama_sampler_init_temp(sampling.temperature))
+    add(
+        chain,
+        ll.llama_sampler_init_dist(ll.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF),
+    )
+    return chain
+
+
+# ggml_log_level as this llama.cpp sends it (observed: 3 for its warnings); 5 continues the previous line.
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = [logging.DEBUG]
+
+
+def _forward_log(level: int, text: bytes, _: Any) -> None:
+    """llama.cpp's own log lines into ours: its chatter at debug, its warnings and errors as such."""
+    severity = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
+    _last_level[0] = severity
+    message = text.decode("utf-8", "replace").rstrip()
+    if message:
+        log.log(severity, "%s", message)
