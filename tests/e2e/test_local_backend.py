@@ -1,0 +1,229 @@
+"""The in-process backend with the real bundled model (SmolLM2-135M-Instruct, Q4_1) through real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.harness import Background, RunningGateway, wait_until
+
+StartLocal = Callable[..., RunningGateway]
+PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain.", "What is 2+2?"]
+
+
+def ask(gw: RunningGateway, content: str, **params: object) -> openai.types.chat.ChatCompletion:
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused")
+    params = {"temperature": 0, **params}
+    return sdk.chat.completions.create(
+        model="local",
+        messages=[{"role": "user", "content": content}],
+        **params,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def background() -> Iterator[Background]:
+    bg = Background()
+    yield bg
+    bg.close()
+
+
+def test_greedy_is_deterministic_and_streaming_agrees(start_local: StartLocal) -> None:
+    gw = start_local()
+    first = ask(gw, PROMPTS[0], max_tokens=20)
+    second = ask(gw, PROMPTS[0], max_tokens=20)
+    text = first.choices[0].message.content
+    assert text and text == second.choices[0].message.content
+    assert first.choices[0].finish_reason == "length"
+    assert first.usage is not None and first.usage.completion_tokens == 20 and first.usage.prompt_tokens > 5
+    assert first.model == "SmolLM2-135M-Instruct.Q4_1"
+
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused")
+    chunks = list(
+        sdk.chat.completions.create(
+            model="local",
+            messages=[{"role": "user", "content": PROMPTS[0]}],
+            temperature=0,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+
+
+def test_text_completions_and_token_prompts(start_local: StartLocal) -> None:
+    gw = start_local()
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused")
+    text = sdk.completions.create(model="local", prompt="The quick brown fox", temperature=0, max_tokens=12)
+    assert text.choices[0].text and text.choices[0].finish_reason == "length"
+    streamed = "".join(
+        c.choices[0].text
+        for c in sdk.completions.create(
+            model="local", prompt="The quick brown fox", temperature=0, max_tokens=12, stream=True
+        )
+    )
+    assert streamed == text.choices[0].text
+    by_ids = sdk.completions.create(model="local", prompt=[504, 2365, 6354], temperature=0, max_tokens=4)
+    assert by_ids.usage is not None and by_ids.usage.prompt_tokens == 3
+
+
+def test_batched_equals_alone_for_greedy(start_local: StartLocal) -> None:
+    gw = start_local(max_concurrent_requests=4)
+    alone = [ask(gw, p, max_tokens=24).choices[0].message.content for p in PROMPTS]
+
+    async def together() -> list[str | None]:
+        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused")
+        async with sdk:
+            replies = await asyncio.gather(
+                *[
+                    sdk.chat.completions.create(
+                        model="local", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=24
+                    )
+                    for p in PROMPTS
+                ]
+            )
+        return [r.choices[0].message.content for r in replies]
+
+    assert asyncio.run(together()) == alone
+    workers = gw.scheduler.status().workers
+    # The sequential ones all reused slot 0; the concurrent four needed every slot at once.
+    assert [w.processed for w in workers] == [5, 1, 1, 1]
+
+
+def test_stop_sequences(start_local: StartLocal) -> None:
+    gw = start_local()
+    full = ask(gw, PROMPTS[2], max_tokens=24).choices[0].message.content
+    assert full is not None
+    words = full.split()
+    assert len(words) > 3
+    stop = " " + words[2]
+    expected = full[: full.index(stop)]
+    cut = ask(gw, PROMPTS[2], max_tokens=24, stop=[stop, "never appears"])
+    assert cut.choices[0].message.content == expected
+    assert cut.choices[0].finish_reason == "stop"
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused")
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in sdk.chat.completions.create(
+            model="local",
+            messages=[{"role": "user", "content": PROMPTS[2]}],
+            temperature=0,
+            max_tokens=24,
+            stop=stop,
+            stream=True,
+        )
+    )
+    assert streamed == expected
+
+
+def test_seeded_sampling_repeats_and_options_are_accepted(start_local: StartLocal) -> None:
+    gw = start_local()
+    params = {
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "max_tokens": 16,
+        "seed": 1234,
+        "extra_body": {"top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1},
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+    }
+    one = ask(gw, PROMPTS[1], **params).choices[0].message.content
+    assert one == ask(gw, PROMPTS[1], **params).choices[0].message.content
+
+
+def test_cancel_mid_stream_frees_the_slot(start_local: StartLocal) -> None:
+    gw = start_local(max_concurrent_requests=1)
+    url = gw.url + "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 400, "stream": True, "temperature": 0}
+    with httpx.stream("POST", url, json=body, headers={"X-Request-ID": "long-one"}, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert httpx.delete(gw.url + "/v1/queue/request/long-one").json()["status"] == "cancelled"
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert '"code":"request_cancelled"' in rest[-2] and rest[-1] == "data: [DONE]"
+    assert gw.scheduler.in_flight == 0
+    # The slot is free at once: a short request is answered without waiting for 400 tokens.
+    quick = httpx.post(url, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}, timeout=10)
+    assert quick.status_code == 200
+
+
+def test_disconnect_mid_stream_frees_the_slot(start_local: StartLocal) -> None:
+    gw = start_local(max_concurrent_requests=1)
+    body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        next(response.iter_lines())
+    assert wait_until(lambda: gw.scheduler.in_flight == 0, timeout=2)
+    assert gw.scheduler.total_cancelled == 1
+
+
+def test_context_overflow_is_400(start_local: StartLocal) -> None:
+    gw = start_local(n_ctx=128)
+    long_text = "word " * 300
+    for path, body in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": long_text}]}),
+        ("/v1/completions", {"prompt": long_text}),
+    ]:
+        response = httpx.post(gw.url + path, json=body)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and "128" in error["message"]
+    # A prompt that fits but asks for more than the rest of the context stops at its end.
+    near = httpx.post(gw.url + "/v1/completions", json={"prompt": "word " * 100, "max_tokens": 500}).json()
+    assert near["choices"][0]["finish_reason"] == "length"
+    assert near["usage"]["total_tokens"] == 128
+
+
+def test_unsupported_options_are_400(start_local: StartLocal) -> None:
+    gw = start_local()
+    url = gw.url + "/v1/chat/completions"
+    msgs = [{"role": "user", "content": "x"}]
+    for extra, param in [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"stop": [1, 2]}, "stop"),
+        ({"top_k": -1}, "top_k"),
+        ({"seed": "x"}, "seed"),
+    ]:
+        response = httpx.post(url, json={"messages": msgs, **extra})
+        assert response.status_code == 400, extra
+        assert response.json()["error"]["param"] == param
+    echo = httpx.post(gw.url + "/v1/completions", json={"prompt": "x", "echo": True})
+    assert echo.status_code == 400 and echo.json()["error"]["param"] == "echo"
+
+
+def test_models_and_ready(start_local: StartLocal) -> None:
+    gw = start_local(model_alias="tiny")
+    assert httpx.get(gw.url + "/ready").json() == {"status": "ready"}
+    models = httpx.get(gw.url + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    assert ask(gw, "Hi", max_tokens=2).model == "tiny"
+
+
+def test_priority_still_orders_the_queue(start_local: StartLocal, background: Background) -> None:
+    gw = start_local(max_concurrent_requests=1)
+    url = gw.url + "/v1/chat/completions"
+
+    def body(n: int) -> dict[str, object]:
+        return {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": n, "temperature": 0}
+
+    running = background.post(url, body(200), headers={"X-Request-ID": "busy", "X-Priority": "low"})
+    assert wait_until(lambda: gw.scheduler.in_flight == 1)
+    waiting = []
+    for index, priority in enumerate(["low", "normal", "high"]):
+        waiting.append(background.post(url, body(4), headers={"X-Request-ID": priority, "X-Priority": priority}))
+        assert wait_until(lambda n=index + 1: gw.scheduler.waiting == n)
+    status = httpx.get(gw.url + "/v1/queue/status").json()
+    assert status["workers"][0]["current_request_id"] == "busy"
+    assert httpx.get(gw.url + "/v1/queue/request/low").json()["position"] == 3
+    assert running.result().status_code == 200 and all(f.result().status_code == 200 for f in waiting)
+    started = {
+        rid: httpx.get(f"{gw.url}/v1/queue/request/{rid}").json()["started_at"] for rid in ("high", "normal", "low")
+    }
+    assert started["high"] < started["normal"] < started["low"]
