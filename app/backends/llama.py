@@ -89,14 +89,17 @@ class LlamaBackend:
                 n_seq=n_seq,
                 n_threads=n_threads or os.cpu_count() or 1,
                 n_gpu_layers=n_gpu_layers,
-            )
+            ),
+            self._deliver,
         )
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._formatter: Jinja2ChatFormatter | None = None
         self._created = int(time.time())
 
     async def start(self) -> None:
         """Load the model (on a worker thread: it takes a while and blocks)."""
         engine = self._engine
+        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(engine.load)
         template = self._chat_template or engine.metadata("tokenizer.chat_template") or CHATML_TEMPLATE
         self._formatter = Jinja2ChatFormatter(
@@ -132,14 +135,14 @@ class LlamaBackend:
 
     # Completions --------------------------------------------------------------------------------------
 
+    def _deliver(self, items: list[tuple[Any, Event]]) -> None:
+        """Engine thread: hand one step's events to the event loop in a single wake-up."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_fan_out, items)
+
     def _submit(self, prepared: _Prepared) -> tuple[Sequence, asyncio.Queue[Event]]:
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(event: Event) -> None:  # engine thread -> event loop
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        sequence = Sequence(prepared.prompt, prepared.sampling, prepared.max_tokens, prepared.stops, emit)
+        sequence = Sequence(prepared.prompt, prepared.sampling, prepared.max_tokens, prepared.stops, events)
         self._engine.submit(sequence)
         return sequence, events
 
@@ -158,17 +161,13 @@ class LlamaBackend:
                 ended = True
                 if event[0] == "error":
                     raise ModelError(event[1])
-                _, reason, prompt_tokens, completion_tokens = event
+                _, reason, *counts = event
                 break
         finally:
             if not ended:
                 self._engine.cancel(sequence)  # aborted (timeout, cancel, disconnect): free the slot now
         text = "".join(parts)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        usage = _usage(*counts)
         if prepared.kind == "chat":
             body: dict[str, Any] = {
                 "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -244,15 +243,10 @@ class LlamaBackend:
                 ended = True
                 if event[0] == "error":
                     raise ModelError(event[1])
-                _, reason, prompt_tokens, completion_tokens = event
+                _, reason, *counts = event
                 yield chunk(None, reason)
                 if prepared.include_usage:
-                    usage = {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                    }
-                    yield b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
+                    yield b"data: " + orjson.dumps({**base, "choices": [], "usage": _usage(*counts)}) + b"\n\n"
                 yield _SSE_DONE
                 return
         finally:
@@ -319,6 +313,20 @@ class LlamaBackend:
                 raise InvalidRequest(f"token ids must be between 0 and {vocab - 1}", param="prompt")
             return list(prompt)
         raise InvalidRequest("the local backend takes one prompt per request", param="prompt")
+
+
+def _fan_out(items: list[tuple[Any, Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 def _number(payload: dict[str, Any], name: str, default: float, low: float, high: float) -> float:

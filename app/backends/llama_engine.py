@@ -22,9 +22,12 @@ import llama_cpp as ll
 
 log = logging.getLogger("app.backends.llama")
 
-# Events a sequence emits (on the engine thread): ("delta", text) any number of times, then exactly one of
-# ("done", finish_reason, prompt_tokens, completion_tokens) or ("error", message).
+# Events for a sequence: ("delta", text) any number of times, then exactly one of
+# ("done", finish_reason, prompt_tokens, completion_tokens, cached_prompt_tokens) or ("error", message).
 Event = tuple[Any, ...]
+# Receives a step's events as (sequence.sink, event) pairs, on the engine thread. One call per step rather
+# than one per sequence: each call wakes the event loop, which then competes with llama.cpp's threads.
+Deliver = Callable[[list[tuple[Any, Event]]], None]
 
 _PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 _PIECE_BYTES = 256
@@ -85,9 +88,10 @@ class Sequence:
     """One request's generation. Its fields belong to the engine thread once submitted."""
 
     __slots__ = (
+        "cached",
         "cancelled",
-        "emit",
         "generated",
+        "history",
         "id",
         "logit_index",
         "max_tokens",
@@ -96,6 +100,7 @@ class Sequence:
         "prompt",
         "sampler",
         "sampling",
+        "sink",
         "text",
     )
 
@@ -105,13 +110,13 @@ class Sequence:
         sampling: Sampling,
         max_tokens: int,
         stops: tuple[str, ...],
-        emit: Callable[[Event], None],
+        sink: Any,
     ):
         self.prompt = prompt
         self.sampling = sampling
         self.max_tokens = max_tokens
         self.text = StopText(stops)
-        self.emit = emit
+        self.sink = sink  # where this sequence's events go; opaque to the engine
         self.cancelled = False
         self.id = -1
         self.prefilled = 0
@@ -119,6 +124,8 @@ class Sequence:
         self.next_token: int | None = None
         self.logit_index = -1
         self.sampler: Any = None
+        self.cached = 0  # prompt tokens whose KV was reused from the previous request on this id
+        self.history: list[int] = []  # tokens decoded into this sequence's KV cells
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +143,10 @@ class EngineConfig:
 class LlamaEngine:
     """The model, its context and the thread that drives them. Thread-safe: submit() and cancel()."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, deliver: Deliver):
         self.config = config
+        self._deliver = deliver
+        self._outbox: list[tuple[Any, Event]] = []
         self._cond = threading.Condition()
         self._inbox: list[Sequence] = []
         self._closing = False
@@ -149,6 +158,9 @@ class LlamaEngine:
         self._batch: Any = None
         self._piece = ctypes.create_string_buffer(_PIECE_BYTES)
         self._free_ids: list[int] = []
+        # Per sequence id, the tokens whose KV cells are still resident there: a new request placed on the
+        # id sharing its longest prefix evaluates only the rest (chat requests repeat their system prompt).
+        self._resident: list[list[int]] = []
         self._active: list[Sequence] = []
         self._waiting: deque[Sequence] = deque()
         # Keep the ctypes callback alive as long as llama.cpp may call it.
@@ -157,7 +169,19 @@ class LlamaEngine:
     # Loading (blocking: call from a worker thread) ----------------------------------------------------
 
     def load(self) -> None:
-        """Load the model and create the context; raises RuntimeError if llama.cpp cannot."""
+        """Start the engine thread, which loads the model; raises RuntimeError if llama.cpp cannot."""
+        loaded = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(loaded, failure), name="llama-engine", daemon=True)
+        self._thread.start()
+        loaded.wait()
+        if failure:
+            raise failure[0]
+
+    def _load(self) -> None:
+        # Runs on the engine thread. llama.cpp's OpenMP workers belong to the thread that first computes; a
+        # second thread's team left spinning beside the decoding one cost a quarter of the decode speed
+        # (measured), so the thread that decodes also loads, and nothing else ever computes.
         ll.llama_log_set(self._log_callback, ctypes.c_void_p(0))
         ll.llama_backend_init()
         model_params = ll.llama_model_default_params()
@@ -173,15 +197,27 @@ class LlamaEngine:
         params.n_seq_max = self.config.n_seq
         params.n_threads = self.config.n_threads
         params.n_threads_batch = self.config.n_threads
-        params.kv_unified = False  # each sequence owns n_ctx cells: one long request cannot starve another
+        # A KV buffer per sequence: attention then spans only that sequence's own cells, so a request's
+        # greedy tokens do not depend on what else is batched with it (a shared buffer broke that, measured).
+        params.kv_unified = False
         self._ctx = ll.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self._memory = ll.llama_get_memory(self._ctx)
         self._batch = ll.llama_batch_init(self.config.n_batch, 0, 1)
         self._free_ids = list(reversed(range(self.config.n_seq)))
-        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
-        self._thread.start()
+        self._resident = [[] for _ in range(self.config.n_seq)]
+
+    def _unload(self) -> None:
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            ll.llama_model_free(self._model)
+            self._model = None
 
     @property
     def running(self) -> bool:
@@ -229,10 +265,10 @@ class LlamaEngine:
     # The request side (any thread) ---------------------------------------------------------------------
 
     def submit(self, sequence: Sequence) -> None:
-        """Start generating; events arrive through sequence.emit on the engine thread."""
+        """Start generating; its events go to `deliver` with sequence.sink."""
         with self._cond:
             if self._closing:
-                sequence.emit(("error", "the model is shutting down"))
+                self._deliver([(sequence.sink, ("error", "the model is shutting down"))])
                 return
             self._inbox.append(sequence)
             self._cond.notify()
@@ -250,19 +286,18 @@ class LlamaEngine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(30)
-        if self._batch is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            ll.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            ll.llama_model_free(self._model)
-            self._model = None
 
     # The engine thread --------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, loaded: threading.Event, failure: list[BaseException]) -> None:
+        try:
+            self._load()
+        except BaseException as exc:
+            failure.append(exc)
+            self._unload()
+            return
+        finally:
+            loaded.set()
         try:
             while True:
                 with self._cond:
@@ -273,15 +308,16 @@ class LlamaEngine:
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
                 self._step()
+                self._flush()
         except Exception:  # a bug here must not leave clients waiting forever
             log.exception("the llama.cpp engine thread failed")
         finally:
             with self._cond:
                 self._closing = True
                 orphans = [*self._active, *self._waiting, *self._inbox]
-            for sequence in orphans:
-                if not sequence.cancelled:
-                    sequence.emit(("error", "the model stopped"))
+            self._outbox = [(s.sink, ("error", "the model stopped")) for s in orphans if not s.cancelled]
+            self._flush()
+            self._unload()
 
     def _step(self) -> None:
         for sequence in [s for s in self._active if s.cancelled]:
@@ -295,6 +331,7 @@ class LlamaEngine:
         for sequence in self._active:  # generating sequences first: one token each keeps every stream moving
             if sequence.next_token is not None:
                 self._add(sequence, sequence.next_token, sequence.prefilled + sequence.generated - 1, True)
+                sequence.history.append(sequence.next_token)
                 sequence.next_token = None
         for sequence in self._active:
             room = self.config.n_batch - batch.n_tokens
@@ -308,6 +345,7 @@ class LlamaEngine:
             for offset in range(take):
                 position = start + offset
                 self._add(sequence, sequence.prompt[position], position, position == len(sequence.prompt) - 1)
+            sequence.history.extend(sequence.prompt[start : start + take])
             sequence.prefilled += take
         if batch.n_tokens == 0:
             return
@@ -317,14 +355,22 @@ class LlamaEngine:
                 "llama_decode failed with status %d; ending the %d sequences in the batch", status, len(self._active)
             )
             for sequence in list(self._active):
-                self._release(sequence)
-                sequence.emit(("error", f"the model failed to decode (status {status})"))
+                self._release(sequence, keep=False)
+                self._emit(sequence, ("error", f"the model failed to decode (status {status})"))
             return
         for sequence in list(self._active):
             if sequence.logit_index >= 0:
                 token = ll.llama_sampler_sample(sequence.sampler, self._ctx, sequence.logit_index)
                 sequence.logit_index = -1
                 self._accept(sequence, token)
+
+    def _emit(self, sequence: Sequence, event: Event) -> None:
+        self._outbox.append((sequence.sink, event))
+
+    def _flush(self) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            self._deliver(outbox)
 
     def _add(self, sequence: Sequence, token: int, position: int, logits: bool) -> None:
         batch = self._batch
@@ -339,7 +385,21 @@ class LlamaEngine:
         batch.n_tokens = index + 1
 
     def _admit(self, sequence: Sequence) -> None:
-        sequence.id = self._free_ids.pop()
+        prompt = sequence.prompt
+        best, shared = self._free_ids[-1], -1
+        for seq_id in self._free_ids:
+            common = _common_prefix(self._resident[seq_id], prompt)
+            if common > shared:
+                best, shared = seq_id, common
+        self._free_ids.remove(best)
+        # The last prompt token is always evaluated: its logits give the first generated token.
+        shared = min(shared, len(prompt) - 1)
+        if not ll.llama_memory_seq_rm(self._memory, best, shared, -1):
+            ll.llama_memory_seq_rm(self._memory, best, -1, -1)  # this memory cannot cut a sequence: start over
+            shared = 0
+        sequence.id = best
+        sequence.prefilled = sequence.cached = shared
+        sequence.history = prompt[:shared]
         sequence.sampler = _sampler_chain(sequence.sampling)
         self._active.append(sequence)
 
@@ -351,7 +411,7 @@ class LlamaEngine:
         size = ll.llama_token_to_piece(self._vocab, token, self._piece, _PIECE_BYTES, 0, False)
         text, stopped = sequence.text.feed(self._piece.raw[: max(size, 0)])
         if text:
-            sequence.emit(("delta", text))
+            self._emit(sequence, ("delta", text))
         if stopped:
             self._finish(sequence, "stop", flush=False)  # what was held back belongs to the stop string
         elif sequence.generated >= sequence.max_tokens:
@@ -362,16 +422,30 @@ class LlamaEngine:
     def _finish(self, sequence: Sequence, reason: str, flush: bool = True) -> None:
         rest = sequence.text.flush() if flush else ""
         if rest:
-            sequence.emit(("delta", rest))
+            self._emit(sequence, ("delta", rest))
         self._release(sequence)  # before "done": the next request may already be on its way here
-        sequence.emit(("done", reason, len(sequence.prompt), sequence.generated))
+        self._emit(sequence, ("done", reason, len(sequence.prompt), sequence.generated, sequence.cached))
 
-    def _release(self, sequence: Sequence) -> None:
-        ll.llama_memory_seq_rm(self._memory, sequence.id, -1, -1)
+    def _release(self, sequence: Sequence, keep: bool = True) -> None:
+        """Free the slot; its KV cells stay for a request with the same prefix unless `keep` is False."""
+        if keep:
+            self._resident[sequence.id] = sequence.history
+        else:
+            ll.llama_memory_seq_rm(self._memory, sequence.id, -1, -1)
+            self._resident[sequence.id] = []
         ll.llama_sampler_free(sequence.sampler)
         sequence.sampler = None
         self._active.remove(sequence)
         self._free_ids.append(sequence.id)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two lists share."""
+    limit = min(len(a), len(b))
+    index = 0
+    while index < limit and a[index] == b[index]:
+        index += 1
+    return index
 
 
 def _sampler_chain(sampling: Sampling) -> Any:

@@ -41,6 +41,11 @@ def test_greedy_is_deterministic_and_streaming_agrees(start_local: StartLocal) -
     assert first.choices[0].finish_reason == "length"
     assert first.usage is not None and first.usage.completion_tokens == 20 and first.usage.prompt_tokens > 5
     assert first.model == "SmolLM2-135M-Instruct.Q4_1"
+    # The repeat found its prompt's KV cells still resident and evaluated only the last prompt token.
+    assert first.usage.prompt_tokens_details is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
 
     sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused")
     chunks = list(
