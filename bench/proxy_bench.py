@@ -55,7 +55,7 @@ def wrk(url: str, connections: int, duration: float, body: str) -> dict[str, flo
             "wrk",
             f"-t{threads}",
             f"-c{connections}",
-            f"-d{duration}s",
+            f"-d{max(1, round(duration))}s",  # wrk takes whole seconds only
             "--latency",
             "-s",
             str(script),

@@ -8,9 +8,11 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.errors import (
+    ClientDisconnected,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
@@ -69,6 +71,10 @@ def install_error_handlers(app: FastAPI) -> None:
         error.code = None
         return error_response(error)
 
+    async def client_gone(_: Request, exc: Exception) -> Response:
+        # The client hung up while sending its body: nobody will read this answer, and it is no fault of ours.
+        return error_response(ClientDisconnected("the client went away while sending its request"))
+
     async def unexpected_error(_: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)
         return error_response(GatewayError("internal error; the gateway's log has the details"))
@@ -76,4 +82,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected_error)
