@@ -315,7 +315,7 @@ class LlamaEngine:
             with self._cond:
                 self._closing = True
                 orphans = [*self._active, *self._waiting, *self._inbox]
-            self._outbox = [(s.sink, ("error", "the model stopped")) for s in orphans if not s.cancelled]
+            self._outbox.extend((s.sink, ("error", "the model stopped")) for s in orphans if not s.cancelled)
             self._flush()
             self._unload()
 
