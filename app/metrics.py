@@ -100,23 +100,18 @@ class _Exporter(Collector):
         yield sizes
         yield GaugeMetricFamily("gateway_requests_in_flight", "Requests at the backend now.", value=m._in_flight())
 
-        waits = HistogramMetricFamily(
+        yield _histogram(
             "gateway_queue_wait_seconds",
             "Time from arrival to dispatch to the backend, by priority.",
-            labels=["priority"],
+            ["priority"],
+            {(p.value,): series for p, series in m.waits.items()},
         )
-        for priority, series in m.waits.items():
-            waits.add_metric([priority.value], series.cumulative(), series.total)
-        yield waits
-
-        durations = HistogramMetricFamily(
+        yield _histogram(
             "gateway_request_duration_seconds",
             "Time from arrival to the end of the response, by priority and outcome.",
-            labels=["priority", "outcome"],
+            ["priority", "outcome"],
+            {(p.value, o): series for (p, o), series in m.durations.items()},
         )
-        for (priority, outcome), series in m.durations.items():
-            durations.add_metric([priority.value, outcome], series.cumulative(), series.total)
-        yield durations
 
         requests = CounterMetricFamily(
             "gateway_requests",
@@ -131,3 +126,12 @@ class _Exporter(Collector):
         for kind, count in m.upstream_errors.items():
             errors.add_metric([kind], count)
         yield errors
+
+
+def _histogram(
+    name: str, documentation: str, labels: list[str], series: dict[tuple[str, ...], Buckets]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for values, buckets in series.items():
+        family.add_metric(list(values), buckets.cumulative(), buckets.total)
+    return family

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -18,38 +19,36 @@ def upstream() -> Iterator[FakeUpstream]:
     server.stop()
 
 
-@pytest.fixture
-def start_gateway(upstream: FakeUpstream) -> Iterator[Callable[..., RunningGateway]]:
-    """start_gateway(MAX_CONCURRENT_REQUESTS=1, ...) -> a running gateway in front of the fake upstream."""
+@contextmanager
+def _gateways(defaults: dict[str, Any]) -> Iterator[Callable[..., RunningGateway]]:
+    """A factory of running gateways with these settings as defaults; all are stopped at the end."""
     started: list[RunningGateway] = []
 
     def start(**overrides: Any) -> RunningGateway:
-        values = {"backend": "proxy", "upstream_base_url": upstream.base_url}
-        values.update({k.lower(): v for k, v in overrides.items()})
+        values = {**defaults, **{k.lower(): v for k, v in overrides.items()}}
         gateway = RunningGateway(gateway_settings(**values)).start()
         started.append(gateway)
         return gateway
 
-    yield start
-    for gateway in started:
-        gateway.stop()
+    try:
+        yield start
+    finally:
+        for gateway in started:
+            gateway.stop()
+
+
+@pytest.fixture
+def start_gateway(upstream: FakeUpstream) -> Iterator[Callable[..., RunningGateway]]:
+    """start_gateway(MAX_CONCURRENT_REQUESTS=1, ...) -> a running gateway in front of the fake upstream."""
+    with _gateways({"backend": "proxy", "upstream_base_url": upstream.base_url}) as start:
+        yield start
 
 
 @pytest.fixture
 def start_local() -> Iterator[Callable[..., RunningGateway]]:
     """start_local(MAX_CONCURRENT_REQUESTS=4, ...) -> a running gateway on the bundled SmolLM2 model."""
-    started: list[RunningGateway] = []
-
-    def start(**overrides: Any) -> RunningGateway:
-        values: dict[str, Any] = {"backend": "local", "n_ctx": 512}
-        values.update({k.lower(): v for k, v in overrides.items()})
-        gateway = RunningGateway(gateway_settings(**values)).start()
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
+    with _gateways({"backend": "local", "n_ctx": 512}) as start:
+        yield start
 
 
 @pytest.fixture
