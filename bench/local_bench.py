@@ -165,6 +165,25 @@ def contenders(threads: int) -> list[Contender]:
         "MAX_QUEUE_SIZE": "1000",
     }
     p1, p2, p3, p4 = port(), port(), port(), port()
+
+    def llama_server(slots: int, port_: int) -> Contender:
+        argv = [
+            binary,
+            "-m",
+            model,
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-c",
+            str(N_CTX * slots),
+            "-np",
+            str(slots),
+            "--port",
+            str(port_),
+        ]
+        return Contender(f"llama-server -np {slots}", argv, port_, ready_path="/health")
+
     return [
         Contender("gateway", [python, "-m", "app"], p1, {**gateway_env, "PORT": str(p1)}, ready_path="/ready"),
         Contender(
@@ -186,46 +205,8 @@ def contenders(threads: int) -> list[Contender]:
             ],
             p2,
         ),
-        Contender(
-            "llama-server -np 4",
-            [
-                binary,
-                "-m",
-                model,
-                "-t",
-                str(threads),
-                "-tb",
-                str(threads),
-                "-c",
-                str(N_CTX * SLOTS),
-                "-np",
-                str(SLOTS),
-                "--port",
-                str(p3),
-            ],
-            p3,
-            ready_path="/health",
-        ),
-        Contender(
-            "llama-server -np 1",
-            [
-                binary,
-                "-m",
-                model,
-                "-t",
-                str(threads),
-                "-tb",
-                str(threads),
-                "-c",
-                str(N_CTX),
-                "-np",
-                "1",
-                "--port",
-                str(p4),
-            ],
-            p4,
-            ready_path="/health",
-        ),
+        llama_server(4, p3),
+        llama_server(1, p4),
     ]
 
 
