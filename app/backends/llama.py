@@ -140,118 +140,85 @@ class LlamaBackend:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_fan_out, items)
 
-    def _submit(self, prepared: _Prepared) -> tuple[Sequence, asyncio.Queue[Event]]:
+    async def _generate(self, prepared: _Prepared) -> AsyncGenerator[Event, None]:
+        """The sequence's events, its "done" last; an engine error raises ModelError.
+
+        The sequence is submitted on the first iteration, so a generator closed before it starts costs the
+        engine nothing; one left early (timeout, cancel, disconnect) frees its engine slot at the next step.
+        """
         events: asyncio.Queue[Event] = asyncio.Queue()
         sequence = Sequence(prepared.prompt, prepared.sampling, prepared.max_tokens, prepared.stops, events)
         self._engine.submit(sequence)
-        return sequence, events
-
-    async def complete(self, request: CompletionRequest) -> BackendResponse:
-        """Generate the whole answer."""
-        prepared = await asyncio.to_thread(self._prepare, request)
-        sequence, events = self._submit(prepared)
-        parts: list[str] = []
         ended = False
         try:
-            while True:
+            while not ended:
                 event = await events.get()
-                if event[0] == "delta":
-                    parts.append(event[1])
-                    continue
-                ended = True
+                ended = event[0] != "delta"
                 if event[0] == "error":
                     raise ModelError(event[1])
-                _, reason, *counts = event
-                break
+                yield event
         finally:
             if not ended:
-                self._engine.cancel(sequence)  # aborted (timeout, cancel, disconnect): free the slot now
-        text = "".join(parts)
-        usage = _usage(*counts)
-        if prepared.kind == "chat":
-            body: dict[str, Any] = {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": self.alias,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": reason,
-                    }
-                ],
-                "usage": usage,
-            }
-        else:
-            body = {
-                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": self.alias,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-                "usage": usage,
-            }
-        return BackendResponse(200, orjson.dumps(body))
+                self._engine.cancel(sequence)
 
-    async def stream(self, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
-        """Check and submit the request; the returned generator yields its SSE events."""
-        prepared = await asyncio.to_thread(self._prepare, request)
-        sequence, events = self._submit(prepared)
-        return self._relay(prepared, sequence, events)
-
-    async def _relay(
-        self, prepared: _Prepared, sequence: Sequence, events: asyncio.Queue[Event]
-    ) -> AsyncGenerator[bytes, None]:
-        chat = prepared.kind == "chat"
-        base: dict[str, Any] = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}" if chat else f"cmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion.chunk" if chat else "text_completion",
+    def _header(self, chat: bool, chunked: bool) -> dict[str, Any]:
+        """The fields every completion object starts with."""
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": ("chat.completion.chunk" if chunked else "chat.completion") if chat else "text_completion",
             "created": int(time.time()),
             "model": self.alias,
         }
 
-        def chunk(text: str | None, reason: str | None) -> bytes:
+    async def complete(self, request: CompletionRequest) -> BackendResponse:
+        """Generate the whole answer."""
+        prepared = await asyncio.to_thread(self._prepare, request)
+        parts: list[str] = []
+        async for event in self._generate(prepared):
+            if event[0] == "delta":
+                parts.append(event[1])
+        _, reason, *counts = event
+        text = "".join(parts)
+        if prepared.kind == "chat":
+            choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"text": text}
+        choice = {"index": 0, **choice, "logprobs": None, "finish_reason": reason}
+        body = {**self._header(prepared.kind == "chat", chunked=False), "choices": [choice], "usage": _usage(*counts)}
+        return BackendResponse(200, orjson.dumps(body))
+
+    async def stream(self, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
+        """Check the request; the returned generator submits it and yields its SSE events."""
+        prepared = await asyncio.to_thread(self._prepare, request)
+        return self._relay(prepared)
+
+    async def _relay(self, prepared: _Prepared) -> AsyncGenerator[bytes, None]:
+        chat = prepared.kind == "chat"
+        base = self._header(chat, chunked=True)
+
+        def chunk(text: str | None, reason: str | None, role: bool = False) -> bytes:
             if chat:
-                delta: dict[str, str] = {} if text is None else {"content": text}
+                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-            return b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n"
+            return _sse({**base, "choices": [choice]})
 
-        ended = False
+        events = self._generate(prepared)
         try:
             if chat:
-                first = {
-                    **base,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-                yield b"data: " + orjson.dumps(first) + b"\n\n"
-            while True:
-                event = await events.get()
+                yield chunk(None, None, role=True)
+            async for event in events:
                 if event[0] == "delta":
                     yield chunk(event[1], None)
                     continue
-                ended = True
-                if event[0] == "error":
-                    raise ModelError(event[1])
                 _, reason, *counts = event
                 yield chunk(None, reason)
                 if prepared.include_usage:
-                    yield b"data: " + orjson.dumps({**base, "choices": [], "usage": _usage(*counts)}) + b"\n\n"
+                    yield _sse({**base, "choices": [], "usage": _usage(*counts)})
                 yield _SSE_DONE
-                return
         finally:
-            if not ended:
-                self._engine.cancel(sequence)
+            await events.aclose()
 
     # Request checks (on a worker thread: templating and tokenizing long prompts takes time) -----------
 
@@ -313,6 +280,10 @@ class LlamaBackend:
                 raise InvalidRequest(f"token ids must be between 0 and {vocab - 1}", param="prompt")
             return list(prompt)
         raise InvalidRequest("the local backend takes one prompt per request", param="prompt")
+
+
+def _sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
 def _fan_out(items: list[tuple[Any, Event]]) -> None:
