@@ -14,18 +14,6 @@ from fastapi import Depends, Request
 from app.backends.base import Backend
 from app.errors import BodyTooLarge, Unauthorized
 from app.queue.scheduler import Scheduler
-from app.queue.service import CompletionService
-from app.settings import Settings
-
-
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-async def get_service(request: Request) -> CompletionService:
-    service: CompletionService = request.app.state.service
-    return service
 
 
 async def get_scheduler(request: Request) -> Scheduler:
@@ -83,8 +71,6 @@ def request_id(request: Request) -> str:
     return rid
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-ServiceDep = Annotated[CompletionService, Depends(get_service)]
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 BackendDep = Annotated[Backend, Depends(get_backend)]
 Owner = Annotated[str | None, Depends(authenticate)]

@@ -23,15 +23,14 @@ class Deadlines:
     with `clock`, so a fake clock in tests decides what has expired.
     """
 
-    __slots__ = ("_armed", "_clock", "_dead", "_jobs", "_on_expire", "_timer")
+    __slots__ = ("_clock", "_dead", "_jobs", "_on_expire", "_timer")
 
     def __init__(self, clock: Callable[[], float], on_expire: Callable[[Job], object]):
         self._clock = clock
         self._on_expire = on_expire
         self._jobs: deque[Job] = deque()
         self._dead = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._armed = False
+        self._timer: asyncio.TimerHandle | None = None  # armed for the head's deadline, or None
 
     def __len__(self) -> int:
         return len(self._jobs) - self._dead
@@ -40,7 +39,7 @@ class Deadlines:
         """Watch `job.deadline`, which must not be earlier than any deadline added before."""
         job.watched = True
         self._jobs.append(job)
-        if not self._armed:
+        if self._timer is None:
             self._arm(job.deadline)
 
     def discard(self, job: Job) -> None:
@@ -54,12 +53,10 @@ class Deadlines:
             self._dead = 0
 
     def _arm(self, deadline: float) -> None:
-        self._armed = True
         self._timer = asyncio.get_running_loop().call_later(max(deadline - self._clock(), 0.0), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        self._armed = False
         jobs = self._jobs
         now = self._clock()
         while jobs:
@@ -79,4 +76,3 @@ class Deadlines:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._armed = False
