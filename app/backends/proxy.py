@@ -97,9 +97,7 @@ class ProxyBackend:
                 status = response.status
                 content_type = response.headers.get("Content-Type", "application/json")
                 passed = _passed_headers(response.headers) if status >= 400 else {}
-        except aiohttp.ClientError as exc:
-            raise self._failure(exc, request.path) from exc
-        except TimeoutError as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc, request.path) from exc
         if status >= 400:
             raise self._refusal(status, body, content_type, passed)
