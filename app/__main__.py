@@ -9,6 +9,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
+from app.limits.keys import KeysFileError
 from app.main import create_app
 from app.queue.scheduler import Scheduler
 from app.settings import SettingsError, load_settings
@@ -52,11 +53,12 @@ def main() -> None:
     """Entry point; a bad setting exits 2 with one line naming the variable."""
     try:
         settings = load_settings()
-    except SettingsError as exc:
+        app = create_app(settings)
+    except (SettingsError, KeysFileError) as exc:
         print(f"llm-queue-gateway: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(create_app(settings))
+    serve(app)
 
 
 if __name__ == "__main__":

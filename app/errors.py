@@ -106,6 +106,42 @@ class QueueFull(GatewayError):
         self.retry_after = retry_after
 
 
+class KeyRateLimited(GatewayError):
+    """The key spent its own requests- or tokens-per-minute budget (API_KEYS_FILE)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, headers: dict[str, str] | None = None):
+        super().__init__(message, headers={**retry_after_headers(retry_after), **(headers or {})})
+        self.retry_after = retry_after
+
+
+class KeyQueueLimit(GatewayError):
+    """The key already has as many requests waiting as its policy allows."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "too_many_queued_requests"
+
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message, headers=retry_after_headers(retry_after))
+        self.retry_after = retry_after
+
+
+class BreakerOpen(GatewayError):
+    """The upstream failed too often in a row; requests fail fast until a probe gets through."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "upstream_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message, headers=retry_after_headers(retry_after))
+        self.retry_after = retry_after
+
+
 class ShuttingDown(GatewayError):
     """The gateway is draining and takes no new work."""
 

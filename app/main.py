@@ -15,6 +15,9 @@ from app.api import queue as queue_routes
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestIdMiddleware
 from app.backends import Backend, build_backend
+from app.limits.breaker import CircuitBreaker
+from app.limits.keys import KeysFileError, Tenant, load_keys_file
+from app.limits.limiter import UpstreamLimiter
 from app.metrics import Metrics
 from app.queue.scheduler import Scheduler
 from app.queue.service import CompletionService
@@ -28,7 +31,19 @@ def create_app(
 ) -> FastAPI:
     """The gateway as an ASGI app; pass a backend or a registry to replace the configured ones (tests)."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    backend = backend if backend is not None else build_backend(settings, metrics)
+    proxy = settings.backend == "proxy"
+    # A proxy always learns the upstream's budgets from its headers; a local model only has the ones set here.
+    limiter = (
+        UpstreamLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
+        if proxy or settings.rate_limit_rpm or settings.rate_limit_tpm
+        else None
+    )
+    breaker = (
+        CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown)
+        if proxy and settings.breaker_failure_threshold
+        else None
+    )
+    backend = backend if backend is not None else build_backend(settings, metrics, limiter, breaker)
     scheduler = Scheduler(
         max_concurrent=settings.max_concurrent_requests,
         max_queue_size=settings.max_queue_size,
@@ -36,7 +51,11 @@ def create_app(
         full_behavior=settings.queue_full_behavior,
         history_size=settings.request_history_size,
         metrics=metrics,
+        aging_seconds=settings.queue_aging_seconds,
+        limiter=limiter,
+        breaker=breaker,
     )
+    metrics.watch_limits(scheduler.budget_remaining, (lambda: breaker.gauge) if breaker is not None else None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -64,11 +83,30 @@ def create_app(
     app.state.metrics = metrics
     app.state.backend = backend
     app.state.scheduler = scheduler
-    app.state.service = CompletionService(scheduler, backend)
-    app.state.api_keys = tuple(key.encode() for key in settings.api_keys)
+    app.state.breaker = breaker
+    app.state.service = CompletionService(
+        scheduler,
+        backend,
+        counts_tokens=limiter is not None and limiter.counts_tokens,
+        default_max_tokens=settings.rate_limit_default_max_tokens,
+    )
+    app.state.api_keys = _tenants(settings)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(queue_routes.router)
     app.include_router(ops.router)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _tenants(settings: Settings) -> tuple[tuple[bytes, Tenant], ...]:
+    """Every accepted key with its policy: API_KEYS as 'key-N' without limits, then API_KEYS_FILE's."""
+    tenants = [(key.encode(), Tenant.unlimited(f"key-{n}")) for n, key in enumerate(settings.api_keys, 1)]
+    if settings.api_keys_file:
+        tenants += [(entry.key.encode(), Tenant.build(entry)) for entry in load_keys_file(settings.api_keys_file)]
+    seen: set[bytes] = set()
+    for key, tenant in tenants:
+        if key in seen:
+            raise KeysFileError(f"the key of {tenant.name!r} is also in API_KEYS or listed twice")
+        seen.add(key)
+    return tuple(tenants)

@@ -20,6 +20,8 @@ from app.settings import Priority
 
 OUTCOMES = ("completed", "failed", "rejected", "timeout", "cancelled")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "http_5xx", "protocol")
+REJECTION_REASONS = ("queue_full", "key_rate_limit", "key_queue_limit", "breaker_open", "shutting_down")
+RETRY_REASONS = ("http_429", "http_502", "http_503", "http_504", "connect", "timeout", "protocol")
 
 # Queue waits run from microseconds (idle) to minutes (saturated); durations likewise.
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -60,14 +62,38 @@ class Metrics:
         self.durations = {(p, o): Buckets(DURATION_BUCKETS) for p in Priority for o in OUTCOMES}
         self.requests = {(p, o): 0 for p in Priority for o in OUTCOMES}
         self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
+        self.rejections = dict.fromkeys(REJECTION_REASONS, 0)
+        self.retries = dict.fromkeys(RETRY_REASONS, 0)
+        self.rate_limit_waits = Buckets(WAIT_BUCKETS)
         self._queue_sizes: Callable[[], Mapping[str, int]] = dict
         self._in_flight: Callable[[], int] = int
+        self._budget_remaining: Callable[[], Mapping[str, float]] = dict
+        self._breaker_state: Callable[[], int] | None = None
         registry.register(_Exporter(self))
 
     def watch_queue(self, queue_sizes: Callable[[], Mapping[str, int]], in_flight: Callable[[], int]) -> None:
         """Export the queue's live sizes, read at each scrape."""
         self._queue_sizes = queue_sizes
         self._in_flight = in_flight
+
+    def watch_limits(
+        self, budget_remaining: Callable[[], Mapping[str, float]], breaker_state: Callable[[], int] | None
+    ) -> None:
+        """Export the backend budgets' remainders and the breaker's state, read at each scrape."""
+        self._budget_remaining = budget_remaining
+        self._breaker_state = breaker_state
+
+    def rejected(self, reason: str) -> None:
+        """A request was refused before it was queued, for one of REJECTION_REASONS."""
+        self.rejections[reason] += 1
+
+    def rate_limit_wait(self, seconds: float) -> None:
+        """The queue's head waited `seconds` for the rate budgets (or the breaker) to let it go."""
+        self.rate_limit_waits.observe(seconds)
+
+    def retried(self, reason: str) -> None:
+        """An upstream attempt failed for one of RETRY_REASONS and is tried again."""
+        self.retries[reason] += 1
 
     def dispatched(self, priority: Priority, waited: float) -> None:
         """A request left the queue for the backend after waiting `waited` seconds."""
@@ -126,6 +152,36 @@ class _Exporter(Collector):
         for kind, count in m.upstream_errors.items():
             errors.add_metric([kind], count)
         yield errors
+
+        yield _counter("gateway_rejections", "Requests refused before queueing, by reason.", "reason", m.rejections)
+        yield _counter("gateway_upstream_retries", "Upstream attempts retried, by reason.", "reason", m.retries)
+        yield _histogram(
+            "gateway_rate_limit_wait_seconds",
+            "Time the queue's head was held back by the rate budgets or the circuit breaker.",
+            [],
+            {(): m.rate_limit_waits},
+        )
+        remaining = GaugeMetricFamily(
+            "gateway_rate_limit_remaining",
+            "What is left of the backend's RATE_LIMIT_RPM / RATE_LIMIT_TPM budgets.",
+            labels=["budget"],
+        )
+        for budget, value in m._budget_remaining().items():
+            remaining.add_metric([budget], value)
+        yield remaining
+        if m._breaker_state is not None:
+            yield GaugeMetricFamily(
+                "gateway_circuit_breaker_state",
+                "The upstream circuit breaker: 0 closed, 1 half open, 2 open.",
+                value=m._breaker_state(),
+            )
+
+
+def _counter(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
 
 
 def _histogram(

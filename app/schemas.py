@@ -30,6 +30,12 @@ class CompletionRequest:
     stream: bool
     max_tokens: int | None
     body_priority: Priority | None
+    # Set along the way: whether a token budget waits for the real usage, which the backend then reports
+    # (prompt + completion tokens), and what a backend computed while counting the prompt, to reuse.
+    track_usage: bool = False
+    deadline: float | None = None  # monotonic: retries must not outlive the request
+    used_tokens: int | None = None
+    prepared: Any = field(default=None, repr=False)
 
     @property
     def path(self) -> str:
@@ -179,6 +185,16 @@ class QueueStatus(BaseModel):
     estimated_service_seconds: float | None = Field(
         description="Moving average of how long a request holds a backend slot; None before the first."
     )
+    aging_seconds: float | None = Field(description="QUEUE_AGING_SECONDS; None for strict priority.")
+    dispatch_held_by: str | None = Field(
+        description="Why the head of the queue is not dispatched although a slot is free: 'rate_limit_requests', "
+        "'rate_limit_tokens', 'upstream_requests', 'upstream_tokens', 'upstream_retry_after', "
+        "'circuit_breaker_open' or 'circuit_breaker_half_open'; None when nothing holds it."
+    )
+    rate_limits: dict[str, Any] | None = Field(
+        description="The backend's budgets (RATE_LIMIT_RPM/TPM), what the upstream reported left, and any pause."
+    )
+    circuit_breaker: dict[str, Any] | None = Field(description="The upstream circuit breaker (proxy backend).")
     workers: list[WorkerStatus]
 
 
@@ -192,6 +208,11 @@ class RequestStatus(BaseModel):
     error: str | None
     priority: Priority
     position: int | None = Field(description="1-based place in the queue while waiting, else None.")
+    waiting_for: str | None = Field(
+        description="While waiting: 'backend_slot', 'queue_space', or the budget that holds dispatch back "
+        "(as dispatch_held_by in the queue status)."
+    )
+    level: Priority = Field(description="The level it waits or ran at: its priority, or higher after aging.")
     queued_at: float
     started_at: float | None
     finished_at: float | None

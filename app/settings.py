@@ -69,6 +69,54 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(
         default=10.0, gt=0, le=600, description="Seconds to open a connection to the upstream."
     )
+    upstream_read_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="Seconds the upstream may stay silent (before its first byte, or between two chunks).",
+    )
+    upstream_max_retries: int = Field(
+        default=2,
+        ge=0,
+        le=20,
+        description="Retries of an upstream 429, 502, 503, 504 or connection error, before anything reached the "
+        "client, within REQUEST_TIMEOUT.",
+    )
+    upstream_retry_backoff: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="Base of the exponential backoff between retries, in seconds (full jitter, doubled each time, "
+        "at most UPSTREAM_RETRY_MAX_BACKOFF); an upstream Retry-After is honoured.",
+    )
+    upstream_retry_max_backoff: float = Field(
+        default=8.0, gt=0, le=600, description="Longest wait between two retries, in seconds."
+    )
+    breaker_failure_threshold: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="Consecutive upstream failures that open the circuit breaker; 0 turns it off.",
+    )
+    breaker_cooldown: float = Field(
+        default=30.0, gt=0, le=3600, description="Seconds an open breaker refuses requests before one probe goes."
+    )
+    rate_limit_rpm: int | None = Field(
+        default=None, ge=1, le=100_000_000, description="Requests per minute sent to the backend; unset: no limit."
+    )
+    rate_limit_tpm: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000_000,
+        description="Tokens per minute (prompt + max_tokens, settled with the real usage) sent to the backend; "
+        "unset: no limit.",
+    )
+    rate_limit_default_max_tokens: int = Field(
+        default=512,
+        ge=1,
+        le=1_048_576,
+        description="Tokens a token budget reserves for the answer of a request that sets no max_tokens.",
+    )
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8091, ge=1, le=65535, description="Port to listen on.")
     max_concurrent_requests: int = Field(
@@ -80,6 +128,17 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="Comma-separated client keys; empty turns authentication off."
+    )
+    api_keys_file: str | None = Field(
+        default=None,
+        description="YAML or JSON file of keys with per-key policy (name, max_priority, rpm, tpm, max_queued); "
+        "used besides API_KEYS.",
+    )
+    queue_aging_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=86_400,
+        description="A waiting request rises one priority level per this many seconds waited; unset: strict priority.",
     )
     default_priority: Priority = Field(default=Priority.NORMAL, description="Priority of a request that names none.")
     queue_full_behavior: QueueFullBehavior = Field(
@@ -98,6 +157,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Least severe log level written."
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="'text': one readable line per event; 'json': one JSON object per line."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -106,9 +168,9 @@ class Settings(BaseSettings):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
 
-    @field_validator("model_path")
+    @field_validator("model_path", "api_keys_file")
     @classmethod
-    def _check_model(cls, value: str | None) -> str | None:
+    def _check_file(cls, value: str | None) -> str | None:
         if value is not None and not Path(value).is_file():
             raise ValueError(f"no such file: {value}")
         return value

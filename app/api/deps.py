@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 
 from app.backends.base import Backend
 from app.errors import BodyTooLarge, Unauthorized
+from app.limits.keys import Tenant
 from app.queue.scheduler import Scheduler
 
 
@@ -26,12 +27,12 @@ async def get_backend(request: Request) -> Backend:
     return backend
 
 
-async def authenticate(request: Request) -> str | None:
-    """The caller's key name ('key-N'), None with authentication off; 401 for a missing or wrong key.
+async def authenticate(request: Request) -> Tenant | None:
+    """The caller's key and its policy, None with authentication off; 401 for a missing or wrong key.
 
     Every configured key is compared, in constant time, so timing tells nothing of which one nearly matched.
     """
-    keys: tuple[bytes, ...] = request.app.state.api_keys
+    keys: tuple[tuple[bytes, Tenant], ...] = request.app.state.api_keys
     if not keys:
         return None
     header = request.headers.get("authorization", "")
@@ -40,12 +41,18 @@ async def authenticate(request: Request) -> str | None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     given = token.strip().encode()
     matched = None
-    for index, key in enumerate(keys):
+    for key, tenant in keys:
         if hmac.compare_digest(given, key):
-            matched = index
+            matched = tenant
     if matched is None:
         raise Unauthorized("the API key is not valid")
-    return f"key-{matched + 1}"
+    return matched
+
+
+async def owner_name(request: Request) -> str | None:
+    """The caller's key name ('key-N' for API_KEYS, the keys file's name otherwise); None with auth off."""
+    tenant = await authenticate(request)
+    return None if tenant is None else tenant.name
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -73,4 +80,4 @@ def request_id(request: Request) -> str:
 
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 BackendDep = Annotated[Backend, Depends(get_backend)]
-Owner = Annotated[str | None, Depends(authenticate)]
+Owner = Annotated[str | None, Depends(owner_name)]

@@ -21,21 +21,21 @@ async def _serve(request: Request, kind: CompletionKind) -> Response:
     state = request.app.state
     service: CompletionService = state.service
     settings: Settings = state.settings
-    owner = await authenticate(request)
+    tenant = await authenticate(request)
     completion = parse_completion_request(await read_body(request, settings.max_body_bytes), kind)
     header = request.headers.get("x-priority")
     if header is not None:
-        priority = parse_priority(header, "X-Priority")
+        asked = parse_priority(header, "X-Priority")
     else:
-        priority = completion.body_priority or settings.default_priority
-    job = service.admit(completion, request_id(request), priority, owner)
+        asked = completion.body_priority or settings.default_priority
+    job, priority = await service.admit(completion, request_id(request), asked, tenant)
     watcher = DisconnectWatcher(request.receive, lambda: service.abort(job, ClientDisconnected("client left")))
     if not completion.stream:
         try:
             result = await service.complete(job, completion)
         finally:
             watcher.stop()
-        return Response(result.body, result.status, media_type=result.content_type)
+        return Response(result.body, result.status, {"x-priority": priority.value}, result.content_type)
     try:
         chunks = await service.open_stream(job, completion)
     except BaseException:
@@ -43,7 +43,7 @@ async def _serve(request: Request, kind: CompletionKind) -> Response:
         raise
     # Headers go out only now that the request is dispatched and the backend accepted it, so a full queue,
     # a timeout in the queue or an upstream refusal still reach the client as their real status codes.
-    return QueuedStreamResponse(service, job, chunks, watcher)
+    return QueuedStreamResponse(service, job, completion, chunks, watcher, priority)
 
 
 @router.post("/chat/completions")

@@ -7,7 +7,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from app.api.deps import BackendDep, SchedulerDep
-from app.errors import ShuttingDown
+from app.errors import BreakerOpen, ShuttingDown
+from app.limits.breaker import BreakerState, CircuitBreaker
 
 router = APIRouter(tags=["operations"])
 
@@ -19,10 +20,16 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready")
-async def ready(backend: BackendDep, scheduler: SchedulerDep) -> dict[str, str]:
+async def ready(request: Request, backend: BackendDep, scheduler: SchedulerDep) -> dict[str, str]:
     """Readiness: 503 while draining or until the backend answers."""
     if scheduler.draining:
         raise ShuttingDown()
+    breaker: CircuitBreaker | None = request.app.state.breaker
+    if breaker is not None and breaker.state is BreakerState.OPEN:
+        raise BreakerOpen(
+            f"the circuit breaker is open after {breaker.failures} upstream failures in a row",
+            retry_after=breaker.retry_after(),
+        )
     await backend.health()  # raises BackendNotReady, answered 503
     return {"status": "ready"}
 

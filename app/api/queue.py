@@ -11,9 +11,11 @@ from app.errors import Conflict, NotFound, RequestCancelled
 from app.queue.job import Job
 from app.queue.scheduler import Scheduler
 from app.schemas import QueueStatus, RequestStatus
+from app.settings import Priority
 
 router = APIRouter(prefix="/v1/queue", tags=["queue"])
 
+_LEVELS = {p.rank: p for p in Priority}
 # How long DELETE waits for a running request to wind down, so it can report the final state.
 _CANCEL_SETTLE_SECONDS = 5.0
 
@@ -35,6 +37,8 @@ def _describe(scheduler: Scheduler, job: Job) -> RequestStatus:
         error=job.error.message if job.error is not None else None,
         priority=job.priority,
         position=scheduler.position(job),
+        waiting_for=scheduler.waiting_for(job),
+        level=_LEVELS[job.rank],
         queued_at=job.arrived_wall,
         started_at=job.wall_time(job.started),
         finished_at=job.wall_time(job.finished),

@@ -12,6 +12,8 @@ from app.api.errors import sse_error_event
 from app.errors import GatewayError
 from app.queue.job import Job
 from app.queue.service import CompletionService
+from app.schemas import CompletionRequest
+from app.settings import Priority
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -71,16 +73,19 @@ class QueuedStreamResponse(Response):
         self,
         service: CompletionService,
         job: Job,
+        request: CompletionRequest,
         chunks: AsyncGenerator[bytes, None],
         watcher: DisconnectWatcher,
+        priority: Priority,
     ):
         self.status_code = 200
         self.background = None
         self._service = service
         self._job = job
+        self._request = request
         self._chunks = chunks
         self._watcher = watcher
-        self.raw_headers = list(SSE_HEADERS)
+        self.raw_headers = [*SSE_HEADERS, (b"x-priority", priority.value.encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_chunk(chunk: bytes) -> None:
@@ -94,7 +99,7 @@ class QueuedStreamResponse(Response):
                 await self._chunks.aclose()
                 raise
             try:
-                await self._service.pump(self._job, self._chunks, send_chunk)
+                await self._service.pump(self._job, self._request, self._chunks, send_chunk)
             except GatewayError as exc:
                 await send_chunk(sse_error_event(exc))
             except OSError:

@@ -5,12 +5,20 @@ from __future__ import annotations
 from app.backends.base import Backend, BackendResponse
 from app.backends.llama import LlamaBackend
 from app.backends.proxy import ProxyBackend
+from app.limits.backoff import Backoff
+from app.limits.breaker import CircuitBreaker
+from app.limits.limiter import UpstreamLimiter
 from app.metrics import Metrics
 from app.settings import Settings
 
 
-def build_backend(settings: Settings, metrics: Metrics) -> Backend:
-    """The backend that BACKEND names."""
+def build_backend(
+    settings: Settings,
+    metrics: Metrics,
+    limiter: UpstreamLimiter | None = None,
+    breaker: CircuitBreaker | None = None,
+) -> Backend:
+    """The backend that BACKEND names; a proxy informs the limiter and the breaker of every upstream answer."""
     if settings.backend == "local":
         return LlamaBackend(
             model_path=settings.model_path,
@@ -26,7 +34,12 @@ def build_backend(settings: Settings, metrics: Metrics) -> Backend:
         api_key=settings.upstream_api_key,
         pool_size=settings.max_concurrent_requests,
         connect_timeout=settings.upstream_connect_timeout,
+        read_timeout=settings.upstream_read_timeout,
         metrics=metrics,
+        max_retries=settings.upstream_max_retries,
+        backoff=Backoff(base=settings.upstream_retry_backoff, cap=settings.upstream_retry_max_backoff),
+        limiter=limiter,
+        breaker=breaker,
     )
 
 

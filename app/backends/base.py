@@ -24,8 +24,11 @@ class Backend(Protocol):
     async def start(self) -> None:
         """Open connections or load the model; called once before the first request."""
 
+    async def count_prompt_tokens(self, request: CompletionRequest) -> int:
+        """The request's prompt tokens, counted or estimated, for token budgets (asked only when one is set)."""
+
     async def complete(self, request: CompletionRequest) -> BackendResponse:
-        """Answer a non-streaming request."""
+        """Answer a non-streaming request; set request.used_tokens when request.track_usage and usage is known."""
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
         """Open a streaming request and return its SSE bytes as they come.

@@ -170,14 +170,25 @@ class LlamaBackend:
             "model": self.alias,
         }
 
+    async def count_prompt_tokens(self, request: CompletionRequest) -> int:
+        """The prompt's real token count, by the model's tokenizer; the work is kept for the completion."""
+        prepared = await self._prepared(request)
+        return len(prepared.prompt)
+
+    async def _prepared(self, request: CompletionRequest) -> _Prepared:
+        if not isinstance(request.prepared, _Prepared):
+            request.prepared = await asyncio.to_thread(self._prepare, request)
+        return request.prepared
+
     async def complete(self, request: CompletionRequest) -> BackendResponse:
         """Generate the whole answer."""
-        prepared = await asyncio.to_thread(self._prepare, request)
+        prepared = await self._prepared(request)
         parts: list[str] = []
         async for event in self._generate(prepared):
             if event[0] == "delta":
                 parts.append(event[1])
         _, reason, *counts = event
+        request.used_tokens = counts[0] + counts[1]
         text = "".join(parts)
         if prepared.kind == "chat":
             choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
@@ -189,10 +200,9 @@ class LlamaBackend:
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
         """Check the request; the returned generator submits it and yields its SSE events."""
-        prepared = await asyncio.to_thread(self._prepare, request)
-        return self._relay(prepared)
+        return self._relay(await self._prepared(request), request)
 
-    async def _relay(self, prepared: _Prepared) -> AsyncGenerator[bytes, None]:
+    async def _relay(self, prepared: _Prepared, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
         chat = prepared.kind == "chat"
         base = self._header(chat, chunked=True)
 
@@ -213,6 +223,7 @@ class LlamaBackend:
                     yield chunk(event[1], None)
                     continue
                 _, reason, *counts = event
+                request.used_tokens = counts[0] + counts[1]
                 yield chunk(None, reason)
                 if prepared.include_usage:
                     yield _sse({**base, "choices": [], "usage": _usage(*counts)})

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
 
 import aiohttp
+import orjson
 
 from app.backends.base import BackendResponse
 from app.errors import BackendNotReady, UpstreamError, UpstreamHTTPError
+from app.limits.backoff import Backoff
+from app.limits.breaker import BreakerState, CircuitBreaker
+from app.limits.estimate import estimate_prompt_tokens
+from app.limits.headers import parse_budget, parse_retry_after
+from app.limits.limiter import UpstreamLimiter
 from app.metrics import Metrics
 from app.schemas import CompletionRequest
 
@@ -24,6 +31,9 @@ _PASSED_HEADERS = ("retry-after", "retry-after-ms")
 _PASSED_PREFIX = "x-ratelimit-"
 _HEALTH_TIMEOUT = 2.0
 _ERROR_EXCERPT = 300  # bytes of an upstream 5xx body quoted in our 502 message
+_RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+_PAUSE_WITHOUT_RETRY_AFTER = 1.0  # seconds dispatch pauses after a 429 that does not say how long
+_USAGE_TAIL = 8192  # bytes of a stream's end kept to find its usage event, when a token budget needs it
 
 
 def _passed_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
@@ -37,11 +47,31 @@ def _passed_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
 class ProxyBackend:
     """Forwards completions to UPSTREAM_BASE_URL through one keep-alive pool sized to the concurrency."""
 
-    def __init__(self, *, base_url: str, api_key: str, pool_size: int, connect_timeout: float, metrics: Metrics):
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        pool_size: int,
+        connect_timeout: float,
+        read_timeout: float,
+        metrics: Metrics,
+        max_retries: int = 0,
+        backoff: Backoff | None = None,
+        limiter: UpstreamLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._base_url = base_url
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
         self._metrics = metrics
+        self._max_retries = max_retries
+        self._backoff = backoff or Backoff(base=0.5, cap=8.0)
+        self._limiter = limiter
+        self._breaker = breaker
+        self._clock = clock
         self._headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -53,7 +83,7 @@ class ProxyBackend:
         connector = aiohttp.TCPConnector(limit=self._pool_size + 4, limit_per_host=0, keepalive_timeout=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout),
             skip_auto_headers=("User-Agent",),
         )
 
@@ -70,6 +100,8 @@ class ProxyBackend:
             self._session = None
 
     def _failure(self, exc: BaseException, what: str) -> UpstreamError:
+        if self._breaker is not None:
+            self._breaker.failure()
         if isinstance(exc, aiohttp.ClientConnectorError):
             kind = "connect"
         elif isinstance(exc, asyncio.TimeoutError):
@@ -87,28 +119,96 @@ class ProxyBackend:
             return UpstreamError(f"the upstream answered {status}: {excerpt}", kind="http_5xx")
         return UpstreamHTTPError(status, body, content_type, headers)
 
+    async def count_prompt_tokens(self, request: CompletionRequest) -> int:
+        """An estimate from the text (the upstream's tokenizer is out of reach)."""
+        return estimate_prompt_tokens(request.payload, request.kind == "chat")
+
+    async def _post(self, request: CompletionRequest) -> aiohttp.ClientResponse:
+        """POST the client's body upstream, retrying what may succeed later; the final answer, unread.
+
+        Retried: 429, 502, 503, 504 and connection failures, up to UPSTREAM_MAX_RETRIES times, with full-jitter
+        backoff that honours Retry-After, and never past the request's deadline or an open breaker. Nothing
+        has reached the client yet: a stream's headers go out only once this returns.
+        """
+        attempt = 0
+        while True:
+            try:
+                response = await self.session.post(
+                    self._base_url + request.path, data=request.body, headers=self._headers
+                )
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                error = self._failure(exc, request.path)
+                delay = self._retry_delay(attempt, request, None)
+                if delay is None:
+                    raise error from exc
+                self._metrics.retried(error.kind)
+            else:
+                status = response.status
+                self._observe(response)
+                if status not in _RETRIED_STATUSES:
+                    return response
+                delay = self._retry_delay(attempt, request, parse_retry_after(response.headers, time.time()))
+                if delay is None:
+                    return response
+                try:
+                    await response.read()  # drained, the connection goes back to the pool
+                except (TimeoutError, aiohttp.ClientError):
+                    pass
+                finally:
+                    response.release()
+                self._metrics.retried(f"http_{status}")
+                log.info("upstream answered %d; retry %d in %.2fs", status, attempt + 1, delay)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def _retry_delay(self, attempt: int, request: CompletionRequest, retry_after: float | None) -> float | None:
+        """Seconds to wait before the next attempt, or None if there is to be none."""
+        if attempt >= self._max_retries:
+            return None
+        if self._breaker is not None and self._breaker.state is BreakerState.OPEN:
+            return None
+        delay = self._backoff.delay(attempt, retry_after)
+        if request.deadline is not None and self._clock() + delay >= request.deadline:
+            return None
+        return delay
+
+    def _observe(self, response: aiohttp.ClientResponse) -> None:
+        """Tell the breaker the upstream answered, and the limiter what budget it says is left."""
+        status = response.status
+        if self._breaker is not None:
+            if status >= 500:
+                self._breaker.failure()
+            else:
+                self._breaker.success()
+        if self._limiter is None:
+            return
+        headers = response.headers
+        if "x-ratelimit-remaining-requests" in headers or "x-ratelimit-remaining-tokens" in headers:
+            self._limiter.learn(parse_budget(headers))
+        if status == 429:
+            retry_after = parse_retry_after(headers, time.time())
+            self._limiter.pause(_PAUSE_WITHOUT_RETRY_AFTER if retry_after is None else retry_after)
+
     async def complete(self, request: CompletionRequest) -> BackendResponse:
         """POST the client's body upstream and return the whole answer."""
+        response = await self._post(request)
         try:
-            async with self.session.post(
-                self._base_url + request.path, data=request.body, headers=self._headers
-            ) as response:
-                body = await response.read()
-                status = response.status
-                content_type = response.headers.get("Content-Type", "application/json")
-                passed = _passed_headers(response.headers) if status >= 400 else {}
+            body = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc, request.path) from exc
+        finally:
+            response.release()
+        status = response.status
+        content_type = response.headers.get("Content-Type", "application/json")
         if status >= 400:
-            raise self._refusal(status, body, content_type, passed)
+            raise self._refusal(status, body, content_type, _passed_headers(response.headers))
+        if request.track_usage:
+            request.used_tokens = _total_tokens(body)
         return BackendResponse(status, body, content_type)
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
         """POST a streaming request; return once the upstream has answered 2xx."""
-        try:
-            response = await self.session.post(self._base_url + request.path, data=request.body, headers=self._headers)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(exc, request.path) from exc
+        response = await self._post(request)
         if response.status >= 400:
             try:
                 body = await response.read()
@@ -122,16 +222,23 @@ class ProxyBackend:
                 response.headers.get("Content-Type", "application/json"),
                 _passed_headers(response.headers),
             )
-        return self._relay(response, request.path)
+        return self._relay(response, request)
 
-    async def _relay(self, response: aiohttp.ClientResponse, what: str) -> AsyncGenerator[bytes, None]:
+    async def _relay(self, response: aiohttp.ClientResponse, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
         complete = False
         try:
-            async for chunk in response.content.iter_any():
-                yield chunk
+            if request.track_usage:
+                tail = b""
+                async for chunk in response.content.iter_any():
+                    yield chunk
+                    tail = (tail + chunk)[-_USAGE_TAIL:]
+                request.used_tokens = _stream_total_tokens(tail)
+            else:
+                async for chunk in response.content.iter_any():
+                    yield chunk
             complete = True
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(exc, what) from exc
+            raise self._failure(exc, request.path) from exc
         finally:
             if complete:
                 response.release()  # back to the pool for the next request
@@ -162,3 +269,25 @@ class ProxyBackend:
             raise BackendNotReady(f"the upstream at {self._base_url} does not answer: {exc}") from None
         if status >= 300:
             raise BackendNotReady(f"the upstream at {self._base_url} answered GET /models with {status}")
+
+
+def _total_tokens(body: bytes) -> int | None:
+    """usage.total_tokens of a whole completion body, if it has one."""
+    try:
+        usage = orjson.loads(body).get("usage")
+        total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return total if isinstance(total, int) else None
+
+
+def _stream_total_tokens(tail: bytes) -> int | None:
+    """usage.total_tokens of the last SSE event that carries usage (stream_options.include_usage)."""
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = tail.rfind(b"data:", 0, at)
+    end = tail.find(b"\n", at)
+    if start < 0:
+        return None
+    return _total_tokens(tail[start + 5 : end if end >= 0 else len(tail)])

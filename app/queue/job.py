@@ -17,6 +17,7 @@ from app.schemas import CompletionKind, JobState
 from app.settings import Priority
 
 if TYPE_CHECKING:
+    from app.limits.keys import Tenant
     from app.queue.slots import Slot
 
 TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT})
@@ -42,6 +43,7 @@ class Job:
         "_scope",
         "arrived",
         "arrived_wall",
+        "cost",
         "deadline",
         "error",
         "finished",
@@ -49,11 +51,15 @@ class Job:
         "kind",
         "owner",
         "priority",
+        "queue_key",
         "queue_owner",
         "queue_seq",
+        "rank",
         "slot",
         "started",
         "state",
+        "tenant",
+        "used_tokens",
         "watched",
     )
 
@@ -70,6 +76,7 @@ class Job:
         self.id = id
         self.kind = kind
         self.priority = priority
+        self.rank = priority.rank  # the level it waits at: its priority's, or higher once aging raised it
         self.owner = owner
         self.arrived = arrived
         self.arrived_wall = arrived_wall
@@ -81,6 +88,10 @@ class Job:
         self.slot: Slot | None = None
         self.queue_owner: object | None = None  # the PriorityQueue this job waits in, if any
         self.queue_seq = -1
+        self.queue_key: object = None  # whose turn it takes in the queue's round robin
+        self.cost = 0  # tokens charged to the budgets: estimated prompt + max_tokens (0 when none counts tokens)
+        self.used_tokens: int | None = None  # real prompt + completion tokens, when the backend reported them
+        self.tenant: Tenant | None = None
         self.watched = False  # whether the scheduler's Deadlines still watch this job
         self._dispatched: asyncio.Future[None] | None = None
         self._scope: AbortScope | None = None

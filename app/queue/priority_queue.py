@@ -1,43 +1,57 @@
-"""A priority queue for a few fixed levels: FIFO within a level, O(1) push, pop and removal."""
+"""A priority queue for a few fixed levels, fair across owners within a level; O(1) push, pop and removal."""
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Generic, Protocol, TypeVar
 
-# Removed items stay in their level until popped; a level is rebuilt once they outnumber its live items.
+# Removed items stay in their deque until popped; a level is rebuilt once they outnumber its live items.
 _COMPACT_MIN_DEAD = 64
 
 
 class Queueable(Protocol):
-    """What the queue writes on an item: where it waits, and which push put it there."""
+    """What the queue writes on an item: where it waits, which push put it there, and whose turn it takes."""
 
     queue_owner: object | None
     queue_seq: int
+    queue_key: object
 
 
 T = TypeVar("T", bound=Queueable)
 
 
-class PriorityQueue(Generic[T]):
-    """Level 0 first; within a level, arrival order.
+class _Level(Generic[T]):
+    """One priority level: a deque per key, the keys in a ring whose head has the next turn."""
 
-    One deque per level: with three priorities, finding the first non-empty level is cheaper than any heap,
-    and the cost per operation does not grow with the number waiting.
+    __slots__ = ("count", "dead", "ring")
+
+    def __init__(self) -> None:
+        self.ring: OrderedDict[object, deque[tuple[int, T]]] = OrderedDict()
+        self.count = 0
+        self.dead = 0
+
+
+class PriorityQueue(Generic[T]):
+    """Level 0 first; within a level, keys take turns (round robin), and each key's items keep arrival order.
+
+    A key that sends a thousand requests at once waits behind itself, not in front of everyone else: a key
+    with one request waits for at most one request of each other key at its level. With a single key
+    (authentication off) this is plain FIFO within a level.
+
+    One deque per key per level: with three priorities, finding the first non-empty level is cheaper than any
+    heap, and the cost per operation does not grow with the number waiting.
 
     >>> q = PriorityQueue(levels=3)
-    >>> q.push(job_a, rank=2); q.push(job_b, rank=0)  # doctest: +SKIP
+    >>> q.push(job_a, rank=2, key="team-a"); q.push(job_b, rank=0, key="team-b")  # doctest: +SKIP
     >>> q.pop() is job_b  # doctest: +SKIP
     True
     """
 
-    __slots__ = ("_counts", "_dead", "_levels", "_seq", "_size")
+    __slots__ = ("_levels", "_seq", "_size")
 
     def __init__(self, levels: int):
-        self._levels: list[deque[tuple[int, T]]] = [deque() for _ in range(levels)]
-        self._counts = [0] * levels
-        self._dead = [0] * levels
+        self._levels: list[_Level[T]] = [_Level() for _ in range(levels)]
         self._size = 0
         self._seq = itertools.count()
 
@@ -46,30 +60,67 @@ class PriorityQueue(Generic[T]):
 
     def count(self, rank: int) -> int:
         """How many live items wait at this level."""
-        return self._counts[rank]
+        return self._levels[rank].count
 
-    def push(self, item: T, rank: int) -> None:
-        """Queue `item` behind everything at its level and above."""
+    def push(self, item: T, rank: int, key: object = None) -> None:
+        """Queue `item` behind everything of its key at its level; a new key takes the last turn."""
         seq = next(self._seq)
         item.queue_owner = self
         item.queue_seq = seq
-        self._levels[rank].append((seq, item))
-        self._counts[rank] += 1
+        item.queue_key = key
+        level = self._levels[rank]
+        entries = level.ring.get(key)
+        if entries is None:
+            entries = level.ring[key] = deque()
+        entries.append((seq, item))
+        level.count += 1
         self._size += 1
 
-    def pop(self) -> T | None:
-        """The first live item, or None when empty."""
+    def _head(self, level: _Level[T]) -> tuple[object, deque[tuple[int, T]]] | None:
+        """The key whose turn it is and its deque, its head live; dead heads and emptied keys are dropped."""
+        ring = level.ring
+        while ring:
+            key, entries = next(iter(ring.items()))
+            while entries:
+                seq, item = entries[0]
+                if item.queue_owner is self and item.queue_seq == seq:
+                    return key, entries
+                entries.popleft()
+                level.dead -= 1
+            del ring[key]
+        return None
+
+    def peek(self) -> T | None:
+        """The item pop() would return, left in place."""
         if not self._size:
             return None
-        for rank, level in enumerate(self._levels):
-            while level:
-                seq, item = level.popleft()
-                if item.queue_owner is self and item.queue_seq == seq:
-                    item.queue_owner = None
-                    self._counts[rank] -= 1
-                    self._size -= 1
-                    return item
-                self._dead[rank] -= 1
+        for level in self._levels:
+            if level.count:
+                head = self._head(level)
+                if head is not None:
+                    return head[1][0][1]
+        return None
+
+    def pop(self) -> T | None:
+        """The first live item, or None when empty; its key goes to the back of the ring."""
+        if not self._size:
+            return None
+        for level in self._levels:
+            if not level.count:
+                continue
+            head = self._head(level)
+            if head is None:
+                continue
+            key, entries = head
+            _, item = entries.popleft()
+            if entries:
+                level.ring.move_to_end(key)
+            else:
+                del level.ring[key]
+            item.queue_owner = None
+            level.count -= 1
+            self._size -= 1
+            return item
         return None
 
     def remove(self, item: T, rank: int) -> bool:
@@ -77,29 +128,46 @@ class PriorityQueue(Generic[T]):
         if item.queue_owner is not self:
             return False
         item.queue_owner = None
-        self._counts[rank] -= 1
-        self._size -= 1
-        self._dead[rank] += 1
         level = self._levels[rank]
-        if self._dead[rank] > _COMPACT_MIN_DEAD and self._dead[rank] * 2 > len(level):
-            self._levels[rank] = deque(e for e in level if e[1].queue_owner is self and e[1].queue_seq == e[0])
-            self._dead[rank] = 0
+        level.count -= 1
+        self._size -= 1
+        level.dead += 1
+        if level.dead > _COMPACT_MIN_DEAD and level.dead > level.count:
+            self._compact(level)
         return True
 
+    def _compact(self, level: _Level[T]) -> None:
+        ring: OrderedDict[object, deque[tuple[int, T]]] = OrderedDict()
+        for key, entries in level.ring.items():
+            live = deque(e for e in entries if e[1].queue_owner is self and e[1].queue_seq == e[0])
+            if live:
+                ring[key] = live
+        level.ring = ring
+        level.dead = 0
+
+    def _live(self, entries: deque[tuple[int, T]]) -> list[T]:
+        return [item for seq, item in entries if item.queue_owner is self and item.queue_seq == seq]
+
     def position(self, item: T, rank: int) -> int | None:
-        """1-based place of a waiting item (O(n): for status look-ups, never on the dispatch path)."""
+        """1-based place of a waiting item, turns included (O(n): for status look-ups, never on dispatch)."""
         if item.queue_owner is not self:
             return None
-        ahead = sum(self._counts[:rank])
-        for seq, other in self._levels[rank]:
-            if other is item:
-                return ahead + 1
-            if other.queue_owner is self and other.queue_seq == seq:
-                ahead += 1
-        return None
+        level = self._levels[rank]
+        own = level.ring.get(item.queue_key)
+        if own is None:
+            return None
+        mine = self._live(own)
+        turn = mine.index(item)  # items of its own key ahead of it
+        ahead = sum(self._levels[r].count for r in range(rank)) + turn
+        before_key = True
+        for key, entries in level.ring.items():
+            if key == item.queue_key:
+                before_key = False
+                continue
+            # Each round gives every key one turn: keys before ours in the ring go first in each round.
+            ahead += min(len(self._live(entries)), turn + 1 if before_key else turn)
+        return ahead + 1
 
     def items(self) -> list[T]:
-        """Every live item, in queue order."""
-        return [
-            item for level in self._levels for seq, item in level if item.queue_owner is self and item.queue_seq == seq
-        ]
+        """Every live item, level by level."""
+        return [item for level in self._levels for entries in level.ring.values() for item in self._live(entries)]

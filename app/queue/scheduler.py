@@ -6,13 +6,19 @@ lock is needed and nothing polls. Dispatch happens the moment a slot frees or a 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
-from app.errors import Conflict, GatewayError, QueueFull, RequestTimeout, ShuttingDown
+from app.errors import BreakerOpen, Conflict, GatewayError, QueueFull, RequestTimeout, ShuttingDown
+from app.limits.breaker import BreakerState, CircuitBreaker
+from app.limits.keys import Tenant
+from app.limits.limiter import UpstreamLimiter
 from app.metrics import Metrics
+from app.queue.aging import Aging
 from app.queue.deadlines import Deadlines
 from app.queue.job import Job, terminal_state
 from app.queue.priority_queue import PriorityQueue
@@ -43,6 +49,9 @@ class Scheduler:
         full_behavior: QueueFullBehavior,
         history_size: int,
         metrics: Metrics,
+        aging_seconds: float | None = None,
+        limiter: UpstreamLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ):
@@ -63,6 +72,17 @@ class Scheduler:
         self._history: OrderedDict[str, Job] = OrderedDict()
         self._service_time: float | None = None
         self._deadlines = Deadlines(clock, self._expire)
+        self._aging = Aging(aging_seconds, len(Priority)) if aging_seconds else None
+        self._limiter = limiter
+        self._breaker = breaker
+        if breaker is not None:
+            breaker.on_change = self._breaker_changed
+        # While the limiter or the breaker holds the queue's head back: why, since when, and the timer that
+        # dispatches again the moment the budget allows.
+        self.held_by: str | None = None
+        self._held_since: float | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._hold_until = 0.0
         self.draining = False
 
         self.total_queued = 0
@@ -75,12 +95,32 @@ class Scheduler:
 
     # Admission and dispatch -----------------------------------------------------------------------------
 
-    def submit(self, request_id: str, kind: CompletionKind, priority: Priority, owner: str | None) -> Job:
-        """Accept a request: dispatch it now if a slot is free, else queue it; raise if it cannot wait."""
+    def submit(
+        self,
+        request_id: str,
+        kind: CompletionKind,
+        priority: Priority,
+        owner: str | None,
+        *,
+        cost: int = 0,
+        tenant: Tenant | None = None,
+    ) -> Job:
+        """Accept a request: dispatch it now if a slot is free, else queue it; raise if it cannot wait.
+
+        `cost` is what the request is charged in tokens when it is dispatched; `tenant` is its key's policy,
+        whose waiting count it joins while it waits.
+        """
         if self.draining:
-            self.total_rejected += 1
-            self._metrics.finished(priority, "rejected", None)
+            self.count_rejection(priority, "shutting_down")
             raise ShuttingDown()
+        if self._breaker is not None and self._breaker.state is BreakerState.OPEN:
+            self.count_rejection(priority, "breaker_open")
+            retry_after = self._breaker.retry_after()
+            raise BreakerOpen(
+                f"the upstream failed {self._breaker.failures} times in a row; requests are refused for "
+                f"{retry_after:.1f}s more, then one probe is let through",
+                retry_after=retry_after,
+            )
         if request_id in self._live:
             raise Conflict(
                 f"request id {request_id!r} belongs to a request that is still running",
@@ -89,46 +129,170 @@ class Scheduler:
             )
         waiting = len(self._queue)
         if waiting >= self.max_queue_size and self.full_behavior is QueueFullBehavior.REJECT:
-            self.total_rejected += 1
-            self._metrics.finished(priority, "rejected", None)
+            self.count_rejection(priority, "queue_full")
             retry_after = self.estimate_wait(1)
             raise QueueFull(
                 f"the queue is full ({waiting} requests waiting); retry in {retry_after:.1f}s",
                 retry_after=retry_after,
             )
+        now_free = self._slots.free and not waiting and not self._gated()
+        if tenant is not None and not now_free:
+            try:
+                tenant.check_queue()
+            except GatewayError:
+                self.count_rejection(priority, "key_queue_limit")
+                raise
 
         now = self._clock()
         job = Job(request_id, kind, priority, owner, now, self._wall_clock(), now + self.request_timeout)
+        job.cost = cost
+        job.tenant = tenant
         self._live[request_id] = job
         self.total_queued += 1
         self._deadlines.add(job)
-        if self._slots.free and not waiting:
+        if now_free:
             self._start(job, now)
-        elif waiting < self.max_queue_size:
-            self._queue.push(job, priority.rank)
+            return job
+        if tenant is not None:
+            tenant.waiting += 1
+        if waiting < self.max_queue_size:
+            self._enqueue(job)
+            if self._slots.free:
+                self._dispatch()  # the gate held it: arm the timer that dispatches it
         else:
-            self._overflow.push(job, priority.rank)
+            self._overflow.push(job, job.rank, owner)
         return job
+
+    def count_rejection(self, priority: Priority, reason: str) -> None:
+        """A request was refused before queueing, for one of metrics.REJECTION_REASONS."""
+        self.total_rejected += 1
+        self._metrics.finished(priority, "rejected", None)
+        self._metrics.rejected(reason)
+
+    def _enqueue(self, job: Job) -> None:
+        if self._aging is None:
+            self._queue.push(job, job.rank, job.owner)
+            return
+        job.rank = self._aging.level_for(job, self._clock())
+        self._queue.push(job, job.rank, job.owner)
+        self._aging.track(job)
+
+    def _promote(self, now: float) -> None:
+        """Move every job whose wait has earned it a level up that level (QUEUE_AGING_SECONDS)."""
+        assert self._aging is not None
+        for job in self._aging.due(now, self._queue):
+            self._queue.remove(job, job.rank)
+            job.rank -= 1
+            self._queue.push(job, job.rank, job.owner)
+            self._aging.track(job)
+
+    def _gated(self) -> bool:
+        """Whether the limiter or the breaker might hold a dispatch back now (else: no need to ask)."""
+        return (self._limiter is not None and not self._limiter.idle()) or (
+            self._breaker is not None and self._breaker.state is not BreakerState.CLOSED
+        )
+
+    def _gate_delay(self, job: Job) -> tuple[float, str | None]:
+        if self._breaker is not None:
+            wait = self._breaker.delay()
+            if wait > 0:
+                return wait, f"circuit_breaker_{self._breaker.state.value}"
+        if self._limiter is not None:
+            return self._limiter.delay(job.cost)
+        return 0.0, None
+
+    def _hold(self, wait: float, reason: str | None, now: float) -> None:
+        """The head must wait `wait` seconds for its budget: remember why, and wake up exactly then."""
+        self.held_by = reason
+        if self._held_since is None:
+            self._held_since = now
+        if wait == float("inf"):
+            return  # the breaker's probe is out; its verdict dispatches again
+        due = now + wait
+        if self._hold_timer is not None:
+            if self._hold_until <= due:
+                return
+            self._hold_timer.cancel()
+        self._hold_until = due
+        self._hold_timer = asyncio.get_running_loop().call_later(wait, self.resume)
+
+    @property
+    def hold_until(self) -> float | None:
+        """When the hold timer will dispatch again (monotonic), or None if none is armed."""
+        return self._hold_until if self._hold_timer is not None else None
+
+    def _unhold(self) -> None:
+        self.held_by = None
+        self._held_since = None
+
+    def resume(self) -> None:
+        """Dispatch what the budgets allow now (the hold timer calls this when they refill)."""
+        self._hold_timer = None
+        self._dispatch()
 
     def _start(self, job: Job, now: float) -> None:
         job.slot = self._slots.take(job)
         job.started = now
         job.mark_dispatched()
         self._metrics.dispatched(job.priority, now - job.arrived)
+        if self._limiter is not None:
+            self._limiter.charge(job.cost)
+        if self._breaker is not None:
+            self._breaker.dispatched(job)
 
     def _dispatch(self) -> None:
-        """Fill free slots from the queue, then refill the queue from the overflow."""
+        """Fill free slots from the queue as far as the budgets allow, refilling the queue from the overflow."""
         now = self._clock()
-        while self._slots.free:
-            job = self._queue.pop()
-            if job is None:
-                break
-            self._start(job, now)
-        while self._overflow and len(self._queue) < self.max_queue_size:
-            job = self._overflow.pop()
-            if job is None:
-                break
-            self._queue.push(job, job.priority.rank)
+        if self._aging is not None:
+            self._promote(now)
+        while True:
+            while self._slots.free:
+                if self._gated():
+                    job = self._queue.peek()
+                    if job is None:
+                        self._unhold()
+                        break
+                    wait, reason = self._gate_delay(job)
+                    if wait > 0:
+                        self._hold(wait, reason, now)
+                        break
+                    self._queue.pop()
+                else:
+                    job = self._queue.pop()
+                    if job is None:
+                        self._unhold()
+                        break
+                if self._held_since is not None:
+                    self._metrics.rate_limit_wait(now - self._held_since)
+                    self._unhold()
+                if job.tenant is not None:
+                    job.tenant.waiting -= 1
+                self._start(job, now)
+            moved = False
+            while self._overflow and len(self._queue) < self.max_queue_size:
+                job = self._overflow.pop()
+                if job is None:
+                    break
+                self._enqueue(job)
+                moved = True
+            if not (moved and self._slots.free and self.held_by is None):
+                return
+
+    def _breaker_changed(self, state: BreakerState) -> None:
+        if state is BreakerState.OPEN:
+            # Nothing that waits can run before the cooldown ends: tell it now rather than at its timeout.
+            assert self._breaker is not None
+            retry_after = self._breaker.retry_after()
+            waiting = self._queue.items() + self._overflow.items()
+            for job in waiting:
+                self.abort(
+                    job,
+                    BreakerOpen(f"the upstream is failing; retry in {retry_after:.1f}s", retry_after=retry_after),
+                )
+            if waiting:
+                log.warning("[RequestQueue] circuit breaker open: %d waiting requests answered 503", len(waiting))
+        else:
+            self._dispatch()
 
     # Ending -----------------------------------------------------------------------------------------------
 
@@ -150,7 +314,15 @@ class Scheduler:
         state = terminal_state(error)
         self._deadlines.discard(job)
         if job.queue_owner is not None:
-            self._queue.remove(job, job.priority.rank) or self._overflow.remove(job, job.priority.rank)
+            self._queue.remove(job, job.rank) or self._overflow.remove(job, job.rank)
+            if job.tenant is not None:
+                job.tenant.waiting -= 1
+        if job.tenant is not None and job.cost:
+            self._settle_tenant(job)
+        if self._limiter is not None and job.started is not None:
+            self._limiter.done(job.cost, job.used_tokens)
+        if self._breaker is not None:
+            self._breaker.settled(job)
         if job.slot is not None:
             self._slots.give(job.slot, ok=state is JobState.COMPLETED)
             job.slot = None
@@ -165,6 +337,13 @@ class Scheduler:
         self._metrics.finished(job.priority, _OUTCOME[state], now - job.arrived)
         self._retire(job)
         self._dispatch()
+
+    def _settle_tenant(self, job: Job) -> None:
+        """Square the key's token budget with what the request really used (nothing, if it never ran)."""
+        assert job.tenant is not None
+        used = 0 if job.started is None else job.used_tokens
+        if used is not None:  # else the backend did not say, and the estimate stands
+            job.tenant.settle(job.cost, used)
 
     def _count(self, state: JobState) -> None:
         if state is JobState.COMPLETED:
@@ -207,6 +386,9 @@ class Scheduler:
         for job in list(self._live.values()):
             self.abort(job, ShuttingDown("the gateway stopped before this request finished"))
         self._deadlines.close()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
 
     # Reading ----------------------------------------------------------------------------------------------
 
@@ -216,7 +398,7 @@ class Scheduler:
 
     def position(self, job: Job) -> int | None:
         """1-based place of a waiting request, counting the overflow after the queue proper."""
-        rank = job.priority.rank
+        rank = job.rank
         place = self._queue.position(job, rank)
         if place is not None:
             return place
@@ -224,7 +406,9 @@ class Scheduler:
         return None if place is None else len(self._queue) + place
 
     def queue_sizes(self) -> dict[str, int]:
-        """Waiting requests by priority, overflow included."""
+        """Waiting requests by the level they wait at (aging may have raised them), overflow included."""
+        if self._aging is not None:
+            self._promote(self._clock())
         return {p.value: self._queue.count(p.rank) + self._overflow.count(p.rank) for p in Priority}
 
     @property
@@ -248,6 +432,36 @@ class Scheduler:
             return 1.0
         return max(places * self._service_time / self.max_concurrent, 0.001)
 
+    def waiting_for(self, job: Job) -> str | None:
+        """What a waiting request waits for: a place in the queue, a budget, or a backend slot."""
+        if job.state is not JobState.QUEUED:
+            return None
+        if job.queue_owner is self._overflow:
+            return "queue_space"
+        return self.held_by or "backend_slot"
+
+    def budget_remaining(self) -> dict[str, float]:
+        """What is left of the backend's rate budgets, for the metrics."""
+        if self._limiter is None:
+            return {}
+        remaining = {}
+        if self._limiter.requests is not None:
+            remaining["requests"] = float(self._limiter.requests.remaining())
+        if self._limiter.tokens is not None:
+            remaining["tokens"] = float(self._limiter.tokens.remaining())
+        return remaining
+
+    def _breaker_status(self) -> dict[str, Any] | None:
+        breaker = self._breaker
+        if breaker is None:
+            return None
+        return {
+            "state": breaker.state.value,
+            "consecutive_failures": breaker.failures,
+            "threshold": breaker.threshold,
+            "retry_after_seconds": round(breaker.retry_after(), 3),
+        }
+
     def status(self) -> QueueStatus:
         """Seed 003's queue status plus priorities, totals and per-worker health."""
         return QueueStatus(
@@ -266,6 +480,10 @@ class Scheduler:
             total_timed_out=self.total_timed_out,
             total_cancelled=self.total_cancelled,
             queue_full_behavior=self.full_behavior.value,
+            aging_seconds=self._aging.period if self._aging is not None else None,
+            dispatch_held_by=self.held_by,
+            rate_limits=self._limiter.status() if self._limiter is not None else None,
+            circuit_breaker=self._breaker_status(),
             estimated_service_seconds=self._service_time,
             workers=[
                 WorkerStatus(

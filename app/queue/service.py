@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from app.backends.base import Backend, BackendResponse
 from app.errors import ClientDisconnected, GatewayError
+from app.limits.keys import Tenant
 from app.queue.job import Job
 from app.queue.scheduler import Scheduler
 from app.schemas import CompletionRequest
@@ -29,13 +30,43 @@ def _as_gateway_error(exc: BaseException) -> GatewayError:
 class CompletionService:
     """The one way completions reach the backend. Errors are raised as GatewayError."""
 
-    def __init__(self, scheduler: Scheduler, backend: Backend):
+    def __init__(
+        self, scheduler: Scheduler, backend: Backend, *, counts_tokens: bool = False, default_max_tokens: int = 512
+    ):
         self.scheduler = scheduler
         self.backend = backend
+        self._counts_tokens = counts_tokens  # the backend has a token budget (RATE_LIMIT_TPM)
+        self._default_max_tokens = default_max_tokens
 
-    def admit(self, request: CompletionRequest, request_id: str, priority: Priority, owner: str | None) -> Job:
-        """Queue a request (or dispatch it at once); raises QueueFull, ShuttingDown or Conflict."""
-        return self.scheduler.submit(request_id, request.kind, priority, owner)
+    async def admit(
+        self, request: CompletionRequest, request_id: str, asked: Priority, tenant: Tenant | None
+    ) -> tuple[Job, Priority]:
+        """Queue a request (or dispatch it at once) at the priority its key allows; returns it and that priority.
+
+        Raises KeyRateLimited or KeyQueueLimit (429), QueueFull, BreakerOpen or ShuttingDown (503), Conflict.
+        """
+        priority = asked if tenant is None else tenant.allowed_priority(asked)
+        owner = None if tenant is None else tenant.name
+        if tenant is not None and not tenant.limited:
+            tenant = None  # nothing to count for it: keep the queue's fast path
+        cost = 0
+        if self._counts_tokens or (tenant is not None and tenant.counts_tokens):
+            prompt = await self.backend.count_prompt_tokens(request)
+            cost = prompt + (request.max_tokens or self._default_max_tokens)
+            request.track_usage = True
+        if tenant is not None:
+            try:
+                tenant.admit(cost)
+            except GatewayError:
+                self.scheduler.count_rejection(priority, "key_rate_limit")
+                raise
+        try:
+            job = self.scheduler.submit(request_id, request.kind, priority, owner, cost=cost, tenant=tenant)
+        except GatewayError:
+            if tenant is not None:
+                tenant.refund(cost)
+            raise
+        return job, priority
 
     def abort(self, job: Job, error: GatewayError) -> bool:
         """Stop a request wherever it is; False if it had already ended."""
@@ -43,18 +74,22 @@ class CompletionService:
 
     async def complete(self, job: Job, request: CompletionRequest) -> BackendResponse:
         """Wait for a slot, then answer the request whole."""
+        request.deadline = job.deadline
         try:
             await job.dispatched()
             async with job.abortable():
                 response = await self.backend.complete(request)
         except BaseException as exc:
+            job.used_tokens = request.used_tokens
             self.scheduler.finish(job, _as_gateway_error(exc))
             raise
+        job.used_tokens = request.used_tokens
         self.scheduler.finish(job, None)
         return response
 
     async def open_stream(self, job: Job, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
         """Wait for a slot and open the backend's stream; pump() must follow."""
+        request.deadline = job.deadline
         try:
             await job.dispatched()
             async with job.abortable():
@@ -64,7 +99,11 @@ class CompletionService:
             raise
 
     async def pump(
-        self, job: Job, chunks: AsyncGenerator[bytes, None], send: Callable[[bytes], Awaitable[None]]
+        self,
+        job: Job,
+        request: CompletionRequest,
+        chunks: AsyncGenerator[bytes, None],
+        send: Callable[[bytes], Awaitable[None]],
     ) -> None:
         """Relay the stream to `send` until it ends, the job is aborted or the backend fails.
 
@@ -80,6 +119,7 @@ class CompletionService:
             raise
         finally:
             await chunks.aclose()
+            job.used_tokens = request.used_tokens
             self.scheduler.finish(job, error)
 
     def release(self, job: Job, exc: BaseException) -> None:

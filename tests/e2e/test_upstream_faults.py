@@ -25,13 +25,13 @@ def test_upstream_500_is_502_in_openai_shape(start_gateway: StartGateway, upstre
 
 
 def test_upstream_4xx_passes_through_with_its_headers(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
-    gw = start_gateway()
+    gw = start_gateway(upstream_max_retries=0)  # retries have their own tests
     upstream.behavior.status = 429
-    upstream.behavior.retry_after = "7"
+    upstream.behavior.retry_after = "1"
     for stream in (False, True):
         response = httpx.post(gw.url + "/v1/chat/completions", json=chat_body(stream=stream))
         assert response.status_code == 429
-        assert response.headers["retry-after"] == "7"
+        assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["message"] == "injected 429"
     upstream.behavior.status = 400
     upstream.behavior.retry_after = None
@@ -44,7 +44,11 @@ def test_dropped_connection_is_502(start_gateway: StartGateway, upstream: FakeUp
     upstream.behavior.drop = True
     response = httpx.post(gw.url + "/v1/chat/completions", json=chat_body())
     assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_error"
-    assert gw.app.state.metrics.registry.get_sample_value("gateway_upstream_errors_total", {"kind": "protocol"}) == 1
+    # A dropped connection is retried (UPSTREAM_MAX_RETRIES=2 by default): three attempts, then the 502.
+    registry = gw.app.state.metrics.registry
+    assert registry.get_sample_value("gateway_upstream_errors_total", {"kind": "protocol"}) == 3
+    assert registry.get_sample_value("gateway_upstream_retries_total", {"reason": "protocol"}) == 2
+    assert len(upstream.seen) == 3
 
 
 def test_connection_dropped_mid_stream_ends_with_an_sse_error(
@@ -69,7 +73,8 @@ def test_hanging_upstream_times_out(start_gateway: StartGateway, upstream: FakeU
 
 
 def test_dead_upstream_is_502_and_not_ready(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
-    gw = start_gateway(upstream_base_url="http://127.0.0.1:9/v1")  # discard port: nothing listens
+    # The discard port: nothing listens. No retries, so one request makes one attempt.
+    gw = start_gateway(upstream_base_url="http://127.0.0.1:9/v1", upstream_max_retries=0)
     assert httpx.get(gw.url + "/ready").status_code == 503
     assert httpx.get(gw.url + "/ready").json()["error"]["code"] == "backend_not_ready"
     assert httpx.get(gw.url + "/health").status_code == 200

@@ -31,6 +31,12 @@ class Behavior:
     drop: bool = False  # close the connection without answering
     drop_mid_stream: bool = False  # close the connection after the first chunk
     hang: bool = False  # never answer
+    fail_times: int | None = None  # with `status`: only the next N completions get it, then normal answers
+    # A rate limit like OpenAI's: `rate_limit` requests per `rate_period` seconds, refilled continuously;
+    # over it, 429 with Retry-After. `rate_headers` adds x-ratelimit-* headers to every answer.
+    rate_limit: int | None = None
+    rate_period: float = 60.0
+    rate_headers: bool = False
 
 
 @dataclass
@@ -50,6 +56,9 @@ class FakeUpstream:
     seen: list[Seen] = field(default_factory=list)
     active: int = 0  # completions being answered now
     abandoned: int = 0  # completions whose client hung up before the answer ended
+    refused: int = 0  # completions refused 429 by the rate limit
+    _level: float | None = None  # the rate limit's bucket
+    _updated: float = 0.0
     port: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -84,22 +93,55 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.close()
                 raise web.HTTPInternalServerError()  # never reaches the client: the socket is closed
-            if b.status is not None:
+            if b.status is not None and (b.fail_times is None or b.fail_times > 0):
+                if b.fail_times is not None:
+                    b.fail_times -= 1
                 headers = {"Retry-After": b.retry_after} if b.retry_after else {}
-                error = {"message": f"injected {b.status}", "type": "fake_error", "param": None, "code": None}
-                return web.json_response({"error": error}, status=b.status, headers=headers)
+                return _error(b.status, f"injected {b.status}", headers)
+            headers = {}
+            if b.rate_limit is not None:
+                allowed, headers = self._rate_check(b)
+                if not allowed:
+                    self.refused += 1
+                    return _error(429, "rate limit reached", headers)
             if body.get("stream"):
-                return await self._stream(request, body)
-            return web.Response(body=orjson.dumps(_answer(request.path, body)), content_type="application/json")
+                return await self._stream(request, body, headers)
+            return web.Response(
+                body=orjson.dumps(_answer(request.path, body)), content_type="application/json", headers=headers
+            )
         except (asyncio.CancelledError, ConnectionResetError):
             self.abandoned += 1
             raise
         finally:
             self.active -= 1
 
-    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    def _rate_check(self, b: Behavior) -> tuple[bool, dict[str, str]]:
+        """Spend one request of the bucket; whether it was there, and the headers that say what is left."""
+        assert b.rate_limit is not None
+        now = time.monotonic()
+        rate = b.rate_limit / b.rate_period
+        if self._level is None:
+            self._level = float(b.rate_limit)
+        else:
+            self._level = min(float(b.rate_limit), self._level + (now - self._updated) * rate)
+        self._updated = now
+        allowed = self._level >= 1
+        if allowed:
+            self._level -= 1
+        headers = {}
+        if b.rate_headers:
+            headers = {
+                "x-ratelimit-limit-requests": str(b.rate_limit),
+                "x-ratelimit-remaining-requests": str(int(self._level)),
+                "x-ratelimit-reset-requests": f"{(b.rate_limit - self._level) / rate * 1000:.0f}ms",
+            }
+        if not allowed:
+            headers["Retry-After"] = f"{(1 - self._level) / rate:.3f}"
+        return allowed, headers
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
         b = self.behavior
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
         await response.prepare(request)
         chat = request.path.endswith("chat/completions")
         for index in range(b.chunks):
@@ -152,6 +194,11 @@ class FakeUpstream:
                 return True
             time.sleep(0.01)
         return bool(predicate())
+
+
+def _error(status: int, message: str, headers: dict[str, str]) -> web.Response:
+    error = {"message": message, "type": "fake_error", "param": None, "code": None}
+    return web.json_response({"error": error}, status=status, headers=headers)
 
 
 def _last_text(path: str, body: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ class Item:
         self.name = name
         self.queue_owner: object | None = None
         self.queue_seq = -1
+        self.queue_key: object = None
 
     def __repr__(self) -> str:
         return self.name
@@ -66,7 +67,49 @@ def test_mass_removal_compacts_and_keeps_order() -> None:
     for i in sorted(removed):
         q.remove(items[i], i % 3)
     assert len(q) == 1000 - len(removed)
-    assert sum(len(level) for level in q._levels) < 1000  # compacted rather than left to grow
+    held = sum(len(entries) for level in q._levels for entries in level.ring.values())
+    assert held < 1000  # compacted rather than left to grow
     expected = sorted(set(range(1000)) - removed, key=lambda i: (i % 3, i))
     assert [int(q.pop().name) for _ in range(len(expected))] == expected  # type: ignore[union-attr]
     assert len(q) == 0
+
+
+def test_keys_take_turns_within_a_level_and_keep_their_own_order() -> None:
+    q: PriorityQueue[Item] = PriorityQueue(levels=3)
+    for i in range(5):
+        q.push(Item(f"noisy{i}"), 1, "noisy")
+    q.push(Item("quiet0"), 1, "quiet")
+    q.push(Item("other0"), 1, "other")
+    q.push(Item("quiet1"), 1, "quiet")
+    q.push(Item("urgent"), 0, "noisy")
+    expected = ["urgent", "noisy0", "quiet0", "other0", "noisy1", "quiet1", "noisy2", "noisy3", "noisy4"]
+    assert names([q.pop() for _ in range(len(expected))]) == expected
+    assert q.pop() is None and len(q) == 0
+
+
+def test_positions_count_the_turns_of_other_keys() -> None:
+    q: PriorityQueue[Item] = PriorityQueue(levels=3)
+    noisy = [Item(f"n{i}") for i in range(100)]
+    for item in noisy:
+        q.push(item, 1, "noisy")
+    quiet = Item("quiet")
+    q.push(quiet, 1, "quiet")
+    high = Item("high")
+    q.push(high, 0, "noisy")
+    assert q.position(high, 0) == 1
+    assert q.position(quiet, 1) == 3  # behind the high one and one noisy turn, not behind 100 noisy requests
+    assert q.position(noisy[2], 1) == 5  # n0, quiet, n1 ... after the high one
+    popped = [q.pop() for _ in range(3)]
+    assert names(popped) == ["high", "n0", "quiet"]
+
+
+def test_peek_is_what_pop_returns_and_skips_removed_items() -> None:
+    q: PriorityQueue[Item] = PriorityQueue(levels=3)
+    a, b, c = Item("a"), Item("b"), Item("c")
+    q.push(a, 2, "x")
+    q.push(b, 2, "y")
+    q.push(c, 2, "x")
+    q.remove(a, 2)
+    # x keeps its turn with its next request
+    assert q.peek() is c and q.peek() is c
+    assert q.pop() is c and q.peek() is b and q.pop() is b and q.peek() is None

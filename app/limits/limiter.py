@@ -1,0 +1,150 @@
+"""The backend's own budgets (RATE_LIMIT_RPM, RATE_LIMIT_TPM) and the pauses the upstream asks for."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from app.limits.buckets import TokenBucket
+from app.limits.headers import UpstreamBudget
+
+
+class UpstreamLimiter:
+    """Says how long the next dispatch must wait so that the upstream never has to refuse it.
+
+    Three sources, the strictest wins: our configured buckets; the remaining budget the upstream reported in
+    its x-ratelimit-* headers, trusted until the reset it gave; and a pause after a 429 for its Retry-After.
+    All of it is read on the event loop; nothing here sleeps or polls, the scheduler arms one timer.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_in_flight",
+        "_paused_until",
+        "_upstream_requests",
+        "_upstream_requests_reset",
+        "_upstream_tokens",
+        "_upstream_tokens_reset",
+        "requests",
+        "tokens",
+    )
+
+    def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self.requests = TokenBucket(rpm, 60.0, clock) if rpm else None
+        self.tokens = TokenBucket(tpm, 60.0, clock) if tpm else None
+        self._paused_until = 0.0
+        self._in_flight = 0
+        self._upstream_requests: int | None = None
+        self._upstream_requests_reset = 0.0
+        self._upstream_tokens: int | None = None
+        self._upstream_tokens_reset = 0.0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether requests need a token estimate (a TPM budget is set)."""
+        return self.tokens is not None
+
+    def delay(self, cost: int) -> tuple[float, str | None]:
+        """Seconds until a request of `cost` tokens may go, and which budget holds it back (None: go now)."""
+        now = self._clock()
+        wait = 0.0
+        reason = None
+        if now < self._paused_until:
+            wait, reason = self._paused_until - now, "upstream_retry_after"
+        # What the upstream said is left holds until the reset it announced; a spent budget waits for it.
+        requests_left, tokens_left = self._upstream_requests, self._upstream_tokens
+        if requests_left is not None and requests_left < 1 and self._upstream_requests_reset - now > wait:
+            wait, reason = self._upstream_requests_reset - now, "upstream_requests"
+        if tokens_left is not None and tokens_left < cost and self._upstream_tokens_reset - now > wait:
+            wait, reason = self._upstream_tokens_reset - now, "upstream_tokens"
+        if self.requests is not None:
+            needed = self.requests.wait(1)
+            if needed > wait:
+                wait, reason = needed, "rate_limit_requests"
+        if self.tokens is not None:
+            needed = self.tokens.wait(cost)
+            if needed > wait:
+                wait, reason = needed, "rate_limit_tokens"
+        return wait, reason
+
+    def charge(self, cost: int) -> None:
+        """A request of `cost` tokens was dispatched."""
+        self._in_flight += 1
+        if self.requests is not None:
+            self.requests.take(1)
+        if self.tokens is not None:
+            self.tokens.take(cost)
+        now = self._clock()
+        if self._upstream_requests is not None and now < self._upstream_requests_reset:
+            self._upstream_requests -= 1
+        if self._upstream_tokens is not None and now < self._upstream_tokens_reset:
+            self._upstream_tokens -= cost
+
+    def done(self, charged: int, used: int | None) -> None:
+        """A dispatched request ended; with its real usage known, return what the estimate over-charged."""
+        self._in_flight -= 1
+        if used is None or self.tokens is None or charged == used:
+            return
+        if used < charged:
+            self.tokens.give(charged - used)
+        else:
+            self.tokens.take(used - charged)
+
+    def learn(self, budget: UpstreamBudget) -> None:
+        """Trust what the upstream says is left until the reset it announced.
+
+        Requests still in flight may not have been counted when the upstream wrote its answer: they are
+        taken off what it says is left, so the estimate errs on the side of waiting.
+        """
+        now = self._clock()
+        others = max(0, self._in_flight - 1)
+        if budget.remaining_requests is not None:
+            remaining = budget.remaining_requests - others
+            self._upstream_requests = remaining
+            self._upstream_requests_reset = now + (budget.reset_requests or 0.0)
+            if self.requests is not None:
+                self.requests.cap(remaining)
+        if budget.remaining_tokens is not None:
+            self._upstream_tokens = budget.remaining_tokens
+            self._upstream_tokens_reset = now + (budget.reset_tokens or 0.0)
+            if self.tokens is not None:
+                self.tokens.cap(budget.remaining_tokens)
+
+    def pause(self, seconds: float) -> None:
+        """The upstream refused with 429: send nothing for `seconds`."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def idle(self) -> bool:
+        """Nothing can hold dispatch back now: no budget set, no pause or learned budget in force."""
+        if self.requests is not None or self.tokens is not None:
+            return False
+        now = self._clock()
+        return (
+            now >= self._paused_until
+            and (self._upstream_requests is None or now >= self._upstream_requests_reset)
+            and (self._upstream_tokens is None or now >= self._upstream_tokens_reset)
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The limiter's state for /v1/queue/status (seed 000's `rate_limits`)."""
+        now = self._clock()
+
+        def bucket(b: TokenBucket | None) -> dict[str, Any] | None:
+            if b is None:
+                return None
+            return {"limit": int(b.limit), "remaining": b.remaining(), "reset_seconds": round(b.reset_in(), 3)}
+
+        def learned(remaining: int | None, reset: float) -> dict[str, Any] | None:
+            if remaining is None or now >= reset:
+                return None
+            return {"remaining": remaining, "reset_seconds": round(reset - now, 3)}
+
+        return {
+            "requests_per_minute": bucket(self.requests),
+            "tokens_per_minute": bucket(self.tokens),
+            "upstream_requests": learned(self._upstream_requests, self._upstream_requests_reset),
+            "upstream_tokens": learned(self._upstream_tokens, self._upstream_tokens_reset),
+            "paused_seconds": round(max(0.0, self._paused_until - now), 3),
+        }

@@ -1,0 +1,51 @@
+"""QUEUE_AGING_SECONDS: a waiting request rises one level per period waited, so low priority is never starved."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.queue.job import Job
+
+
+class Aging:
+    """Finds the waiting jobs due for promotion, in O(1) per promotion.
+
+    A job that asked for level p and now waits at level r is next promoted at arrived + (p - r + 1) * period.
+    Jobs are grouped by (p, r): within a group they arrived in order, so each group's head is its next due,
+    and only heads are ever looked at. Entries of jobs that left the queue or moved are skipped lazily.
+    """
+
+    __slots__ = ("_groups", "period")
+
+    def __init__(self, period: float, levels: int):
+        self.period = period
+        # Lowest levels first, so a job due twice over climbs both steps in one pass.
+        groups = sorted(((a, r) for a in range(1, levels) for r in range(1, a + 1)), key=lambda g: -g[1])
+        self._groups: dict[tuple[int, int], deque[tuple[int, Job]]] = {group: deque() for group in groups}
+
+    def level_for(self, job: Job, now: float) -> int:
+        """The level a job that asked for its priority has earned by waiting until `now`."""
+        earned = int((now - job.arrived) // self.period)
+        return max(0, job.priority.rank - earned)
+
+    def track(self, job: Job) -> None:
+        """Watch a job just queued at level job.rank (after its push, which set job.queue_seq)."""
+        if job.rank > 0:
+            self._groups[job.priority.rank, job.rank].append((job.queue_seq, job))
+
+    def due(self, now: float, queue: object) -> Iterator[Job]:
+        """Jobs waiting in `queue` whose next promotion time has come; the caller moves each up one level."""
+        for (asked, level), entries in self._groups.items():
+            steps = asked - level + 1
+            while entries:
+                seq, job = entries[0]
+                if job.queue_owner is not queue or job.queue_seq != seq or job.rank != level:
+                    entries.popleft()
+                    continue
+                if job.arrived + steps * self.period > now:
+                    break
+                entries.popleft()
+                yield job
