@@ -22,9 +22,9 @@ class Aging:
 
     def __init__(self, period: float, levels: int):
         self.period = period
-        # Lowest levels first, so a job due twice over climbs both steps in one pass.
-        groups = sorted(((a, r) for a in range(1, levels) for r in range(1, a + 1)), key=lambda g: -g[1])
-        self._groups: dict[tuple[int, int], deque[tuple[int, Job]]] = {group: deque() for group in groups}
+        self._groups: dict[tuple[int, int], deque[tuple[int, Job]]] = {
+            (asked, level): deque() for asked in range(1, levels) for level in range(1, asked + 1)
+        }
 
     def level_for(self, job: Job, now: float) -> int:
         """The level a job that asked for its priority has earned by waiting until `now`."""
@@ -37,15 +37,24 @@ class Aging:
             self._groups[job.priority.rank, job.rank].append((job.queue_seq, job))
 
     def due(self, now: float, queue: object) -> Iterator[Job]:
-        """Jobs waiting in `queue` whose next promotion time has come; the caller moves each up one level."""
-        for (asked, level), entries in self._groups.items():
-            steps = asked - level + 1
-            while entries:
-                seq, job = entries[0]
-                if job.queue_owner is not queue or job.queue_seq != seq or job.rank != level:
+        """Jobs waiting in `queue` whose next promotion time has come, earliest first (ties: first arrived).
+
+        The caller moves each up one level and tracks it again before asking for the next, so a job due
+        twice over climbs both steps in one pass, after those that earned their step before it.
+        """
+        while True:
+            best: tuple[float, float, deque[tuple[int, Job]]] | None = None
+            for (asked, level), entries in self._groups.items():
+                while entries:
+                    seq, job = entries[0]
+                    if job.queue_owner is queue and job.queue_seq == seq and job.rank == level:
+                        break
                     entries.popleft()
+                else:
                     continue
-                if job.arrived + steps * self.period > now:
-                    break
-                entries.popleft()
-                yield job
+                at = job.arrived + (asked - level + 1) * self.period
+                if best is None or (at, job.arrived) < best[:2]:
+                    best = (at, job.arrived, entries)
+            if best is None or best[0] > now:
+                return
+            yield best[2].popleft()[1]

@@ -173,7 +173,9 @@ class Scheduler:
         if self._aging is None:
             self._queue.push(job, job.rank, job.owner)
             return
-        job.rank = self._aging.level_for(job, self._clock())
+        now = self._clock()
+        self._promote(now)  # those who earned a level go ahead of this newcomer
+        job.rank = self._aging.level_for(job, now)
         self._queue.push(job, job.rank, job.owner)
         self._aging.track(job)
 
