@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CMAKE_ARGS="-DGGML_CUDA=on" make serve builds it for an NVIDIA GPU.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: serve test lint bench-proxy bench-local bench-scheduler clean
+.PHONY: serve test lint bench-proxy bench-local bench-scheduler bench-limits clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-scheduler: $(VENV)/.test
 
 bench-proxy: $(VENV)/.test
 	$(BIN)/python -m bench.proxy_bench
+
+bench-limits: $(VENV)/.test
+	$(BIN)/python -m bench.limits_bench
 
 bench-local: $(VENV)/.test
 	$(BIN)/python -m bench.local_bench

@@ -9,6 +9,11 @@ from typing import Any
 from app.limits.buckets import TokenBucket
 from app.limits.headers import UpstreamBudget
 
+# Requests reach the upstream a little later than they leave, and not all equally late: one that was held
+# for its budget waits this much longer, so it arrives with a little to spare. At saturation the spacing
+# between dispatches stays exactly 1/rate; only the first held request pays the guard, once.
+JITTER_GUARD_SECONDS = 0.05
+
 
 class UpstreamLimiter:
     """Says how long the next dispatch must wait so that the upstream never has to refuse it.
@@ -67,7 +72,7 @@ class UpstreamLimiter:
             needed = self.tokens.wait(cost)
             if needed > wait:
                 wait, reason = needed, "rate_limit_tokens"
-        return wait, reason
+        return (wait + JITTER_GUARD_SECONDS if wait > 0 else 0.0), reason
 
     def charge(self, cost: int) -> None:
         """A request of `cost` tokens was dispatched."""

@@ -7,6 +7,7 @@ import pytest
 from app.limits.backoff import Backoff
 from app.limits.buckets import TokenBucket
 from app.limits.headers import parse_budget, parse_duration, parse_retry_after
+from app.limits.limiter import JITTER_GUARD_SECONDS as GUARD
 from app.limits.limiter import UpstreamLimiter
 from tests.limits.clock import FakeClock
 
@@ -107,7 +108,7 @@ def test_limiter_waits_for_the_strictest_budget_and_settles_usage() -> None:
     assert limiter.delay(500) == (0.0, None)
     limiter.charge(500)
     wait, reason = limiter.delay(500)
-    assert reason == "rate_limit_tokens" and wait == pytest.approx(40.0)  # 400 missing at 10 tokens/s
+    assert reason == "rate_limit_tokens" and wait == pytest.approx(40.0 + GUARD)  # 400 missing at 10 tokens/s
     limiter.done(500, 100)  # the answer was short: 400 tokens come back
     assert limiter.delay(500) == (0.0, None)
     assert limiter.status()["tokens_per_minute"] == {"limit": 600, "remaining": 500, "reset_seconds": 10.0}
@@ -120,14 +121,14 @@ def test_limiter_learns_spent_upstream_budgets_and_429_pauses() -> None:
     limiter.charge(0)
     limiter.learn(parse_budget({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m30s"}))
     assert not limiter.idle()
-    assert limiter.delay(1) == (90.0, "upstream_requests")
+    assert limiter.delay(1) == (90.0 + GUARD, "upstream_requests")
     clock.advance(90)
     assert limiter.delay(1) == (0.0, None) and limiter.idle()
     limiter.learn(parse_budget({"x-ratelimit-remaining-tokens": "100", "x-ratelimit-reset-tokens": "250ms"}))
     assert limiter.delay(50) == (0.0, None)
-    assert limiter.delay(150) == (pytest.approx(0.25), "upstream_tokens")
+    assert limiter.delay(150) == (pytest.approx(0.25 + GUARD), "upstream_tokens")
     limiter.pause(2.0)
-    assert limiter.delay(1) == (2.0, "upstream_retry_after")
+    assert limiter.delay(1) == (2.0 + GUARD, "upstream_retry_after")
     assert limiter.status()["paused_seconds"] == 2.0
 
 
@@ -138,4 +139,4 @@ def test_learned_budget_discounts_requests_still_in_flight() -> None:
         limiter.charge(0)
     # The upstream says 2 left, but two other requests of ours may not have reached it yet.
     limiter.learn(parse_budget({"x-ratelimit-remaining-requests": "2", "x-ratelimit-reset-requests": "1s"}))
-    assert limiter.delay(1) == (1.0, "upstream_requests")
+    assert limiter.delay(1) == (1.0 + GUARD, "upstream_requests")
