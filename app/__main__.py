@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import sys
 
@@ -10,6 +9,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.limits.keys import KeysFileError
+from app.logs import configure_logging
 from app.main import create_app
 from app.queue.scheduler import Scheduler
 from app.settings import SettingsError, load_settings
@@ -41,7 +41,8 @@ def serve(app: FastAPI) -> None:
         loop="uvloop",
         http="httptools",
         lifespan="on",
-        access_log=False,
+        access_log=False,  # the gateway writes its own access line, with the queue's view of the request
+        log_config=None,  # keep configure_logging()'s handler and format
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.drain_timeout,
         backlog=4096,
@@ -49,16 +50,21 @@ def serve(app: FastAPI) -> None:
     GatewayServer(config, app.state.scheduler).run()
 
 
-def main() -> None:
-    """Entry point; a bad setting exits 2 with one line naming the variable."""
+def run(**overrides: object) -> None:
+    """Read the settings (flags in `overrides` win over the environment) and serve; a bad one exits 2."""
     try:
-        settings = load_settings()
+        settings = load_settings(**overrides)
         app = create_app(settings)
     except (SettingsError, KeysFileError) as exc:
         print(f"llm-queue-gateway: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     serve(app)
+
+
+def main() -> None:
+    """Entry point of `python -m app`: serve with the settings of the environment."""
+    run()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from app.queue.scheduler import Scheduler
 from app.queue.service import CompletionService
 from app.settings import Settings
 
-log = logging.getLogger("app")
+log = logging.getLogger("app.queue")
 
 
 def create_app(
@@ -61,7 +61,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await backend.start()
         log.info(
-            "[RequestQueue] ready: backend=%s max_concurrent=%d max_queue_size=%d request_timeout=%gs",
+            "ready: backend=%s max_concurrent=%d max_queue_size=%d request_timeout=%gs",
             settings.backend,
             settings.max_concurrent_requests,
             settings.max_queue_size,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import re
+import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -12,6 +15,11 @@ from app.api.errors import error_response
 from app.errors import InvalidRequest
 
 _VALID_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+_ACCESS = {
+    "/v1/chat/completions": logging.getLogger("app.access.chat"),
+    "/v1/completions": logging.getLogger("app.access.completion"),
+}
+_OTHER_ACCESS = logging.getLogger("app.access")
 
 
 class RequestIdMiddleware:
@@ -50,12 +58,62 @@ class RequestIdMiddleware:
             )
             await response(scope, receive, send)
             return
-        scope.setdefault("state", {})["request_id"] = raw_id.decode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = raw_id.decode()
         header = (b"x-request-id", raw_id)
+        path: str = scope["path"]
+        access = _ACCESS.get(path) or (_OTHER_ACCESS if path.startswith("/v1/") else None)
+        if access is None or not access.isEnabledFor(logging.INFO):
+            access = None
+        started = time.monotonic()
+        status = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if access is not None:
+                _log_access(access, scope, state, status, time.monotonic() - started)
+
+
+def _log_access(log: logging.Logger, scope: Scope, state: dict[str, Any], status: int, duration: float) -> None:
+    """One line per API request: who, at what priority, how it ended, how long it waited and took."""
+    job = state.get("job")
+    if job is not None:
+        outcome = job.state.value
+        priority = job.priority.value
+        wait = None if job.started is None else job.started - job.arrived
+    else:
+        outcome = "rejected" if status in (429, 503) else "error" if status >= 400 or not status else "ok"
+        priority = None
+        wait = None
+    fields = {
+        "request_id": state["request_id"],
+        "method": scope["method"],
+        "path": scope["path"],
+        "key": state.get("key"),
+        "priority": priority,
+        "outcome": outcome,
+        "status": status or 499,  # no response started: the client left first
+        "queue_wait_ms": None if wait is None else round(wait * 1000, 1),
+        "duration_ms": round(duration * 1000, 1),
+    }
+    log.info(
+        "%s %s %s id=%s key=%s priority=%s outcome=%s wait_ms=%s duration_ms=%s",
+        fields["method"],
+        fields["path"],
+        fields["status"],
+        fields["request_id"],
+        fields["key"] or "-",
+        priority or "-",
+        outcome,
+        "-" if fields["queue_wait_ms"] is None else fields["queue_wait_ms"],
+        fields["duration_ms"],
+        extra=fields,
+    )

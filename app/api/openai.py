@@ -8,6 +8,7 @@ from starlette.responses import Response
 from app.api.deps import BackendDep, Owner, authenticate, read_body, request_id
 from app.api.streaming import DisconnectWatcher, QueuedStreamResponse
 from app.errors import ClientDisconnected
+from app.queue.job import Job
 from app.queue.service import CompletionService
 from app.schemas import CompletionKind, parse_completion_request, parse_priority
 from app.settings import Settings
@@ -22,6 +23,8 @@ async def _serve(request: Request, kind: CompletionKind) -> Response:
     service: CompletionService = state.service
     settings: Settings = state.settings
     tenant = await authenticate(request)
+    if tenant is not None:
+        request.state.key = tenant.name  # for the access log line
     completion = parse_completion_request(await read_body(request, settings.max_body_bytes), kind)
     header = request.headers.get("x-priority")
     if header is not None:
@@ -29,13 +32,15 @@ async def _serve(request: Request, kind: CompletionKind) -> Response:
     else:
         asked = completion.body_priority or settings.default_priority
     job, priority = await service.admit(completion, request_id(request), asked, tenant)
+    request.state.job = job
     watcher = DisconnectWatcher(request.receive, lambda: service.abort(job, ClientDisconnected("client left")))
     if not completion.stream:
         try:
             result = await service.complete(job, completion)
         finally:
             watcher.stop()
-        return Response(result.body, result.status, {"x-priority": priority.value}, result.content_type)
+        headers = {"x-priority": priority.value, "x-queue-wait-ms": _waited_ms(job)}
+        return Response(result.body, result.status, headers, result.content_type)
     try:
         chunks = await service.open_stream(job, completion)
     except BaseException:
@@ -43,7 +48,13 @@ async def _serve(request: Request, kind: CompletionKind) -> Response:
         raise
     # Headers go out only now that the request is dispatched and the backend accepted it, so a full queue,
     # a timeout in the queue or an upstream refusal still reach the client as their real status codes.
-    return QueuedStreamResponse(service, job, completion, chunks, watcher, priority)
+    raw_headers = [(b"x-priority", priority.value.encode()), (b"x-queue-wait-ms", _waited_ms(job).encode())]
+    return QueuedStreamResponse(service, job, completion, chunks, watcher, raw_headers)
+
+
+def _waited_ms(job: Job) -> str:
+    """How long the request waited in the queue, for the X-Queue-Wait-Ms response header."""
+    return f"{((job.started or job.arrived) - job.arrived) * 1000:.1f}"
 
 
 @router.post("/chat/completions")

@@ -13,7 +13,6 @@ from app.errors import GatewayError
 from app.queue.job import Job
 from app.queue.service import CompletionService
 from app.schemas import CompletionRequest
-from app.settings import Priority
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -76,7 +75,7 @@ class QueuedStreamResponse(Response):
         request: CompletionRequest,
         chunks: AsyncGenerator[bytes, None],
         watcher: DisconnectWatcher,
-        priority: Priority,
+        headers: list[tuple[bytes, bytes]],
     ):
         self.status_code = 200
         self.background = None
@@ -85,7 +84,7 @@ class QueuedStreamResponse(Response):
         self._request = request
         self._chunks = chunks
         self._watcher = watcher
-        self.raw_headers = [*SSE_HEADERS, (b"x-priority", priority.value.encode())]
+        self.raw_headers = [*SSE_HEADERS, *headers]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_chunk(chunk: bytes) -> None:

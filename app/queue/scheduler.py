@@ -292,7 +292,7 @@ class Scheduler:
                     BreakerOpen(f"the upstream is failing; retry in {retry_after:.1f}s", retry_after=retry_after),
                 )
             if waiting:
-                log.warning("[RequestQueue] circuit breaker open: %d waiting requests answered 503", len(waiting))
+                log.warning("circuit breaker open: %d waiting requests answered 503", len(waiting))
         else:
             self._dispatch()
 
@@ -378,9 +378,7 @@ class Scheduler:
         waiting = self._queue.items() + self._overflow.items()
         for job in waiting:
             self.abort(job, ShuttingDown())
-        log.info(
-            "[RequestQueue] draining: %d waiting requests answered 503, %d running", len(waiting), self._slots.busy
-        )
+        log.info("draining: %d waiting requests answered 503, %d running", len(waiting), self._slots.busy)
 
     def close(self) -> None:
         """Stop everything still running (the drain grace period is over)."""

@@ -1,0 +1,343 @@
+"""The `llm-queue-gateway` command: serve, status of a running gateway, and a load test with a priority mix."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from app.__main__ import run
+from app.settings import Priority, Settings
+
+DEFAULT_URL = "http://127.0.0.1:8091"
+API_KEY_ENV = "LLM_QUEUE_GATEWAY_API_KEY"
+
+
+# serve ------------------------------------------------------------------------------------------------------
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, named after its variable; unset flags leave the environment's value."""
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        shown = "unset" if default in (None, ()) else default.value if hasattr(default, "value") else default
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            help=f"{info.description} [env {name.upper()}, default: {shown}]",
+        )
+
+
+def _serve(args: argparse.Namespace) -> None:
+    overrides = {name: value for name in Settings.model_fields if (value := getattr(args, name)) is not None}
+    run(**overrides)
+
+
+# status -----------------------------------------------------------------------------------------------------
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def _get_json(url: str, api_key: str | None) -> Any:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=_headers(api_key)) as response:
+        body = await response.read()
+        if response.status != 200:
+            raise SystemExit(f"{url} answered {response.status}: {body.decode(errors='replace')}")
+        return orjson.loads(body)
+
+
+def _status(args: argparse.Namespace) -> None:
+    try:
+        status = asyncio.run(_get_json(args.url.rstrip("/") + "/v1/queue/status", args.api_key))
+    except aiohttp.ClientError as exc:
+        raise SystemExit(f"cannot reach {args.url}: {exc}") from None
+    if args.json:
+        print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
+        return
+    console = Console()
+    running = "[green]running[/]" if status["is_running"] else "[yellow]draining[/]"
+    console.print(
+        f"[bold]llm-queue-gateway[/] at {args.url}: {running}, {status['processing_count']}/"
+        f"{status['max_concurrent']} slots busy, {status['queue_size']}/{status['max_queue_size']} waiting"
+    )
+    queue = Table(title="queue", show_header=True)
+    for column in ("high", "normal", "low", "held by", "est. service"):
+        queue.add_column(column, justify="right")
+    service = status.get("estimated_service_seconds")
+    queue.add_row(
+        *(str(status["queue_size_by_priority"].get(p.value, 0)) for p in Priority),
+        status.get("dispatch_held_by") or "-",
+        "-" if service is None else f"{service:.2f}s",
+    )
+    console.print(queue)
+    totals = Table(title="totals")
+    names = ("queued", "processed", "failed", "rejected", "timed_out", "cancelled")
+    for name in names:
+        totals.add_column(name, justify="right")
+    totals.add_row(*(str(status[f"total_{name}"]) for name in names))
+    console.print(totals)
+    workers = Table(title="workers")
+    for column in ("id", "busy", "current request", "processed", "errors"):
+        workers.add_column(column)
+    for worker in status["workers"]:
+        workers.add_row(
+            str(worker["id"]),
+            "yes" if worker["busy"] else "no",
+            worker["current_request_id"] or "-",
+            str(worker["processed"]),
+            str(worker["errors"]),
+        )
+    console.print(workers)
+    for section in ("rate_limits", "circuit_breaker"):
+        if status.get(section):
+            console.print(f"[bold]{section}[/]: {orjson.dumps(status[section]).decode()}")
+
+
+# loadtest ---------------------------------------------------------------------------------------------------
+
+
+def parse_mix(text: str) -> list[tuple[Priority, int]]:
+    """'high=1,normal=3,low=6' as weights; raises ValueError naming what is wrong."""
+    mix = []
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            priority = Priority(name.strip().lower())
+            value = int(weight)
+        except ValueError:
+            raise ValueError(f"bad --priority-mix entry {part!r}: want high|normal|low=<whole number>") from None
+        if value < 0:
+            raise ValueError(f"bad --priority-mix weight {part!r}: must not be negative")
+        mix.append((priority, value))
+    if not sum(w for _, w in mix):
+        raise ValueError("--priority-mix has no positive weight")
+    return mix
+
+
+def spread(mix: list[tuple[Priority, int]], count: int) -> list[Priority]:
+    """`count` priorities in the mix's proportions, interleaved (smooth weighted round robin)."""
+    total = sum(w for _, w in mix)
+    credit = dict.fromkeys((p for p, _ in mix), 0)
+    order = []
+    for _ in range(count):
+        for priority, weight in mix:
+            credit[priority] += weight
+        chosen = max(credit, key=lambda p: credit[p])
+        credit[chosen] -= total
+        order.append(chosen)
+    return order
+
+
+@dataclass
+class Outcome:
+    priority: Priority
+    status: int  # 0: the connection failed
+    latency: float
+    wait: float | None  # X-Queue-Wait-Ms
+    first_byte: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    outcomes: list[Outcome] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+async def _one(session: aiohttp.ClientSession, args: argparse.Namespace, priority: Priority, index: int) -> Outcome:
+    body = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": f"{args.prompt} (request {index})"}],
+        "max_tokens": args.max_tokens,
+        "stream": args.stream,
+    }
+    headers = {**_headers(args.api_key), "X-Priority": priority.value, "Content-Type": "application/json"}
+    started = time.monotonic()
+    first = None
+    try:
+        async with session.post(
+            args.url.rstrip("/") + "/v1/chat/completions", data=orjson.dumps(body), headers=headers
+        ) as response:
+            async for _ in response.content.iter_any():
+                if first is None:
+                    first = time.monotonic() - started
+            wait = response.headers.get("x-queue-wait-ms")
+            return Outcome(
+                priority, response.status, time.monotonic() - started, float(wait) / 1000 if wait else None, first
+            )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Outcome(priority, 0, time.monotonic() - started, None, error=str(exc) or type(exc).__name__)
+
+
+async def run_loadtest(args: argparse.Namespace, console: Console) -> Report:
+    """Send args.requests requests, args.concurrency at a time, in the priority mix's proportions."""
+    priorities = spread(parse_mix(args.priority_mix), args.requests)
+    report = Report()
+    pending = iter(enumerate(priorities))
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    progress = Progress(
+        TextColumn("[bold]loadtest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[summary]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        task = progress.add_task("requests", total=args.requests, summary="")
+        statuses: Counter[int] = Counter()
+
+        async def worker() -> None:
+            for index, priority in pending:
+                outcome = await _one(session, args, priority, index)
+                report.outcomes.append(outcome)
+                statuses[outcome.status] += 1
+                summary = " ".join(f"{s or 'error'}:{n}" for s, n in sorted(statuses.items()))
+                progress.update(task, advance=1, summary=summary)
+
+        started = time.monotonic()
+        with progress:
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        report.elapsed = time.monotonic() - started
+    return report
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f}"
+
+
+def report_table(report: Report, stream: bool) -> Table:
+    """Status counts and wait / latency percentiles by priority, then all together."""
+    title = f"{len(report.outcomes)} requests in {report.elapsed:.1f}s (times in ms)"
+    table = Table(title=title, show_lines=False)
+    columns = ["priority", "n", "statuses", "wait p50", "wait p95", "lat p50", "lat p95", "lat p99"]
+    if stream:
+        columns.append("ttfb p50")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("priority", "statuses") else "right")
+    groups: dict[str, list[Outcome]] = defaultdict(list)
+    for outcome in report.outcomes:
+        groups[outcome.priority.value].append(outcome)
+    rows = [(p.value, groups[p.value]) for p in Priority if groups.get(p.value)]
+    rows.append(("all", report.outcomes))
+    for name, outcomes in rows:
+        counts = Counter(o.status for o in outcomes)
+        ok = [o for o in outcomes if o.status == 200]
+        waits = [o.wait for o in ok if o.wait is not None]
+        latencies = [o.latency for o in ok]
+        row = [
+            name,
+            str(len(outcomes)),
+            " ".join(f"{s or 'error'}x{n}" for s, n in sorted(counts.items())),
+            _ms(_percentile(waits, 50)),
+            _ms(_percentile(waits, 95)),
+            _ms(_percentile(latencies, 50)),
+            _ms(_percentile(latencies, 95)),
+            _ms(_percentile(latencies, 99)),
+        ]
+        if stream:
+            row.append(_ms(_percentile([o.first_byte for o in ok if o.first_byte is not None], 50)))
+        table.add_row(*row)
+    return table
+
+
+def _loadtest(args: argparse.Namespace) -> None:
+    try:
+        parse_mix(args.priority_mix)
+    except ValueError as exc:
+        raise SystemExit(f"llm-queue-gateway loadtest: {exc}") from None
+    console = Console()
+    report = asyncio.run(run_loadtest(args, console))
+    console.print(report_table(report, args.stream))
+    ok = sum(1 for o in report.outcomes if o.status == 200)
+    console.print(f"throughput: {ok / report.elapsed:.2f} completed requests/s" if report.elapsed else "")
+    errors = Counter(o.error for o in report.outcomes if o.error)
+    for error, count in errors.most_common(3):
+        console.print(f"[red]connection error x{count}[/]: {error}")
+
+
+# the command ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-queue-gateway",
+        description="OpenAI-compatible gateway with a bounded priority queue. With no command: serve.",
+    )
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway (the default)",
+        description="Run the gateway. Every flag overrides its environment variable (or .env entry).",
+    )
+    _add_serve_flags(serve)
+    serve.set_defaults(handler=_serve)
+
+    def client_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--url", default=DEFAULT_URL, help=f"the gateway's base URL [default: {DEFAULT_URL}]")
+        sub.add_argument(
+            "--api-key", default=os.environ.get(API_KEY_ENV), help=f"a client key [default: ${API_KEY_ENV}]"
+        )
+
+    status = commands.add_parser("status", help="pretty-print /v1/queue/status of a running gateway")
+    client_flags(status)
+    status.add_argument("--json", action="store_true", help="print the raw JSON instead")
+    status.set_defaults(handler=_status)
+
+    load = commands.add_parser(
+        "loadtest",
+        help="send chat completions with a priority mix and report by priority",
+        description="Send --requests chat completions, --concurrency at a time, with priorities in the "
+        "proportions of --priority-mix; then a table by priority of status counts, queue wait (the gateway's "
+        "X-Queue-Wait-Ms) and latency percentiles.",
+    )
+    client_flags(load)
+    load.add_argument("--concurrency", type=int, default=8, help="requests in flight at once [default: 8]")
+    load.add_argument("--requests", type=int, default=100, help="requests in all [default: 100]")
+    load.add_argument(
+        "--priority-mix", default="high=1,normal=3,low=6", help="weights by priority [default: high=1,normal=3,low=6]"
+    )
+    load.add_argument("--stream", action="store_true", help="stream the answers (adds time to first byte)")
+    load.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request [default: 32]")
+    load.add_argument("--model", default="default", help="the model field sent [default: default]")
+    load.add_argument("--prompt", default="Write one sentence about queues.", help="the user message sent")
+    load.add_argument("--timeout", type=float, default=600, help="seconds a request may take [default: 600]")
+    load.set_defaults(handler=_loadtest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `llm-queue-gateway`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["serve", *argv]
+    args = build_parser().parse_args(argv)
+    if getattr(args, "concurrency", 1) < 1 or getattr(args, "requests", 1) < 1:
+        raise SystemExit("llm-queue-gateway loadtest: --concurrency and --requests must be at least 1")
+    args.handler(args)

@@ -1,0 +1,76 @@
+"""Logging: LOG_LEVEL and LOG_FORMAT, seed 003's `[RequestQueue]`-style prefixes, or one JSON object per line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+# Seed 003 tags each line with the part of the gateway it comes from.
+_PREFIXES = (
+    ("app.queue", "RequestQueue"),
+    ("app.access.chat", "Chat Completions"),
+    ("app.access.completion", "Completions"),
+    ("app.access", "API"),
+    ("app.api", "API"),
+    ("app.backends.proxy", "Upstream"),
+    ("app.backends.llama", "LocalModel"),
+    ("uvicorn", "Server"),
+)
+# LogRecord attributes that every record has; anything else was passed in `extra` and is a field of its own.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+
+def _prefix(name: str) -> str:
+    for start, prefix in _PREFIXES:
+        if name == start or name.startswith(start + "."):
+            return prefix
+    return name
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-11-23T10:00:00.123Z INFO [RequestQueue] message key=value ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} [{_prefix(record.name)}] {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and every `extra` field as its own key."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "component": _prefix(record.name),
+            "message": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Send every log line (the gateway's and uvicorn's) to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
