@@ -87,6 +87,7 @@ def create_app(
     app.state.service = CompletionService(
         scheduler,
         backend,
+        metrics,
         counts_tokens=limiter is not None and limiter.counts_tokens,
         default_max_tokens=settings.rate_limit_default_max_tokens,
     )

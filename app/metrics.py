@@ -65,6 +65,7 @@ class Metrics:
         self.rejections = dict.fromkeys(REJECTION_REASONS, 0)
         self.retries = dict.fromkeys(RETRY_REASONS, 0)
         self.rate_limit_waits = Buckets(WAIT_BUCKETS)
+        self.token_counts = {"prompt": 0, "completion": 0}
         self._queue_sizes: Callable[[], Mapping[str, int]] = dict
         self._in_flight: Callable[[], int] = int
         self._budget_remaining: Callable[[], Mapping[str, float]] = dict
@@ -90,6 +91,11 @@ class Metrics:
     def rate_limit_wait(self, seconds: float) -> None:
         """The queue's head waited `seconds` for the rate budgets (or the breaker) to let it go."""
         self.rate_limit_waits.observe(seconds)
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        """A response reported its usage."""
+        self.token_counts["prompt"] += prompt
+        self.token_counts["completion"] += completion
 
     def retried(self, reason: str) -> None:
         """An upstream attempt failed for one of RETRY_REASONS and is tried again."""
@@ -148,12 +154,12 @@ class _Exporter(Collector):
             requests.add_metric([priority.value, outcome], count)
         yield requests
 
-        errors = CounterMetricFamily("gateway_upstream_errors", "Upstream failures by kind.", labels=["kind"])
-        for kind, count in m.upstream_errors.items():
-            errors.add_metric([kind], count)
-        yield errors
+        yield _counter("gateway_upstream_errors", "Upstream failures by kind.", "kind", m.upstream_errors)
 
         yield _counter("gateway_rejections", "Requests refused before queueing, by reason.", "reason", m.rejections)
+        yield _counter(
+            "gateway_tokens", "Tokens of answered requests, as their usage reported them.", "kind", m.token_counts
+        )
         yield _counter("gateway_upstream_retries", "Upstream attempts retried, by reason.", "reason", m.retries)
         yield _histogram(
             "gateway_rate_limit_wait_seconds",

@@ -30,11 +30,12 @@ class CompletionRequest:
     stream: bool
     max_tokens: int | None
     body_priority: Priority | None
-    # Set along the way: whether a token budget waits for the real usage, which the backend then reports
-    # (prompt + completion tokens), and what a backend computed while counting the prompt, to reuse.
+    # Set along the way: whether a token budget waits for the real usage; the usage the backend reports
+    # (prompt + completion, and completion alone); what a backend computed while counting the prompt.
     track_usage: bool = False
     deadline: float | None = None  # monotonic: retries must not outlive the request
     used_tokens: int | None = None
+    completion_tokens: int | None = None
     prepared: Any = field(default=None, repr=False)
 
     @property

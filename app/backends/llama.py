@@ -188,7 +188,7 @@ class LlamaBackend:
             if event[0] == "delta":
                 parts.append(event[1])
         _, reason, *counts = event
-        request.used_tokens = counts[0] + counts[1]
+        request.used_tokens, request.completion_tokens = counts[0] + counts[1], counts[1]
         text = "".join(parts)
         if prepared.kind == "chat":
             choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
@@ -223,7 +223,7 @@ class LlamaBackend:
                     yield chunk(event[1], None)
                     continue
                 _, reason, *counts = event
-                request.used_tokens = counts[0] + counts[1]
+                request.used_tokens, request.completion_tokens = counts[0] + counts[1], counts[1]
                 yield chunk(None, reason)
                 if prepared.include_usage:
                     yield _sse({**base, "choices": [], "usage": _usage(*counts)})

@@ -202,8 +202,7 @@ class ProxyBackend:
         content_type = response.headers.get("Content-Type", "application/json")
         if status >= 400:
             raise self._refusal(status, body, content_type, _passed_headers(response.headers))
-        if request.track_usage:
-            request.used_tokens = _total_tokens(body)
+        request.used_tokens, request.completion_tokens = _usage(body)  # a small body: microseconds
         return BackendResponse(status, body, content_type)
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
@@ -232,7 +231,7 @@ class ProxyBackend:
                 async for chunk in response.content.iter_any():
                     yield chunk
                     tail = (tail + chunk)[-_USAGE_TAIL:]
-                request.used_tokens = _stream_total_tokens(tail)
+                request.used_tokens, request.completion_tokens = _stream_usage(tail)
             else:
                 async for chunk in response.content.iter_any():
                     yield chunk
@@ -271,23 +270,25 @@ class ProxyBackend:
             raise BackendNotReady(f"the upstream at {self._base_url} answered GET /models with {status}")
 
 
-def _total_tokens(body: bytes) -> int | None:
-    """usage.total_tokens of a whole completion body, if it has one."""
+def _usage(body: bytes) -> tuple[int | None, int | None]:
+    """(total_tokens, completion_tokens) of a completion body's usage, each None if absent."""
     try:
         usage = orjson.loads(body).get("usage")
-        total = usage.get("total_tokens") if isinstance(usage, dict) else None
     except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return total if isinstance(total, int) else None
+        return None, None
+    if not isinstance(usage, dict):
+        return None, None
+    total, completion = usage.get("total_tokens"), usage.get("completion_tokens")
+    return (total if isinstance(total, int) else None), (completion if isinstance(completion, int) else None)
 
 
-def _stream_total_tokens(tail: bytes) -> int | None:
-    """usage.total_tokens of the last SSE event that carries usage (stream_options.include_usage)."""
+def _stream_usage(tail: bytes) -> tuple[int | None, int | None]:
+    """The usage of the last SSE event that carries one (stream_options.include_usage)."""
     at = tail.rfind(b'"usage"')
     if at < 0:
-        return None
+        return None, None
     start = tail.rfind(b"data:", 0, at)
     end = tail.find(b"\n", at)
     if start < 0:
-        return None
-    return _total_tokens(tail[start + 5 : end if end >= 0 else len(tail)])
+        return None, None
+    return _usage(tail[start + 5 : end if end >= 0 else len(tail)])

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from app.backends.base import Backend, BackendResponse
 from app.errors import ClientDisconnected, GatewayError
 from app.limits.keys import Tenant
+from app.metrics import Metrics
 from app.queue.job import Job
 from app.queue.scheduler import Scheduler
 from app.schemas import CompletionRequest
@@ -31,10 +32,17 @@ class CompletionService:
     """The one way completions reach the backend. Errors are raised as GatewayError."""
 
     def __init__(
-        self, scheduler: Scheduler, backend: Backend, *, counts_tokens: bool = False, default_max_tokens: int = 512
+        self,
+        scheduler: Scheduler,
+        backend: Backend,
+        metrics: Metrics,
+        *,
+        counts_tokens: bool = False,
+        default_max_tokens: int = 512,
     ):
         self.scheduler = scheduler
         self.backend = backend
+        self._metrics = metrics
         self._counts_tokens = counts_tokens  # the backend has a token budget (RATE_LIMIT_TPM)
         self._default_max_tokens = default_max_tokens
 
@@ -80,10 +88,10 @@ class CompletionService:
             async with job.abortable():
                 response = await self.backend.complete(request)
         except BaseException as exc:
-            job.used_tokens = request.used_tokens
+            self._record_usage(job, request)
             self.scheduler.finish(job, _as_gateway_error(exc))
             raise
-        job.used_tokens = request.used_tokens
+        self._record_usage(job, request)
         self.scheduler.finish(job, None)
         return response
 
@@ -119,8 +127,14 @@ class CompletionService:
             raise
         finally:
             await chunks.aclose()
-            job.used_tokens = request.used_tokens
+            self._record_usage(job, request)
             self.scheduler.finish(job, error)
+
+    def _record_usage(self, job: Job, request: CompletionRequest) -> None:
+        job.used_tokens = request.used_tokens
+        if request.used_tokens is not None:
+            completion = request.completion_tokens or 0
+            self._metrics.tokens(request.used_tokens - completion, completion)
 
     def release(self, job: Job, exc: BaseException) -> None:
         """Retire a job whose response will never be produced (the stream was opened but not pumped)."""

@@ -7,6 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -23,21 +26,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_sigterm_drains(upstream: FakeUpstream) -> None:
+def start_server(upstream: FakeUpstream, concurrency: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
         "BACKEND": "proxy",
         "UPSTREAM_BASE_URL": upstream.base_url,
         "PORT": str(port),
-        "MAX_CONCURRENT_REQUESTS": "2",
+        "MAX_CONCURRENT_REQUESTS": str(concurrency),
         "DRAIN_TIMEOUT": "10",
         "LOG_LEVEL": "warning",
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "app"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    url = f"http://127.0.0.1:{port}"
+    return server, f"http://127.0.0.1:{port}"
+
+
+def test_sigterm_drains(upstream: FakeUpstream) -> None:
+    server, url = start_server(upstream, concurrency=2)
     background = Background()
     try:
         assert wait_until(lambda: _answers(url + "/health"), timeout=20)
@@ -70,3 +77,63 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_sigterm_under_load_every_request_completes_whole_or_gets_503(upstream: FakeUpstream) -> None:
+    """16 clients send streams and whole answers in a loop; SIGTERM lands in the middle of it all."""
+    server, url = start_server(upstream, concurrency=4)
+    upstream.behavior.chunks = 5
+    upstream.behavior.pace = 0.05
+    upstream.behavior.latency = 0.05
+    stop = threading.Event()
+    # (kind, status, body). Status 0: no response began (the connection was refused, or closed by the server
+    # before it read the request: keep-alive's inherent race, which clients retry). Status -1: a response
+    # began and was cut off, which must never happen.
+    results: list[tuple[str, int, str]] = []
+
+    def client(index: int) -> None:
+        kind = "stream" if index % 2 == 0 else "whole"
+        body = chat_body(f"c{index}", stream=kind == "stream")
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                        try:
+                            text = response.read().decode()
+                        except httpx.HTTPError as exc:
+                            results.append((kind, -1, repr(exc)))
+                            return
+                except httpx.HTTPError:
+                    results.append((kind, 0, ""))
+                    time.sleep(0.05)
+                    continue
+                results.append((kind, response.status_code, text))
+
+    try:
+        assert wait_until(lambda: _answers(url + "/health"), timeout=20)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: len(results) >= 20, timeout=20)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=20)
+        time.sleep(0.2)  # a few refused attempts after the exit
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        stop.set()
+        if server.poll() is None:
+            server.kill()
+        output = server.stdout.read().decode() if server.stdout else ""
+    assert "Traceback" not in output, output
+    counts = Counter(status for _, status, _ in results)
+    assert set(counts) <= {200, 503, 0}, [r for r in results if r[1] not in (200, 503, 0)]
+    assert counts[200] >= 20 and counts[503] >= 1, counts  # work before the signal; waiting ones refused
+    for kind, status, body in results:
+        if status == 200 and kind == "stream":
+            assert body.count("tok") == 5 and body.rstrip().endswith("data: [DONE]"), body  # whole streams
+        elif status == 200:
+            assert body.endswith("}") and '"finish_reason":"stop"' in body.replace(" ", "")
+        elif status == 503:
+            assert '"shutting_down"' in body

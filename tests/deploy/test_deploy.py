@@ -1,0 +1,114 @@
+"""What can be checked of the deployment without a Docker engine: files, configs, queries, live metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.harness import RunningGateway, chat_body
+
+ROOT = Path(__file__).resolve().parents[2]
+StartGateway = Callable[..., RunningGateway]
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("REQUIRE_PROMTOOL"):
+            pytest.fail("promtool is required here (Debian package 'prometheus'); .ci/run installs it")
+        pytest.skip("promtool not installed (apt-get install prometheus); CI installs it")
+    return path
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_compose_file_parses_and_references_files_that_exist() -> None:
+    services = compose()["services"]
+    assert {"gateway", "prometheus", "grafana", "llama-server", "gateway-proxy"} <= set(services)
+    for name, service in services.items():
+        build = service.get("build")
+        if build is not None:
+            assert (ROOT / build["context"] / "Dockerfile").is_file(), name
+        for env_file in service.get("env_file", []):
+            # queue-config.env is the operator's copy of the example, which must exist to be copied.
+            assert not env_file["required"] and (ROOT / (env_file["path"] + ".example")).is_file()
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./") and source != "./models":  # ./models holds the operator's GGUF
+                assert (ROOT / source).exists(), f"{name}: {source}"
+    gateway = services["gateway"]
+    assert gateway["restart"] == "unless-stopped" and "/health" in " ".join(gateway["healthcheck"]["test"])
+    assert services["gateway-proxy"]["profiles"] == ["proxy"] == services["llama-server"]["profiles"]
+    assert services["gateway-proxy"]["environment"]["UPSTREAM_BASE_URL"] == "http://llama-server:8080/v1"
+
+
+def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\w+)", text, re.MULTILINE)
+    assert stages == ["builder", "runtime"]
+    runtime = text.split("AS runtime", 1)[1]
+    assert re.search(r"^USER gateway$", runtime, re.MULTILINE) and "useradd" in runtime
+    assert "HEALTHCHECK" in runtime and "/health" in runtime
+    assert re.search(r"^EXPOSE 8091$", runtime, re.MULTILINE)
+    assert 'CMD ["llm-queue-gateway", "serve"]' in runtime
+    assert "ARG CMAKE_ARGS" in text  # the CUDA build passes -DGGML_CUDA=on
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    result = subprocess.run(
+        [promtool(), "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    targets = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"][0]
+    assert "gateway:8091" in targets["static_configs"][0]["targets"]
+
+
+def live_metrics(start_gateway: StartGateway, tmp_path: Path) -> str:
+    """/metrics of a gateway that has served, refused and rate-limited some requests, so every family has samples."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {key: sk-a, name: a, rpm: 1}\n")
+    gw = start_gateway(api_keys_file=str(keys), rate_limit_rpm=100, rate_limit_tpm=100_000)
+    headers = {"Authorization": "Bearer sk-a"}
+    assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=headers).status_code == 200
+    assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=headers).status_code == 429
+    return httpx.get(gw.url + "/metrics").text
+
+
+def test_live_metrics_pass_promtool(start_gateway: StartGateway, tmp_path: Path) -> None:
+    text = live_metrics(start_gateway, tmp_path)
+    result = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_loads_and_queries_only_exported_metrics(start_gateway: StartGateway, tmp_path: Path) -> None:
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/llm-queue-gateway.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    titles = " ".join(panel["title"] for panel in dashboard["panels"]).lower()
+    for wanted in ("queue depth", "wait", "in flight", "outcomes", "tokens per second"):
+        assert wanted in titles
+    text = live_metrics(start_gateway, tmp_path)
+    families = set(re.findall(r"^# TYPE (\w+) ", text, re.MULTILINE))
+    samples = set(re.findall(r"^(\w+)[{ ]", text, re.MULTILINE))
+    used = {name for expr in exprs for name in re.findall(r"\bgateway_\w+", expr)}
+    assert len(used) >= 10
+    for name in used:
+        family = re.sub(r"_(bucket|sum|count|total)$", "", name)
+        assert name in samples or (name.endswith("_bucket") and family in families), f"{name} is not exported"
+    provisioning = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert provisioning["datasources"][0]["uid"] == dashboard["panels"][0]["datasource"]["uid"]
+    dashboards = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/gateway.yml").read_text())
+    mounted = compose()["services"]["grafana"]["volumes"]
+    assert f"./deploy/grafana/dashboards:{dashboards['providers'][0]['options']['path']}:ro" in mounted

@@ -1,0 +1,98 @@
+"""The command line (serve flags, status, loadtest) and the log formats, including the access line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from app.cli import build_parser, main, parse_mix, spread
+from app.logs import JsonFormatter, TextFormatter
+from app.settings import Priority
+from tests.fakes.upstream import FakeUpstream
+from tests.harness import RunningGateway, chat_body
+
+StartGateway = Callable[..., RunningGateway]
+
+
+def test_priority_mix_is_parsed_and_spread_in_proportion() -> None:
+    mix = parse_mix("high=1,normal=3,low=6")
+    assert mix == [(Priority.HIGH, 1), (Priority.NORMAL, 3), (Priority.LOW, 6)]
+    order = spread(mix, 100)
+    assert Counter(order) == {Priority.HIGH: 10, Priority.NORMAL: 30, Priority.LOW: 60}
+    assert Priority.HIGH in order[:10] and Priority.NORMAL in order[:4]  # interleaved, not in blocks
+    for bad in ("high=x", "urgent=1", "high=-1", "high=0,low=0"):
+        with pytest.raises(ValueError, match="priority-mix"):
+            parse_mix(bad)
+
+
+def test_serve_help_lists_every_setting_with_its_variable_and_default() -> None:
+    text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for flag, default in (("--max-concurrent-requests", "default: 1"), ("--port", "default: 8091")):
+        assert flag in text and default in text
+    assert "--rate-limit-rpm" in text and "--log-format" in text and "--api-keys-file" in text
+
+
+def test_loadtest_and_status_against_a_running_gateway(
+    start_gateway: StartGateway, upstream: FakeUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = start_gateway(max_concurrent_requests=2)
+    main(["loadtest", "--url", gw.url, "--requests", "20", "--concurrency", "4", "--priority-mix", "high=1,low=1"])
+    out = capsys.readouterr().out
+    assert "20 requests in" in out and "200x10" in out and "200x20" in out
+    assert "high" in out and "low" in out and "throughput" in out
+    assert gw.scheduler.total_processed == 20
+    assert len(upstream.seen) == 20 and {s.body["max_tokens"] for s in upstream.seen} == {32}
+    main(["status", "--url", gw.url])
+    out = capsys.readouterr().out
+    assert "0/2 slots busy" in out and "processed" in out
+    main(["status", "--url", gw.url, "--json"])
+    assert json.loads(capsys.readouterr().out)["total_processed"] == 20
+
+
+def test_loadtest_rejects_a_bad_mix() -> None:
+    with pytest.raises(SystemExit, match="priority-mix"):
+        main(["loadtest", "--priority-mix", "top=1"])
+
+
+def record(**extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord("app.access.chat", logging.INFO, __file__, 1, "POST %s", ("/v1/chat/completions",), None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def test_log_formats() -> None:
+    line = TextFormatter().format(record())
+    assert line.endswith("INFO [Chat Completions] POST /v1/chat/completions") and line[10] == "T"
+    entry = json.loads(JsonFormatter().format(record(request_id="r1", key="team-a", queue_wait_ms=1.5)))
+    assert entry["message"] == "POST /v1/chat/completions" and entry["component"] == "Chat Completions"
+    assert (entry["request_id"], entry["key"], entry["queue_wait_ms"], entry["level"]) == ("r1", "team-a", 1.5, "info")
+    queue = logging.LogRecord("app.queue", logging.WARNING, __file__, 1, "draining", (), None)
+    assert "WARNING [RequestQueue] draining" in TextFormatter().format(queue)
+
+
+def test_one_access_line_per_request_with_the_key_name_never_the_key(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = start_gateway(api_keys="secret-key-1")
+    headers = {"Authorization": "Bearer secret-key-1", "X-Priority": "high", "X-Request-ID": "logged-1"}
+    with caplog.at_level(logging.INFO, logger="app.access"):
+        assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=headers).status_code == 200
+        assert httpx.post(gw.url + "/v1/chat/completions", content=b"{", headers=headers).status_code == 400
+    lines = [r for r in caplog.records if r.name.startswith("app.access")]
+    assert len(lines) == 2
+    done, bad = lines
+    assert (done.request_id, done.key, done.priority, done.outcome, done.status) == (  # type: ignore[attr-defined]
+        "logged-1",
+        "key-1",
+        "high",
+        "completed",
+        200,
+    )
+    assert done.queue_wait_ms >= 0 and done.duration_ms > 0  # type: ignore[attr-defined]
+    assert (bad.outcome, bad.status) == ("error", 400)  # type: ignore[attr-defined]
+    assert "secret-key-1" not in caplog.text
