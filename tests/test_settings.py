@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import Priority, QueueFullBehavior, SettingsError, load_settings
+from app.settings import Priority, QueueFullBehavior, Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,3 +70,11 @@ def test_startup_stops_with_one_line_on_a_bad_value() -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "MAX_QUEUE_SIZE" in lines[0]
+
+
+def test_env_example_names_every_setting_and_loads() -> None:
+    example = Path(__file__).resolve().parent.parent / "queue-config.env.example"
+    text = example.read_text()
+    missing = [name.upper() for name in Settings.model_fields if f"{name.upper()}=" not in text]
+    assert missing == []
+    assert load_settings(_env_file=str(example)).backend == "local"
