@@ -96,7 +96,8 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(queue_routes.router)
     app.include_router(ops.router)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(openai.CompletionFastPath)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so the fast path has its request id
     return app
 
 
