@@ -108,19 +108,26 @@ class PriorityQueue(Generic[T]):
         for level in self._levels:
             if not level.count:
                 continue
-            head = self._head(level)
-            if head is None:
-                continue
-            key, entries = head
-            _, item = entries.popleft()
-            if entries:
-                level.ring.move_to_end(key)
-            else:
-                del level.ring[key]
-            item.queue_owner = None
-            level.count -= 1
-            self._size -= 1
-            return item
+            ring = level.ring
+            while ring:
+                # The ring's head, the key whose turn it is (a for-break is the cheapest way to read it).
+                for key, entries in ring.items():  # noqa: B007
+                    break
+                while entries:
+                    seq, item = entries.popleft()
+                    if item.queue_owner is self and item.queue_seq == seq:
+                        if len(ring) > 1:  # to the back of the ring, or out of it once it has nothing left
+                            if entries:
+                                ring.move_to_end(key)
+                            else:
+                                del ring[key]
+                        # A lone key keeps its deque even when empty: the next push needs no new one.
+                        item.queue_owner = None
+                        level.count -= 1
+                        self._size -= 1
+                        return item
+                    level.dead -= 1
+                del ring[key]
         return None
 
     def remove(self, item: T, rank: int) -> bool:

@@ -75,6 +75,8 @@ class Scheduler:
         self._aging = Aging(aging_seconds, len(Priority)) if aging_seconds else None
         self._limiter = limiter
         self._breaker = breaker
+        # Whether dispatch must ever ask a limiter or a breaker: without them the scheduler's paths stay lean.
+        self._gates = limiter is not None or breaker is not None
         if breaker is not None:
             breaker.on_change = self._breaker_changed
         # While the limiter or the breaker holds the queue's head back: why, since when, and the timer that
@@ -135,7 +137,7 @@ class Scheduler:
                 f"the queue is full ({waiting} requests waiting); retry in {retry_after:.1f}s",
                 retry_after=retry_after,
             )
-        now_free = self._slots.free and not waiting and not self._gated()
+        now_free = self._slots.free and not waiting and not (self._gates and self._gated())
         if tenant is not None and not now_free:
             try:
                 tenant.check_queue()
@@ -145,8 +147,10 @@ class Scheduler:
 
         now = self._clock()
         job = Job(request_id, kind, priority, owner, now, self._wall_clock(), now + self.request_timeout)
-        job.cost = cost
-        job.tenant = tenant
+        if cost:
+            job.cost = cost
+        if tenant is not None:
+            job.tenant = tenant
         self._live[request_id] = job
         self.total_queued += 1
         self._deadlines.add(job)
@@ -156,7 +160,10 @@ class Scheduler:
         if tenant is not None:
             tenant.waiting += 1
         if waiting < self.max_queue_size:
-            self._enqueue(job)
+            if self._aging is None:
+                self._queue.push(job, job.rank, owner)
+            else:
+                self._enqueue(job)
             if self._slots.free:
                 self._dispatch()  # the gate held it: arm the timer that dispatches it
         else:
@@ -237,19 +244,21 @@ class Scheduler:
         job.started = now
         job.mark_dispatched()
         self._metrics.dispatched(job.priority, now - job.arrived)
-        if self._limiter is not None:
-            self._limiter.charge(job.cost)
-        if self._breaker is not None:
-            self._breaker.dispatched(job)
+        if self._gates:
+            if self._limiter is not None:
+                self._limiter.charge(job.cost)
+            if self._breaker is not None:
+                self._breaker.dispatched(job)
 
     def _dispatch(self) -> None:
         """Fill free slots from the queue as far as the budgets allow, refilling the queue from the overflow."""
         now = self._clock()
         if self._aging is not None:
             self._promote(now)
+        slots = self._slots
         while True:
-            while self._slots.free:
-                if self._gated():
+            while slots.free:
+                if self._gates and self._gated():
                     job = self._queue.peek()
                     if job is None:
                         self._unhold()
@@ -277,7 +286,7 @@ class Scheduler:
                     break
                 self._enqueue(job)
                 moved = True
-            if not (moved and self._slots.free and self.held_by is None):
+            if not moved or not slots.free or self.held_by is not None:
                 return
 
     def _breaker_changed(self, state: BreakerState) -> None:
@@ -315,16 +324,18 @@ class Scheduler:
         now = self._clock()
         state = terminal_state(error)
         self._deadlines.discard(job)
+        tenant = job.tenant
         if job.queue_owner is not None:
             self._queue.remove(job, job.rank) or self._overflow.remove(job, job.rank)
-            if job.tenant is not None:
-                job.tenant.waiting -= 1
-        if job.tenant is not None and job.cost:
+            if tenant is not None:
+                tenant.waiting -= 1
+        if tenant is not None and job.cost:
             self._settle_tenant(job)
-        if self._limiter is not None and job.started is not None:
-            self._limiter.done(job.cost, job.used_tokens)
-        if self._breaker is not None:
-            self._breaker.settled(job)
+        if self._gates:
+            if self._limiter is not None and job.started is not None:
+                self._limiter.done(job.cost, job.used_tokens)
+            if self._breaker is not None:
+                self._breaker.settled(job)
         if job.slot is not None:
             self._slots.give(job.slot, ok=state is JobState.COMPLETED)
             job.slot = None
