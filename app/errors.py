@@ -94,52 +94,44 @@ def retry_after_headers(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, round(seconds * 1000)))}
 
 
-class QueueFull(GatewayError):
-    """MAX_QUEUE_SIZE requests already wait."""
-
-    status_code = 503
-    error_type = "server_error"
-    code = "queue_full"
-
-    def __init__(self, message: str, *, retry_after: float):
-        super().__init__(message, headers=retry_after_headers(retry_after))
-        self.retry_after = retry_after
-
-
-class KeyRateLimited(GatewayError):
-    """The key spent its own requests- or tokens-per-minute budget (API_KEYS_FILE)."""
-
-    status_code = 429
-    error_type = "rate_limit_error"
-    code = "rate_limit_exceeded"
+class RetryLater(GatewayError):
+    """A refusal that says when to come back: Retry-After and retry-after-ms, plus any headers of its own."""
 
     def __init__(self, message: str, *, retry_after: float, headers: dict[str, str] | None = None):
         super().__init__(message, headers={**retry_after_headers(retry_after), **(headers or {})})
         self.retry_after = retry_after
 
 
-class KeyQueueLimit(GatewayError):
+class QueueFull(RetryLater):
+    """MAX_QUEUE_SIZE requests already wait."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "queue_full"
+
+
+class KeyRateLimited(RetryLater):
+    """The key spent its own requests- or tokens-per-minute budget (API_KEYS_FILE)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class KeyQueueLimit(RetryLater):
     """The key already has as many requests waiting as its policy allows."""
 
     status_code = 429
     error_type = "rate_limit_error"
     code = "too_many_queued_requests"
 
-    def __init__(self, message: str, *, retry_after: float):
-        super().__init__(message, headers=retry_after_headers(retry_after))
-        self.retry_after = retry_after
 
-
-class BreakerOpen(GatewayError):
+class BreakerOpen(RetryLater):
     """The upstream failed too often in a row; requests fail fast until a probe gets through."""
 
     status_code = 503
     error_type = "server_error"
     code = "upstream_unavailable"
-
-    def __init__(self, message: str, *, retry_after: float):
-        super().__init__(message, headers=retry_after_headers(retry_after))
-        self.retry_after = retry_after
 
 
 class ShuttingDown(GatewayError):

@@ -43,6 +43,13 @@ def start_server(upstream: FakeUpstream, concurrency: int) -> tuple[subprocess.P
     return server, f"http://127.0.0.1:{port}"
 
 
+def reap(server: subprocess.Popen[bytes]) -> str:
+    """Kill the server if it still runs; everything it printed."""
+    if server.poll() is None:
+        server.kill()
+    return server.stdout.read().decode() if server.stdout else ""
+
+
 def test_sigterm_drains(upstream: FakeUpstream) -> None:
     server, url = start_server(upstream, concurrency=2)
     background = Background()
@@ -66,9 +73,7 @@ def test_sigterm_drains(upstream: FakeUpstream) -> None:
         assert not _answers(url + "/health")  # no longer accepting
     finally:
         background.close()
-        if server.poll() is None:
-            server.kill()
-        output = server.stdout.read().decode() if server.stdout else ""
+        output = reap(server)
     assert "Traceback" not in output, output
 
 
@@ -123,9 +128,7 @@ def test_sigterm_under_load_every_request_completes_whole_or_gets_503(upstream: 
             thread.join(30)
     finally:
         stop.set()
-        if server.poll() is None:
-            server.kill()
-        output = server.stdout.read().decode() if server.stdout else ""
+        output = reap(server)
     assert "Traceback" not in output, output
     counts = Counter(status for _, status, _ in results)
     assert set(counts) <= {200, 503, 0}, [r for r in results if r[1] not in (200, 503, 0)]
