@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from app.limits.keys import Tenant
     from app.queue.slots import Slot
 
+_RANK = {p: p.rank for p in Priority}  # a dict lookup, cheaper than the property on the hot path
 TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT})
 
 
@@ -76,7 +77,7 @@ class Job:
         self.id = id
         self.kind = kind
         self.priority = priority
-        self.rank = priority.rank  # the level it waits at: its priority's, or higher once aging raised it
+        self.rank = _RANK[priority]  # the level it waits at: its priority's, or higher once aging raised it
         self.owner = owner
         self.arrived = arrived
         self.arrived_wall = arrived_wall

@@ -164,8 +164,8 @@ class Scheduler:
                 self._queue.push(job, job.rank, owner)
             else:
                 self._enqueue(job)
-            if self._slots.free:
-                self._dispatch()  # the gate held it: arm the timer that dispatches it
+            if self._gates and self._slots.free:
+                self._dispatch()  # only a gate holds a request back from a free slot: arm its timer
         else:
             self._overflow.push(job, job.rank, owner)
         return job
