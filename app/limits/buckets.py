@@ -52,6 +52,13 @@ class TokenBucket:
         """Return units spent on an estimate that proved too high."""
         self._level = min(self.limit, self.level() + amount)
 
+    def settle(self, charged: float, used: float) -> None:
+        """Square a charge made on an estimate with the real amount: give back the excess, or take the rest."""
+        if used < charged:
+            self.give(charged - used)
+        elif used > charged:
+            self.take(used - charged)
+
     def cap(self, remaining: float) -> None:
         """Lower the level to what an authority (the upstream's headers) says is left."""
         self._level = min(self.level(), remaining)

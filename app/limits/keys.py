@@ -132,12 +132,8 @@ class Tenant:
 
     def settle(self, charged: int, used: int) -> None:
         """Give back tokens the estimate over-charged, or take what it missed."""
-        if self.tokens is None or charged == used:
-            return
-        if used < charged:
-            self.tokens.give(charged - used)
-        else:
-            self.tokens.take(used - charged)
+        if self.tokens is not None:
+            self.tokens.settle(charged, used)
 
     def check_queue(self) -> None:
         """Raise 429 if the key already has its most requests waiting."""

@@ -90,12 +90,8 @@ class UpstreamLimiter:
     def done(self, charged: int, used: int | None) -> None:
         """A dispatched request ended; with its real usage known, return what the estimate over-charged."""
         self._in_flight -= 1
-        if used is None or self.tokens is None or charged == used:
-            return
-        if used < charged:
-            self.tokens.give(charged - used)
-        else:
-            self.tokens.take(used - charged)
+        if used is not None and self.tokens is not None:
+            self.tokens.settle(charged, used)
 
     def learn(self, budget: UpstreamBudget) -> None:
         """Trust what the upstream says is left until the reset it announced.
@@ -131,6 +127,11 @@ class UpstreamLimiter:
             and (self._upstream_requests is None or now >= self._upstream_requests_reset)
             and (self._upstream_tokens is None or now >= self._upstream_tokens_reset)
         )
+
+    def remaining(self) -> dict[str, float]:
+        """What is left of the configured budgets, by name ('requests', 'tokens'), for the metrics."""
+        budgets = {"requests": self.requests, "tokens": self.tokens}
+        return {name: float(bucket.remaining()) for name, bucket in budgets.items() if bucket is not None}
 
     def status(self) -> dict[str, Any]:
         """The limiter's state for /v1/queue/status (seed 000's `rate_limits`)."""

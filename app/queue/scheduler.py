@@ -453,14 +453,7 @@ class Scheduler:
 
     def budget_remaining(self) -> dict[str, float]:
         """What is left of the backend's rate budgets, for the metrics."""
-        if self._limiter is None:
-            return {}
-        remaining = {}
-        if self._limiter.requests is not None:
-            remaining["requests"] = float(self._limiter.requests.remaining())
-        if self._limiter.tokens is not None:
-            remaining["tokens"] = float(self._limiter.tokens.remaining())
-        return remaining
+        return {} if self._limiter is None else self._limiter.remaining()
 
     def _breaker_status(self) -> dict[str, Any] | None:
         breaker = self._breaker
