@@ -10,7 +10,7 @@ tokens per second, time to first token (p50 and worst), and how many streams wer
 (ended without a finish_reason, or not 200). Then the priority check: a high-priority stream arriving while
 every slot of the gateway streams low-priority work, its time to first token and what the status said.
 
-    python -m bench.local_bench [--rounds 2] [--tokens 128] [--threads 2] [--json bench/results/local.json]
+    python -m bench.local_bench [--rounds 3] [--tokens 128] [--threads 2] [--json bench/results/local.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from bench.common import ROOT, Contender, free_port, percentile, side_env
 
 N_CTX = 2048  # per sequence, for every contender
 SLOTS = 4
+STEP_SLACK_S = 0.05  # a decode step: a slot frees at the end of one, the next request joins the next
 
 
 @dataclass
@@ -40,6 +41,8 @@ class StreamResult:
     finish_reason: str | None = None
     status: int = 0
     error: str | None = None
+    started: float = 0.0  # perf_counter when the request was sent
+    ended: float = 0.0  # and when its stream ended
 
     @property
     def complete(self) -> bool:
@@ -68,7 +71,7 @@ async def one_stream(
         "stream": True,
     }
     result = StreamResult()
-    start = time.perf_counter()
+    start = result.started = time.perf_counter()
     try:
         async with session.post(url + "/v1/chat/completions", json=body, headers=headers or {}) as response:
             result.status = response.status
@@ -92,12 +95,20 @@ async def one_stream(
                             result.finish_reason = choice["finish_reason"]
     except aiohttp.ClientError as exc:
         result.error = repr(exc)
+    result.ended = time.perf_counter()
     return result
 
 
+def client() -> aiohttp.ClientSession:
+    """A fresh connection per stream: llama-server closes a connection after a stream, and a pooled client
+    reusing it would count the reference's own hang-up as a failed stream."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=600), connector=aiohttp.TCPConnector(force_close=True)
+    )
+
+
 async def measure(contender: Contender, streams: int, tokens: int) -> Run:
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with client() as session:
         await one_stream(session, contender.url, 999, 8)  # warm up: first-request costs are not throughput
         start = time.perf_counter()
         results = await asyncio.gather(*[one_stream(session, contender.url, i, tokens) for i in range(streams)])
@@ -116,8 +127,7 @@ async def measure(contender: Contender, streams: int, tokens: int) -> Run:
 
 async def priority_check(gateway: Contender, tokens: int) -> dict[str, object]:
     """A high-priority stream arrives while every slot streams low-priority work."""
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with client() as session:
         alone = await one_stream(session, gateway.url, 0, 8, {"X-Priority": "high"})
         lows = [
             asyncio.ensure_future(one_stream(session, gateway.url, i, tokens, {"X-Priority": "low"}))
@@ -134,10 +144,18 @@ async def priority_check(gateway: Contender, tokens: int) -> dict[str, object]:
             status = await response.json()
         high_result = await high
         low_results = await asyncio.gather(*lows)
+    # The promise: the high request's first token comes within one finished slot plus its own prompt time.
+    first_slot_free = min(r.ended for r in low_results) - high_result.started
+    bound = first_slot_free + (alone.ttft or 0.0)
     return {
         "high_ttft_s": high_result.ttft,
         "high_ttft_alone_s": alone.ttft,
-        "high_record_while_waiting": {k: while_waiting.get(k) for k in ("status", "position", "priority")},
+        "first_low_slot_freed_after_s": first_slot_free,
+        "bound_s": bound,
+        "high_within_bound": high_result.ttft is not None and high_result.ttft <= bound + STEP_SLACK_S,
+        "high_record_while_waiting": {
+            k: while_waiting.get(k) for k in ("status", "position", "priority", "waiting_for")
+        },
         "queue_status_then": {k: status.get(k) for k in ("processing_count", "queue_size_by_priority")},
         "low_streams_truncated": sum(not r.complete for r in low_results),
     }
@@ -212,7 +230,7 @@ def contenders(threads: int) -> list[Contender]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--streams", default="1,4,8")
