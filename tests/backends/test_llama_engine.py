@@ -27,6 +27,53 @@ class _MicroBatches(logging.Handler):
             self.count += 1
 
 
+class Runs:
+    """Submits chat prompts to an engine and collects what each produced, keyed by its sink."""
+
+    def __init__(self) -> None:
+        self.engine: LlamaEngine | None = None
+        self.texts: dict[object, str] = {}
+        self.ends: dict[object, Event] = {}
+        self._settled = threading.Condition()
+
+    def deliver(self, events: list[tuple[Any, Event]]) -> None:
+        with self._settled:
+            for sink, event in events:
+                if event[0] == "delta":
+                    self.texts[sink] = self.texts.get(sink, "") + event[1]
+                else:
+                    self.ends[sink] = event
+            self._settled.notify_all()
+
+    def submit(self, sink: object, prompt: str, max_tokens: int, system: str = "") -> None:
+        assert self.engine is not None
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        text = f"{head}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        self.engine.submit(Sequence(self.engine.tokenize(text, True), Sampling(temperature=0), max_tokens, (), sink))
+
+    def wait(self, sinks: list[object]) -> None:
+        with self._settled:
+            assert self._settled.wait_for(lambda: all(sink in self.ends for sink in sinks), 60)
+
+    def wait_for_text(self, sink: object) -> None:
+        with self._settled:
+            assert self._settled.wait_for(lambda: sink in self.texts, 60)
+
+    def run(self, requests: list[tuple[object, str, int]]) -> None:
+        for sink, prompt, max_tokens in requests:
+            self.submit(sink, prompt, max_tokens)
+        self.wait([sink for sink, _, _ in requests])
+
+
+def start_engine() -> tuple[LlamaEngine, Runs]:
+    runs = Runs()
+    runs.engine = LlamaEngine(
+        EngineConfig(default_model_path(), n_ctx=256, n_seq=4, n_threads=2, n_gpu_layers=0), runs.deliver
+    )
+    runs.engine.load()
+    return runs.engine, runs
+
+
 def test_generating_sequences_share_one_micro_batch_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_BATCH_DEBUG", "1")  # read when the context is created
     counter = _MicroBatches()
@@ -44,28 +91,7 @@ def test_generating_sequences_share_one_micro_batch_per_step(monkeypatch: pytest
         return status
 
     monkeypatch.setattr(ll, "llama_decode", counting_decode)
-    texts: dict[object, str] = {}
-    ends: dict[object, Event] = {}
-    settled = threading.Condition()
-
-    def deliver(events: list[tuple[Any, Event]]) -> None:
-        with settled:
-            for sink, event in events:
-                if event[0] == "delta":
-                    texts[sink] = texts.get(sink, "") + event[1]
-                else:
-                    ends[sink] = event
-            settled.notify_all()
-
-    def run(engine: LlamaEngine, requests: list[tuple[object, str, int]]) -> None:
-        for sink, prompt, max_tokens in requests:
-            tokens = engine.tokenize(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", True)
-            engine.submit(Sequence(tokens, Sampling(temperature=0), max_tokens, (), sink))
-        with settled:
-            assert settled.wait_for(lambda: all(sink in ends for sink, _, _ in requests), 60)
-
-    engine = LlamaEngine(EngineConfig(default_model_path(), n_ctx=256, n_seq=4, n_threads=2, n_gpu_layers=0), deliver)
-    engine.load()
+    engine, runs = start_engine()
     # Five requests for four slots: the short first one ends early and the fifth takes its slot; the second
     # ends early too (end of text), leaving ids 0, 2 and 3 busy until the highest moves down to 1.
     requests = [
@@ -73,21 +99,43 @@ def test_generating_sequences_share_one_micro_batch_per_step(monkeypatch: pytest
         for index, (prompt, max_tokens) in enumerate(zip([*PROMPTS, PROMPTS[0]], [3, 16, 16, 16, 12], strict=True))
     ]
     try:
-        run(engine, requests)
+        runs.run(requests)
         together = len(steps)
         for index, prompt, max_tokens in requests:
-            run(engine, [(("alone", index), prompt, max_tokens)])
+            runs.run([(("alone", index), prompt, max_tokens)])
     finally:
         engine.close()
         logger.removeHandler(counter)
         logger.setLevel(level)
 
-    assert all(ends[index][0] == "done" for index, _, _ in requests), ends
+    assert all(runs.ends[index][0] == "done" for index, _, _ in requests), runs.ends
     # Greedy tokens do not depend on what else decoded beside them, nor on the slot's KV being moved.
-    assert [texts[index] for index, _, _ in requests] == [texts["alone", index] for index, _, _ in requests]
+    assert [runs.texts[index] for index, _, _ in requests] == [runs.texts["alone", index] for index, _, _ in requests]
     # Once the prompts were in (every prompt step has more than four tokens; the fifth found its prompt
     # resident), every step was a single micro-batch, however the slots came and went.
     prompts_in = max(index for index, (tokens, _) in enumerate(steps[:together]) if tokens > 4)
     generating = steps[prompts_in + 1 : together]
     assert len(generating) >= 12
     assert [split for _, split in generating] == [1] * len(generating), steps
+
+
+def test_a_prompt_takes_the_prefix_another_slot_holds() -> None:
+    system = "You are a terse assistant who answers questions about geography and nothing else, in one line."
+    engine, runs = start_engine()
+    try:
+        runs.submit("first", "What is the capital of France?", 24, system)
+        # Once the first is generating, the second (same system prompt) goes to the next slot, which holds
+        # nothing: it copies the first one's cells for the shared prefix and evaluates only its question.
+        runs.wait_for_text("first")
+        runs.submit("second", "What is the capital of Spain?", 24, system)
+        runs.wait(["first", "second"])
+        runs.submit(("alone", "second"), "What is the capital of Spain?", 24, system)
+        runs.wait([("alone", "second")])
+    finally:
+        engine.close()
+
+    done, _, prompt_tokens, _, cached = runs.ends["second"]
+    assert done == "done"
+    assert 20 <= cached < prompt_tokens - 5  # the system prompt's tokens, not the question's
+    assert runs.ends["first"][4] == 0
+    assert runs.texts["second"] == runs.texts["alone", "second"]
