@@ -101,15 +101,22 @@ class Metrics:
         """An upstream attempt failed for one of RETRY_REASONS and is tried again."""
         self.retries[reason] += 1
 
+    # The next two run for every request: Buckets.observe is written out in them, a call less each.
+
     def dispatched(self, priority: Priority, waited: float) -> None:
         """A request left the queue for the backend after waiting `waited` seconds."""
-        self.waits[priority].observe(waited)
+        series = self.waits[priority]
+        series.counts[bisect_left(series.bounds, waited)] += 1
+        series.total += waited
 
     def finished(self, priority: Priority, outcome: str, duration: float | None) -> None:
         """A request ended; rejected ones have no duration."""
-        self.requests[priority, outcome] += 1
+        key = priority, outcome
+        self.requests[key] += 1
         if duration is not None:
-            self.durations[priority, outcome].observe(duration)
+            series = self.durations[key]
+            series.counts[bisect_left(series.bounds, duration)] += 1
+            series.total += duration
 
     def upstream_error(self, kind: str) -> None:
         """The upstream failed in one of UPSTREAM_ERROR_KINDS."""

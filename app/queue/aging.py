@@ -22,7 +22,7 @@ class Aging:
 
     def __init__(self, period: float, levels: int):
         self.period = period
-        self._groups: dict[tuple[int, int], deque[tuple[int, Job]]] = {
+        self._groups: dict[tuple[int, int], deque[Job]] = {
             (asked, level): deque() for asked in range(1, levels) for level in range(1, asked + 1)
         }
 
@@ -32,9 +32,9 @@ class Aging:
         return max(0, job.priority.rank - earned)
 
     def track(self, job: Job) -> None:
-        """Watch a job just queued at level job.rank (after its push, which set job.queue_seq)."""
+        """Watch a job just queued at level job.rank (a job waits at each level once: it only moves up)."""
         if job.rank > 0:
-            self._groups[job.priority.rank, job.rank].append((job.queue_seq, job))
+            self._groups[job.priority.rank, job.rank].append(job)
 
     def due(self, now: float, queue: object) -> Iterator[Job]:
         """Jobs waiting in `queue` whose next promotion time has come, earliest first (ties: first arrived).
@@ -43,11 +43,11 @@ class Aging:
         twice over climbs both steps in one pass, after those that earned their step before it.
         """
         while True:
-            best: tuple[float, float, deque[tuple[int, Job]]] | None = None
+            best: tuple[float, float, deque[Job]] | None = None
             for (asked, level), entries in self._groups.items():
                 while entries:
-                    seq, job = entries[0]
-                    if job.queue_owner is queue and job.queue_seq == seq and job.rank == level:
+                    job = entries[0]
+                    if job.queue_owner is queue and job.rank == level:
                         break
                     entries.popleft()
                 else:
@@ -57,4 +57,4 @@ class Aging:
                     best = (at, job.arrived, entries)
             if best is None or best[0] > now:
                 return
-            yield best[2].popleft()[1]
+            yield best[2].popleft()

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from app.queue.slots import Slot
 
 _RANK = {p: p.rank for p in Priority}  # a dict lookup, cheaper than the property on the hot path
-TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT})
 
 
 def terminal_state(error: GatewayError | None) -> JobState:
@@ -53,8 +52,8 @@ class Job:
         "owner",
         "priority",
         "queue_key",
+        "queue_level",
         "queue_owner",
-        "queue_seq",
         "rank",
         "slot",
         "started",
@@ -88,7 +87,7 @@ class Job:
         self.error: GatewayError | None = None
         self.slot: Slot | None = None
         self.queue_owner: object | None = None  # the PriorityQueue this job waits in, if any
-        self.queue_seq = -1
+        self.queue_level: object | None = None  # and the level there (the queue's own bookkeeping)
         self.queue_key: object = None  # whose turn it takes in the queue's round robin
         self.cost = 0  # tokens charged to the budgets: estimated prompt + max_tokens (0 when none counts tokens)
         self.used_tokens: int | None = None  # real prompt + completion tokens, when the backend reported them
@@ -100,8 +99,8 @@ class Job:
 
     @property
     def is_terminal(self) -> bool:
-        """Whether the request has ended."""
-        return self.state in TERMINAL
+        """Whether the request has ended (mark_finished is the one place that sets `finished`)."""
+        return self.finished is not None
 
     def wall_time(self, monotonic: float | None) -> float | None:
         """A monotonic instant of this job as seconds since the epoch."""

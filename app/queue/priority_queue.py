@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Generic, Protocol, TypeVar
 
 # Removed items stay in their deque until popped; a level is rebuilt once they outnumber its live items.
@@ -11,10 +10,10 @@ _COMPACT_MIN_DEAD = 64
 
 
 class Queueable(Protocol):
-    """What the queue writes on an item: where it waits, which push put it there, and whose turn it takes."""
+    """What the queue writes on an item: the queue and level it waits at, and whose turn it takes."""
 
     queue_owner: object | None
-    queue_seq: int
+    queue_level: object | None
     queue_key: object
 
 
@@ -22,12 +21,13 @@ T = TypeVar("T", bound=Queueable)
 
 
 class _Level(Generic[T]):
-    """One priority level: a deque per key, the keys in a ring whose head has the next turn."""
+    """One priority level: a deque per key, and the keys in turn order (the first has the next turn)."""
 
-    __slots__ = ("count", "dead", "ring")
+    __slots__ = ("count", "dead", "queues", "turns")
 
     def __init__(self) -> None:
-        self.ring: OrderedDict[object, deque[tuple[int, T]]] = OrderedDict()
+        self.queues: dict[object, deque[T]] = {}
+        self.turns: deque[object] = deque()  # the keys of `queues`, each once
         self.count = 0
         self.dead = 0
 
@@ -40,7 +40,13 @@ class PriorityQueue(Generic[T]):
     (authentication off) this is plain FIFO within a level.
 
     One deque per key per level: with three priorities, finding the first non-empty level is cheaper than any
-    heap, and the cost per operation does not grow with the number waiting.
+    heap, and the cost per operation does not grow with the number waiting. `size` is the number waiting
+    (also len()), a plain attribute because the scheduler reads it on every dispatch.
+
+    The deques hold the items themselves (no wrapper: a popped item is the only object its pop touches);
+    an entry is live while its item says it waits in this queue at this level. An item removed and later
+    pushed at the same level again would find its dead entry still there, so that push compacts the level
+    first (the scheduler never does it: its requests only move up).
 
     >>> q = PriorityQueue(levels=3)
     >>> q.push(job_a, rank=2, key="team-a"); q.push(job_b, rank=0, key="team-b")  # doctest: +SKIP
@@ -48,15 +54,14 @@ class PriorityQueue(Generic[T]):
     True
     """
 
-    __slots__ = ("_levels", "_seq", "_size")
+    __slots__ = ("_levels", "size")
 
     def __init__(self, levels: int):
         self._levels: list[_Level[T]] = [_Level() for _ in range(levels)]
-        self._size = 0
-        self._seq = itertools.count()
+        self.size = 0
 
     def __len__(self) -> int:
-        return self._size
+        return self.size
 
     def count(self, rank: int) -> int:
         """How many live items wait at this level."""
@@ -64,117 +69,121 @@ class PriorityQueue(Generic[T]):
 
     def push(self, item: T, rank: int, key: object = None) -> None:
         """Queue `item` behind everything of its key at its level; a new key takes the last turn."""
-        seq = next(self._seq)
-        item.queue_owner = self
-        item.queue_seq = seq
-        item.queue_key = key
         level = self._levels[rank]
-        entries = level.ring.get(key)
+        if item.queue_level is level:  # removed from this very level before: its dead entry goes first
+            self._compact(level)
+        item.queue_owner = self
+        item.queue_level = level
+        item.queue_key = key
+        entries = level.queues.get(key)
         if entries is None:
-            entries = level.ring[key] = deque()
-        entries.append((seq, item))
+            entries = level.queues[key] = deque()
+            level.turns.append(key)
+        entries.append(item)
         level.count += 1
-        self._size += 1
+        self.size += 1
 
-    def _head(self, level: _Level[T]) -> tuple[object, deque[tuple[int, T]]] | None:
-        """The key whose turn it is and its deque, its head live; dead heads and emptied keys are dropped."""
-        ring = level.ring
-        while ring:
-            key, entries = next(iter(ring.items()))
+    def _head(self, level: _Level[T]) -> deque[T] | None:
+        """The deque of the key whose turn it is, its head live; dead heads and emptied keys are dropped."""
+        turns, queues = level.turns, level.queues
+        while turns:
+            entries = queues[turns[0]]
             while entries:
-                seq, item = entries[0]
-                if item.queue_owner is self and item.queue_seq == seq:
-                    return key, entries
+                item = entries[0]
+                if item.queue_owner is self and item.queue_level is level:
+                    return entries
                 entries.popleft()
                 level.dead -= 1
-            del ring[key]
+            del queues[turns.popleft()]
         return None
 
     def peek(self) -> T | None:
         """The item pop() would return, left in place."""
-        if not self._size:
+        if not self.size:
             return None
         for level in self._levels:
             if level.count:
-                head = self._head(level)
-                if head is not None:
-                    return head[1][0][1]
+                entries = self._head(level)
+                if entries is not None:
+                    return entries[0]
         return None
 
     def pop(self) -> T | None:
-        """The first live item, or None when empty; its key goes to the back of the ring."""
-        if not self._size:
+        """The first live item, or None when empty; its key goes to the back of the turns."""
+        if not self.size:
             return None
         for level in self._levels:
             if not level.count:
                 continue
-            ring = level.ring
-            while ring:
-                # The ring's head, the key whose turn it is (a for-break is the cheapest way to read it).
-                for key, entries in ring.items():  # noqa: B007
-                    break
+            turns, queues = level.turns, level.queues
+            while turns:
+                key = turns[0]
+                entries = queues[key]
                 while entries:
-                    seq, item = entries.popleft()
-                    if item.queue_owner is self and item.queue_seq == seq:
-                        if len(ring) > 1:  # to the back of the ring, or out of it once it has nothing left
+                    item = entries.popleft()
+                    if item.queue_owner is self and item.queue_level is level:
+                        if len(turns) > 1:  # to the back of the turns, or out of them once it has nothing left
                             if entries:
-                                ring.move_to_end(key)
+                                turns.rotate(-1)
                             else:
-                                del ring[key]
+                                turns.popleft()
+                                del queues[key]
                         # A lone key keeps its deque even when empty: the next push needs no new one.
-                        item.queue_owner = None
+                        item.queue_owner = item.queue_level = None
                         level.count -= 1
-                        self._size -= 1
+                        self.size -= 1
                         return item
                     level.dead -= 1
-                del ring[key]
+                turns.popleft()
+                del queues[key]
         return None
 
     def remove(self, item: T, rank: int) -> bool:
         """Take `item` out wherever it stands; False if it is not waiting here."""
         if item.queue_owner is not self:
             return False
-        item.queue_owner = None
+        item.queue_owner = None  # queue_level stays: its entry is still in that level's deque
         level = self._levels[rank]
         level.count -= 1
-        self._size -= 1
+        self.size -= 1
         level.dead += 1
         if level.dead > _COMPACT_MIN_DEAD and level.dead > level.count:
             self._compact(level)
         return True
 
     def _compact(self, level: _Level[T]) -> None:
-        ring: OrderedDict[object, deque[tuple[int, T]]] = OrderedDict()
-        for key, entries in level.ring.items():
-            live = deque(e for e in entries if e[1].queue_owner is self and e[1].queue_seq == e[0])
+        queues: dict[object, deque[T]] = {}
+        for key in level.turns:
+            live = deque(self._live(level, level.queues[key]))
             if live:
-                ring[key] = live
-        level.ring = ring
+                queues[key] = live
+        level.queues = queues
+        level.turns = deque(queues)
         level.dead = 0
 
-    def _live(self, entries: deque[tuple[int, T]]) -> list[T]:
-        return [item for seq, item in entries if item.queue_owner is self and item.queue_seq == seq]
+    def _live(self, level: _Level[T], entries: deque[T]) -> list[T]:
+        return [item for item in entries if item.queue_owner is self and item.queue_level is level]
 
     def position(self, item: T, rank: int) -> int | None:
         """1-based place of a waiting item, turns included (O(n): for status look-ups, never on dispatch)."""
         if item.queue_owner is not self:
             return None
         level = self._levels[rank]
-        own = level.ring.get(item.queue_key)
+        own = level.queues.get(item.queue_key)
         if own is None:
             return None
-        mine = self._live(own)
+        mine = self._live(level, own)
         turn = mine.index(item)  # items of its own key ahead of it
         ahead = sum(self._levels[r].count for r in range(rank)) + turn
         before_key = True
-        for key, entries in level.ring.items():
+        for key in level.turns:
             if key == item.queue_key:
                 before_key = False
                 continue
-            # Each round gives every key one turn: keys before ours in the ring go first in each round.
-            ahead += min(len(self._live(entries)), turn + 1 if before_key else turn)
+            # Each round gives every key one turn: keys before ours in the turns go first in each round.
+            ahead += min(len(self._live(level, level.queues[key])), turn + 1 if before_key else turn)
         return ahead + 1
 
     def items(self) -> list[T]:
         """Every live item, level by level."""
-        return [item for level in self._levels for entries in level.ring.values() for item in self._live(entries)]
+        return [item for level in self._levels for key in level.turns for item in self._live(level, level.queues[key])]

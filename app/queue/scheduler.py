@@ -129,7 +129,7 @@ class Scheduler:
                 code="duplicate_request_id",
                 param="X-Request-ID",
             )
-        waiting = len(self._queue)
+        waiting = self._queue.size
         if waiting >= self.max_queue_size and self.full_behavior is QueueFullBehavior.REJECT:
             self.count_rejection(priority, "queue_full")
             retry_after = self.estimate_wait(1)
@@ -137,7 +137,7 @@ class Scheduler:
                 f"the queue is full ({waiting} requests waiting); retry in {retry_after:.1f}s",
                 retry_after=retry_after,
             )
-        now_free = self._slots.free and not waiting and not (self._gates and self._gated())
+        now_free = self._slots.idle and not waiting and not (self._gates and self._gated())
         if tenant is not None and not now_free:
             try:
                 tenant.check_queue()
@@ -164,8 +164,8 @@ class Scheduler:
                 self._queue.push(job, job.rank, owner)
             else:
                 self._enqueue(job)
-            if self._gates and self._slots.free:
-                self._dispatch()  # only a gate holds a request back from a free slot: arm its timer
+            if self._gates and self._slots.idle:
+                self._dispatch(now)  # only a gate holds a request back from a free slot: arm its timer
         else:
             self._overflow.push(job, job.rank, owner)
         return job
@@ -240,7 +240,8 @@ class Scheduler:
         self._dispatch()
 
     def _start(self, job: Job, now: float) -> None:
-        job.slot = self._slots.take(job)
+        job.slot = slot = self._slots.idle.pop()
+        slot.job = job
         job.started = now
         job.mark_dispatched()
         self._metrics.dispatched(job.priority, now - job.arrived)
@@ -250,16 +251,17 @@ class Scheduler:
             if self._breaker is not None:
                 self._breaker.dispatched(job)
 
-    def _dispatch(self) -> None:
-        """Fill free slots from the queue as far as the budgets allow, refilling the queue from the overflow."""
-        now = self._clock()
+    def _dispatch(self, now: float | None = None) -> None:
+        """Fill idle slots from the queue as far as the budgets allow, refilling the queue from the overflow."""
+        if now is None:
+            now = self._clock()
         if self._aging is not None:
             self._promote(now)
-        slots = self._slots
+        idle, queue, overflow = self._slots.idle, self._queue, self._overflow
         while True:
-            while slots.free:
+            while idle:
                 if self._gates and self._gated():
-                    job = self._queue.peek()
+                    job = queue.peek()
                     if job is None:
                         self._unhold()
                         break
@@ -267,9 +269,9 @@ class Scheduler:
                     if wait > 0:
                         self._hold(wait, reason, now)
                         break
-                    self._queue.pop()
+                    queue.pop()
                 else:
-                    job = self._queue.pop()
+                    job = queue.pop()
                     if job is None:
                         self._unhold()
                         break
@@ -279,14 +281,16 @@ class Scheduler:
                 if job.tenant is not None:
                     job.tenant.waiting -= 1
                 self._start(job, now)
+            if not overflow.size:
+                return
             moved = False
-            while self._overflow and len(self._queue) < self.max_queue_size:
-                job = self._overflow.pop()
+            while overflow.size and queue.size < self.max_queue_size:
+                job = overflow.pop()
                 if job is None:
                     break
                 self._enqueue(job)
                 moved = True
-            if not moved or not slots.free or self.held_by is not None:
+            if not moved or not idle or self.held_by is not None:
                 return
 
     def _breaker_changed(self, state: BreakerState) -> None:
@@ -319,11 +323,12 @@ class Scheduler:
 
     def finish(self, job: Job, error: GatewayError | None) -> None:
         """Retire a request exactly once, free what it held, and dispatch the next."""
-        if job.is_terminal:
+        if job.finished is not None:  # already terminal
             return
         now = self._clock()
-        state = terminal_state(error)
-        self._deadlines.discard(job)
+        state = JobState.COMPLETED if error is None else terminal_state(error)
+        if job.watched:
+            self._deadlines.discard(job)
         tenant = job.tenant
         if job.queue_owner is not None:
             self._queue.remove(job, job.rank) or self._overflow.remove(job, job.rank)
@@ -336,8 +341,9 @@ class Scheduler:
                 self._limiter.done(job.cost, job.used_tokens)
             if self._breaker is not None:
                 self._breaker.settled(job)
-        if job.slot is not None:
-            self._slots.give(job.slot, ok=state is JobState.COMPLETED)
+        slot = job.slot
+        if slot is not None:
+            self._slots.give(slot, state is JobState.COMPLETED)
             job.slot = None
             assert job.started is not None
             held = now - job.started
@@ -346,19 +352,6 @@ class Scheduler:
         if error is not None and job.error is None:
             job.error = error
         job.mark_finished(state, now)
-        self._count(state)
-        self._metrics.finished(job.priority, _OUTCOME[state], now - job.arrived)
-        self._retire(job)
-        self._dispatch()
-
-    def _settle_tenant(self, job: Job) -> None:
-        """Square the key's token budget with what the request really used (nothing, if it never ran)."""
-        assert job.tenant is not None
-        used = 0 if job.started is None else job.used_tokens
-        if used is not None:  # else the backend did not say, and the estimate stands
-            job.tenant.settle(job.cost, used)
-
-    def _count(self, state: JobState) -> None:
         if state is JobState.COMPLETED:
             self.total_processed += 1
         elif state is JobState.FAILED:
@@ -367,6 +360,16 @@ class Scheduler:
             self.total_timed_out += 1
         else:
             self.total_cancelled += 1
+        self._metrics.finished(job.priority, _OUTCOME[state], now - job.arrived)
+        self._retire(job)
+        self._dispatch(now)
+
+    def _settle_tenant(self, job: Job) -> None:
+        """Square the key's token budget with what the request really used (nothing, if it never ran)."""
+        assert job.tenant is not None
+        used = 0 if job.started is None else job.used_tokens
+        if used is not None:  # else the backend did not say, and the estimate stands
+            job.tenant.settle(job.cost, used)
 
     def _retire(self, job: Job) -> None:
         if self._live.get(job.id) is job:

@@ -23,26 +23,22 @@ class Slot:
 class SlotPool:
     """A fixed set of slots; take() and give() are O(1)."""
 
-    __slots__ = ("_free", "slots")
+    __slots__ = ("idle", "slots")
 
     def __init__(self, size: int):
         self.slots = [Slot(i) for i in range(size)]
-        # Reversed so slot 0 is handed out first: an idle gateway shows its work on the first workers.
-        self._free = list(reversed(self.slots))
-
-    @property
-    def free(self) -> int:
-        """How many slots are idle."""
-        return len(self._free)
+        # The idle slots, read (truthy when any) on every dispatch. Reversed so slot 0 is handed out first:
+        # an idle gateway shows its work on the first workers.
+        self.idle = list(reversed(self.slots))
 
     @property
     def busy(self) -> int:
         """How many slots hold a request."""
-        return len(self.slots) - len(self._free)
+        return len(self.slots) - len(self.idle)
 
     def take(self, job: Job) -> Slot:
-        """Give `job` an idle slot; the caller checks `free` first."""
-        slot = self._free.pop()
+        """Give `job` an idle slot; the caller checks `idle` first."""
+        slot = self.idle.pop()
         slot.job = job
         return slot
 
@@ -53,4 +49,4 @@ class SlotPool:
             slot.processed += 1
         else:
             slot.errors += 1
-        self._free.append(slot)
+        self.idle.append(slot)

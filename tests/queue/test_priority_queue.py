@@ -5,7 +5,7 @@ class Item:
     def __init__(self, name: str) -> None:
         self.name = name
         self.queue_owner: object | None = None
-        self.queue_seq = -1
+        self.queue_level: object | None = None
         self.queue_key: object = None
 
     def __repr__(self) -> str:
@@ -58,6 +58,17 @@ def test_a_removed_then_requeued_item_appears_once_at_its_new_place() -> None:
     assert len(q) == 0
 
 
+def test_an_item_requeued_at_the_level_it_was_removed_from_waits_at_the_back_once() -> None:
+    q: PriorityQueue[Item] = PriorityQueue(levels=3)
+    a, b, c = Item("a"), Item("b"), Item("c")
+    for item in (a, b, c):
+        q.push(item, 1)
+    q.remove(a, 1)
+    q.push(a, 1)  # its dead entry at the front must not give it back its old place
+    assert names([q.pop(), q.pop(), q.pop(), q.pop()]) == ["b", "c", "a", None]
+    assert len(q) == 0
+
+
 def test_mass_removal_compacts_and_keeps_order() -> None:
     q: PriorityQueue[Item] = PriorityQueue(levels=3)
     items = [Item(str(i)) for i in range(1000)]
@@ -67,7 +78,7 @@ def test_mass_removal_compacts_and_keeps_order() -> None:
     for i in sorted(removed):
         q.remove(items[i], i % 3)
     assert len(q) == 1000 - len(removed)
-    held = sum(len(entries) for level in q._levels for entries in level.ring.values())
+    held = sum(len(entries) for level in q._levels for entries in level.queues.values())
     assert held < 1000  # compacted rather than left to grow
     expected = sorted(set(range(1000)) - removed, key=lambda i: (i % 3, i))
     assert [int(q.pop().name) for _ in range(len(expected))] == expected  # type: ignore[union-attr]
