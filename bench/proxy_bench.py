@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -250,6 +251,7 @@ def main() -> None:
         ),
     ]
     cells: dict[tuple[str, str], dict[str, float]] = {}
+    rounds: dict[tuple[str, str], list[float]] = {}  # each round's req/s, for the paired ratios
     slow_upstream = Contender(
         "slow upstream",
         [python, "-m", "tests.fakes.upstream", "--port", str(slow_port), "--pace", "0.5", "--chunks", "10"],
@@ -275,6 +277,7 @@ def main() -> None:
                 ]:
                     result = wrk(contender.url, connections, duration, body)
                     key = (contender.name, label)
+                    rounds.setdefault(key, []).append(result["rps"])
                     if key not in cells or result["rps"] > cells[key]["rps"]:
                         cells[key] = {**result, "failed": max(result["failed"], cells.get(key, {}).get("failed", 0))}
                     print(
@@ -296,10 +299,21 @@ def main() -> None:
         for contender in [*field, slow_upstream, slow_gateway]:
             contender.stop()
 
-    report(cells, extra, args.json)
+    report(cells, rounds, extra, args.json)
 
 
-def report(cells: dict[tuple[str, str], dict[str, float]], extra: dict[str, object], path: str) -> None:
+def paired(rounds: dict[tuple[str, str], list[float]], label: str, name: str, reference: str) -> float:
+    """The median over rounds of name's req/s over reference's in the same round (noise hits a round's pair
+    alike; the best cells of the table may come from different rounds)."""
+    return statistics.median(a / b for a, b in zip(rounds[name, label], rounds[reference, label], strict=True))
+
+
+def report(
+    cells: dict[tuple[str, str], dict[str, float]],
+    rounds: dict[tuple[str, str], list[float]],
+    extra: dict[str, object],
+    path: str,
+) -> None:
     names = ["direct", "bare", "gateway", "litellm"]
     print(
         f"\n{'contender':<9} {'req/s c1':>9} {'p50 c1':>9} {'p99 c1':>9} {'req/s c32':>10} {'p50 c32':>9} "
@@ -319,6 +333,9 @@ def report(cells: dict[tuple[str, str], dict[str, float]], extra: dict[str, obje
         "gateway_vs_bare_c32": gw / bare,
         "gateway_vs_bare_stream_c32": cells["gateway", "stream_c32"]["rps"] / cells["bare", "stream_c32"]["rps"],
         "gateway_vs_direct_c32": gw / direct,
+        "gateway_vs_bare_c32_paired_median": paired(rounds, "c32", "gateway", "bare"),
+        "gateway_vs_bare_stream_c32_paired_median": paired(rounds, "stream_c32", "gateway", "bare"),
+        "gateway_vs_litellm_c32_paired_median": paired(rounds, "c32", "gateway", "litellm"),
         "added_p50_ms_c1": cells["gateway", "c1"]["p50_ms"] - cells["direct", "c1"]["p50_ms"],
         "bare_added_p50_ms_c1": cells["bare", "c1"]["p50_ms"] - cells["direct", "c1"]["p50_ms"],
         "litellm_added_p50_ms_c1": cells["litellm", "c1"]["p50_ms"] - cells["direct", "c1"]["p50_ms"],
