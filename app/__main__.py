@@ -8,6 +8,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
+from app.heap import freeze_startup_heap
 from app.limits.keys import KeysFileError
 from app.logs import configure_logging
 from app.main import create_app
@@ -25,6 +26,10 @@ class GatewayServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
         super().__init__(config)
         self._scheduler = scheduler
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        freeze_startup_heap()  # the app and the backend are loaded: what is alive now stays
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._scheduler.drain()

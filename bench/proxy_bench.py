@@ -344,7 +344,7 @@ def report(
     }
     print()
     for key, value in ratios.items():
-        print(f"{key:<30} {value:>8.3f}")
+        print(f"{key:<42} {value:>8.3f}")
     for key, value in extra.items():
         print(f"{key}: {json.dumps(value)}")
     with open(path, "w") as out:

@@ -9,8 +9,9 @@ priority order. Flat cost per operation across queue depths means log-time queue
 Depths are measured in interleaved rounds (10, 1k, 10k, 100k, 10, 1k, ...) so machine noise hits them
 alike; each depth reports its best round, the least disturbed by other work on a shared machine.
 
-Each depth is timed twice: as a process runs it (the cyclic garbage collector on; its full passes walk
-every live object, so their cost per request grows with what is alive) and by timeit's convention
+The process imports the gateway and freezes its startup heap as the server does (app/heap.py). Each depth
+is timed twice: as the server runs it (the cyclic garbage collector on; its full passes walk every live
+object, so their cost per request grows with what is alive) and by timeit's convention
 (collector off while timing), which isolates the scheduler's own cost per request. The reference, a dict
 and a FIFO of bare objects with no scheduling at all, is timed the same two ways: its slowdown with depth
 is what caches, memory and the collector cost any design that keeps that many requests alive.
@@ -28,6 +29,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
+import app.main  # noqa: F401  (the gateway's whole import graph: a heap like the server's)
+from app.heap import freeze_startup_heap
 from app.metrics import Metrics
 from app.queue.scheduler import Scheduler
 from app.settings import Priority, QueueFullBehavior
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    freeze_startup_heap()  # as the server does once started
     depths = (10, 1_000, 10_000, 100_000)
     modes = (True, False)  # collector on, off
     best = {(d, m): 0.0 for d in depths for m in modes}
