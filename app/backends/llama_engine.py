@@ -409,8 +409,7 @@ class LlamaEngine:
         )
         self._free_ids.remove(best)
         # The last prompt token is always evaluated: its logits give the first generated token.
-        limit = len(prompt) - 1
-        shared = min(_common_prefix(self._resident[best], prompt), limit)
+        shared = min(_common_prefix(self._resident[best], prompt), len(prompt) - 1)
         donor, donated = self._donor(prompt, best)
         if donated - shared >= _MIN_COPY_TOKENS:
             # Another slot holds more of this prompt (a system prompt most often): copying its KV buffer
