@@ -240,8 +240,7 @@ class Scheduler:
         self._dispatch()
 
     def _start(self, job: Job, now: float) -> None:
-        job.slot = slot = self._slots.idle.pop()
-        slot.job = job
+        job.slot = self._slots.take(job)
         job.started = now
         job.mark_dispatched()
         self._metrics.dispatched(job.priority, now - job.arrived)
