@@ -37,6 +37,7 @@ _PIECE_BYTES = 256
 # Copying another slot's KV buffer costs about what evaluating this many prompt tokens does (measured with
 # the bundled model: a 47 MB buffer in ~5 ms, prompts at ~250 tokens/s on 2 cores); below it, evaluate.
 _MIN_COPY_TOKENS = 16
+_PREFIX_BLOCK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,9 +507,15 @@ def _runs(ids: list[int]) -> int:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two lists share."""
+    """How many leading tokens two lists share.
+
+    Runs on the engine thread for every slot at every admission: whole blocks are compared as slices (in C),
+    and only the block with the first difference token by token.
+    """
     limit = min(len(a), len(b))
     index = 0
+    while index + _PREFIX_BLOCK <= limit and a[index : index + _PREFIX_BLOCK] == b[index : index + _PREFIX_BLOCK]:
+        index += _PREFIX_BLOCK
     while index < limit and a[index] == b[index]:
         index += 1
     return index

@@ -10,7 +10,7 @@ import llama_cpp as ll
 import pytest
 
 from app.backends.llama import default_model_path
-from app.backends.llama_engine import EngineConfig, Event, LlamaEngine, Sampling, Sequence
+from app.backends.llama_engine import EngineConfig, Event, LlamaEngine, Sampling, Sequence, _common_prefix
 
 PROMPTS = ["Name three colors.", "What is the capital of France?", "Write a haiku about rain.", "Hi."]
 
@@ -139,3 +139,13 @@ def test_a_prompt_takes_the_prefix_another_slot_holds() -> None:
     assert 20 <= cached < prompt_tokens - 5  # the system prompt's tokens, not the question's
     assert runs.ends["first"][4] == 0
     assert runs.texts["second"] == runs.texts["alone", "second"]
+
+
+def test_common_prefix_is_exact_across_the_compared_blocks() -> None:
+    tokens = list(range(1000, 2000))
+    for length in (0, 1, 255, 256, 257, 511, 512, 513, 999):
+        assert _common_prefix(tokens, [*tokens[:length], -1]) == length
+        assert _common_prefix([*tokens[:length], -1], tokens) == length
+    assert _common_prefix(tokens, tokens) == len(tokens)
+    assert _common_prefix(tokens, tokens[:300]) == 300
+    assert _common_prefix([], tokens) == 0
