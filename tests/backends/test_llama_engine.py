@@ -92,8 +92,9 @@ def test_generating_sequences_share_one_micro_batch_per_step(monkeypatch: pytest
 
     monkeypatch.setattr(ll, "llama_decode", counting_decode)
     engine, runs = start_engine()
-    # Five requests for four slots: the short first one ends early and the fifth takes its slot; the second
-    # ends early too (end of text), leaving ids 0, 2 and 3 busy until the highest moves down to 1.
+    # Five requests for four slots: the short first one ends early and the fifth takes its slot; those that end
+    # by end of text leave gaps between busy ids (here the second, at its 7th token), which the engine closes
+    # by moving the highest slot down.
     requests = [
         (index, prompt, max_tokens)
         for index, (prompt, max_tokens) in enumerate(zip([*PROMPTS, PROMPTS[0]], [3, 16, 16, 16, 12], strict=True))
