@@ -401,24 +401,25 @@ class LlamaEngine:
 
     def _admit(self, sequence: Sequence) -> None:
         prompt = sequence.prompt
+        # How much of the prompt each slot's cells hold. The last prompt token is always evaluated: its logits
+        # give the first generated token.
+        held = [min(_common_prefix(tokens, prompt), len(prompt) - 1) for tokens in self._resident]
         taken = [s.id for s in self._active]
         # Fewest runs of consecutive ids first (each run is a micro-batch, a pass over the weights, at every
         # step while they generate), then the longest resident prefix (paid once), then the lowest id.
-        best = min(
-            self._free_ids,
-            key=lambda seq_id: (_runs([*taken, seq_id]), -_common_prefix(self._resident[seq_id], prompt), seq_id),
-        )
+        best = min(self._free_ids, key=lambda seq_id: (_runs([*taken, seq_id]), -held[seq_id], seq_id))
         self._free_ids.remove(best)
-        # The last prompt token is always evaluated: its logits give the first generated token.
-        shared = min(_common_prefix(self._resident[best], prompt), len(prompt) - 1)
-        donor, donated = self._donor(prompt, best)
-        if donated - shared >= _MIN_COPY_TOKENS:
+        shared = held[best]
+        # A slot filled by a copy this step holds its cells only once the next decode has run.
+        donors = [seq_id for seq_id in range(len(held)) if seq_id != best and seq_id not in self._copied]
+        donor = max(donors, key=held.__getitem__, default=-1)
+        if donor >= 0 and held[donor] - shared >= _MIN_COPY_TOKENS:
             # Another slot holds more of this prompt (a system prompt most often): copying its KV buffer
             # costs about what evaluating a few tokens does, so take its cells and cut them to the prefix.
             ll.llama_memory_seq_rm(self._memory, best, -1, -1)
             ll.llama_memory_seq_cp(self._memory, donor, best, -1, -1)
             self._copied.add(best)
-            shared = donated
+            shared = held[donor]
         if not ll.llama_memory_seq_rm(self._memory, best, shared, -1):
             ll.llama_memory_seq_rm(self._memory, best, -1, -1)  # this memory cannot cut a sequence: start over
             shared = 0
@@ -448,17 +449,6 @@ class LlamaEngine:
             self._copied.add(hole)
             sequence.id = hole
             bisect.insort(self._active, sequence, key=_by_id)
-
-    def _donor(self, prompt: list[int], seq_id: int) -> tuple[int, int]:
-        """The other slot whose cells share the longest prefix with `prompt`, and how long it is."""
-        best, shared = -1, 0
-        for other, tokens in enumerate(self._resident):
-            # A slot filled by a copy this step holds its cells only once the next decode has run.
-            if other != seq_id and other not in self._copied:
-                common = min(_common_prefix(tokens, prompt), len(prompt) - 1)
-                if common > shared:
-                    best, shared = other, common
-        return best, shared
 
     def _accept(self, sequence: Sequence, token: int) -> None:
         if ll.llama_vocab_is_eog(self._vocab, token):
