@@ -19,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from app.__main__ import run
-from app.settings import Priority, Settings
+from app.settings import Settings
+from app.types import Priority
 
 DEFAULT_URL = "http://127.0.0.1:8091"
 API_KEY_ENV = "LLM_QUEUE_GATEWAY_API_KEY"

@@ -88,6 +88,17 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class HTTPStatusError(GatewayError):
+    """Any other HTTP error the web framework raises (a status of its own, no code of ours)."""
+
+    code = None
+
+    def __init__(self, message: str, *, status: int):
+        super().__init__(message)
+        self.status_code = status
+        self.error_type = "invalid_request_error" if status < 500 else "server_error"
+
+
 def retry_after_headers(seconds: float) -> dict[str, str]:
     """Retry-After in whole seconds (at least 1) and retry-after-ms, both of which the openai SDK honours."""
     seconds = max(seconds, 0.001)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 
 from app import __version__
@@ -16,9 +18,10 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestIdMiddleware
 from app.backends import Backend, build_backend
 from app.limits.breaker import CircuitBreaker
-from app.limits.keys import KeysFileError, Tenant, load_keys_file
+from app.limits.keys import KeyAccount, KeysFileError, load_keys_file
 from app.limits.limiter import UpstreamLimiter
 from app.metrics import Metrics
+from app.queue.gate import DispatchGate
 from app.queue.scheduler import Scheduler
 from app.queue.service import CompletionService
 from app.settings import Settings
@@ -27,7 +30,7 @@ log = logging.getLogger("app.queue")
 
 
 def create_app(
-    settings: Settings, backend: Backend | None = None, registry: CollectorRegistry | None = None
+    settings: Settings, backend: Backend[Any] | None = None, registry: CollectorRegistry | None = None
 ) -> FastAPI:
     """The gateway as an ASGI app; pass a backend or a registry to replace the configured ones (tests)."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
@@ -52,10 +55,14 @@ def create_app(
         history_size=settings.request_history_size,
         metrics=metrics,
         aging_seconds=settings.queue_aging_seconds,
-        limiter=limiter,
-        breaker=breaker,
+        gate=DispatchGate(limiter, breaker, metrics) if limiter is not None or breaker is not None else None,
     )
-    metrics.watch_limits(scheduler.budget_remaining, (lambda: breaker.gauge) if breaker is not None else None)
+    if breaker is not None:
+        breaker.on_change = scheduler.breaker_changed
+    metrics.watch_queue(scheduler.queue_sizes, lambda: scheduler.in_flight)
+    metrics.watch_limits(
+        limiter.remaining if limiter is not None else dict, (lambda: breaker.gauge) if breaker is not None else None
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -90,28 +97,37 @@ def create_app(
     app.state.service = CompletionService(
         scheduler,
         backend,
-        metrics,
         counts_tokens=limiter is not None and limiter.counts_tokens,
         default_max_tokens=settings.rate_limit_default_max_tokens,
     )
-    app.state.api_keys = _tenants(settings)
+    app.state.api_keys = _key_accounts(settings)
     install_error_handlers(app)
+    # The completion routes first: the router tries routes in order, and these carry nearly all traffic.
+    app.router.routes[:0] = openai.completion_routes()
     app.include_router(openai.router)
     app.include_router(queue_routes.router)
     app.include_router(ops.router)
-    app.add_middleware(openai.CompletionFastPath)
-    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so the fast path has its request id
+    app.add_middleware(RequestIdMiddleware)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schema["paths"] = {**openai.completion_openapi(), **schema.get("paths", {})}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-def _tenants(settings: Settings) -> tuple[tuple[bytes, Tenant], ...]:
-    """Every accepted key with its policy: API_KEYS as 'key-N' without limits, then API_KEYS_FILE's."""
-    tenants = [(key.encode(), Tenant.unlimited(f"key-{n}")) for n, key in enumerate(settings.api_keys, 1)]
+def _key_accounts(settings: Settings) -> tuple[tuple[bytes, KeyAccount], ...]:
+    """Every accepted key with its account: API_KEYS as 'key-N' without limits, then API_KEYS_FILE's."""
+    accounts = [(key.encode(), KeyAccount.unlimited(f"key-{n}")) for n, key in enumerate(settings.api_keys, 1)]
     if settings.api_keys_file:
-        tenants += [(entry.key.encode(), Tenant.build(entry)) for entry in load_keys_file(settings.api_keys_file)]
+        accounts += [(entry.key.encode(), KeyAccount.build(entry)) for entry in load_keys_file(settings.api_keys_file)]
     seen: set[bytes] = set()
-    for key, tenant in tenants:
-        if key in seen:
-            raise KeysFileError(f"the key of {tenant.name!r} is also in API_KEYS or listed twice")
-        seen.add(key)
-    return tuple(tenants)
+    for secret, account in accounts:
+        if secret in seen:
+            raise KeysFileError(f"the key of {account.name!r} is also in API_KEYS or listed twice")
+        seen.add(secret)
+    return tuple(accounts)

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from app.settings import Priority
+from app.types import Priority
 
 OUTCOMES = ("completed", "failed", "rejected", "timeout", "cancelled")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "http_5xx", "protocol")
@@ -101,22 +101,15 @@ class Metrics:
         """An upstream attempt failed for one of RETRY_REASONS and is tried again."""
         self.retries[reason] += 1
 
-    # The next two run for every request: Buckets.observe is written out in them, a call less each.
-
     def dispatched(self, priority: Priority, waited: float) -> None:
         """A request left the queue for the backend after waiting `waited` seconds."""
-        series = self.waits[priority]
-        series.counts[bisect_left(series.bounds, waited)] += 1
-        series.total += waited
+        self.waits[priority].observe(waited)
 
     def finished(self, priority: Priority, outcome: str, duration: float | None) -> None:
         """A request ended; rejected ones have no duration."""
-        key = priority, outcome
-        self.requests[key] += 1
+        self.requests[priority, outcome] += 1
         if duration is not None:
-            series = self.durations[key]
-            series.counts[bisect_left(series.bounds, duration)] += 1
-            series.total += duration
+            self.durations[priority, outcome].observe(duration)
 
     def upstream_error(self, kind: str) -> None:
         """The upstream failed in one of UPSTREAM_ERROR_KINDS."""

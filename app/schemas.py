@@ -1,27 +1,23 @@
-"""OpenAI request parsing for the hot path, and the queue's status models.
+"""A completion request as the gateway parses it: the few fields it relies on, checked, and the client's bytes.
 
-Completion bodies are not parsed into models: the gateway checks the few fields it relies on and forwards
-the client's bytes untouched, so new OpenAI parameters keep working and the proxy path stays cheap.
+Completion bodies are not parsed into models: the gateway checks the fields it needs and forwards the
+client's bytes untouched, so new OpenAI parameters keep working and the proxy path stays cheap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 import orjson
-from pydantic import BaseModel, Field
 
 from app.errors import InvalidRequest
-from app.settings import Priority
-
-CompletionKind = Literal["chat", "completion"]
+from app.types import CompletionKind, Priority
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class CompletionRequest:
-    """One /v1/chat/completions or /v1/completions request, ready for a backend."""
+    """One /v1/chat/completions or /v1/completions request, checked; it does not change after parsing."""
 
     kind: CompletionKind
     body: bytes  # what is forwarded upstream: the client's bytes, less the gateway's own `priority` field
@@ -30,13 +26,6 @@ class CompletionRequest:
     stream: bool
     max_tokens: int | None
     body_priority: Priority | None
-    # Set along the way: whether a token budget waits for the real usage; the usage the backend reports
-    # (prompt + completion, and completion alone); what a backend computed while counting the prompt.
-    track_usage: bool = False
-    deadline: float | None = None  # monotonic: retries must not outlive the request
-    used_tokens: int | None = None
-    completion_tokens: int | None = None
-    prepared: Any = field(default=None, repr=False)
 
     @property
     def path(self) -> str:
@@ -142,78 +131,3 @@ def parse_completion_request(raw: bytes, kind: CompletionKind) -> CompletionRequ
         max_tokens=completion_tokens if completion_tokens is not None else max_tokens,
         body_priority=body_priority,
     )
-
-
-class JobState(StrEnum):
-    """Where a request is in its life; the last four are terminal."""
-
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMEOUT = "timeout"
-
-
-class WorkerStatus(BaseModel):
-    """One concurrency slot at the backend (seed 002's worker health)."""
-
-    id: int
-    busy: bool
-    current_request_id: str | None
-    processed: int
-    errors: int
-
-
-class QueueStatus(BaseModel):
-    """GET /v1/queue/status: seed 003's fields first, then the gateway's own."""
-
-    queue_size: int
-    processing_count: int
-    max_concurrent: int
-    max_queue_size: int
-    total_processed: int
-    total_failed: int
-    total_queued: int
-    active_requests: int
-    is_running: bool
-    queue_size_by_priority: dict[str, int]
-    waiting_for_admission: int = Field(description="Requests held back by a full queue (QUEUE_FULL_BEHAVIOR=wait).")
-    total_rejected: int
-    total_timed_out: int
-    total_cancelled: int
-    queue_full_behavior: str
-    estimated_service_seconds: float | None = Field(
-        description="Moving average of how long a request holds a backend slot; None before the first."
-    )
-    aging_seconds: float | None = Field(description="QUEUE_AGING_SECONDS; None for strict priority.")
-    dispatch_held_by: str | None = Field(
-        description="Why the head of the queue is not dispatched although a slot is free: 'rate_limit_requests', "
-        "'rate_limit_tokens', 'upstream_requests', 'upstream_tokens', 'upstream_retry_after', "
-        "'circuit_breaker_open' or 'circuit_breaker_half_open'; None when nothing holds it."
-    )
-    rate_limits: dict[str, Any] | None = Field(
-        description="The backend's budgets (RATE_LIMIT_RPM/TPM), what the upstream reported left, and any pause."
-    )
-    circuit_breaker: dict[str, Any] | None = Field(description="The upstream circuit breaker (proxy backend).")
-    workers: list[WorkerStatus]
-
-
-class RequestStatus(BaseModel):
-    """GET /v1/queue/request/{id}: seed 003's fields first, then the gateway's own."""
-
-    id: str
-    status: JobState
-    completion_type: CompletionKind
-    timestamp: float = Field(description="Arrival, seconds since the epoch.")
-    error: str | None
-    priority: Priority
-    position: int | None = Field(description="1-based place in the queue while waiting, else None.")
-    waiting_for: str | None = Field(
-        description="While waiting: 'backend_slot', 'queue_space', or the budget that holds dispatch back "
-        "(as dispatch_held_by in the queue status)."
-    )
-    level: Priority = Field(description="The level it waits or ran at: its priority, or higher after aging.")
-    queued_at: float
-    started_at: float | None
-    finished_at: float | None

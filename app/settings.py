@@ -9,21 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-
-class Priority(StrEnum):
-    """A request's priority level; the queue serves high before normal before low."""
-
-    HIGH = "high"
-    NORMAL = "normal"
-    LOW = "low"
-
-    @property
-    def rank(self) -> int:
-        """0 for high, 1 for normal, 2 for low: the order the queue serves them in."""
-        return _RANKS[self]
-
-
-_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+from app.types import Priority
 
 
 class QueueFullBehavior(StrEnum):

@@ -28,8 +28,8 @@ from typing import Any
 import httpx
 
 from bench.common import ROOT, percentile
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import RunningGateway, gateway_settings
+from testkit.gateway import RunningGateway, gateway_settings
+from testkit.upstream import FakeUpstream
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

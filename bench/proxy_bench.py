@@ -191,7 +191,7 @@ def main() -> None:
     litellm_python = side_env("litellm", LITELLM)
     python = sys.executable
     up_port, slow_port, bare_port, gw_port, slow_gw_port, llm_port = (free_port() for _ in range(6))
-    upstream = Contender("direct", [python, "-m", "tests.fakes.upstream", "--port", str(up_port)], up_port)
+    upstream = Contender("direct", [python, "-m", "testkit.upstream", "--port", str(up_port)], up_port)
     base = f"http://127.0.0.1:{up_port}/v1"
     config = ROOT / "bench" / "results" / "litellm.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def main() -> None:
     rounds: dict[tuple[str, str], list[float]] = {}  # each round's req/s, for the paired ratios
     slow_upstream = Contender(
         "slow upstream",
-        [python, "-m", "tests.fakes.upstream", "--port", str(slow_port), "--pace", "0.5", "--chunks", "10"],
+        [python, "-m", "testkit.upstream", "--port", str(slow_port), "--pace", "0.5", "--chunks", "10"],
         slow_port,
     )
     slow_gateway = Contender(

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import RunningGateway, gateway_settings
+from testkit.gateway import RunningGateway, gateway_settings
+from testkit.upstream import FakeUpstream
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 
 from app.cli import build_parser, main, parse_mix, spread
 from app.logs import JsonFormatter, TextFormatter
-from app.settings import Priority
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import RunningGateway, chat_body
+from app.types import Priority
+from testkit.gateway import RunningGateway, chat_body
+from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
 
@@ -45,7 +45,7 @@ def test_loadtest_and_status_against_a_running_gateway(
     out = capsys.readouterr().out
     assert "20 requests in" in out and "200x10" in out and "200x20" in out
     assert "high" in out and "low" in out and "throughput" in out
-    assert gw.scheduler.total_processed == 20
+    assert gw.scheduler.totals.completed == 20
     assert len(upstream.seen) == 20 and {s.body["max_tokens"] for s in upstream.seen} == {32}
     main(["status", "--url", gw.url])
     out = capsys.readouterr().out

@@ -7,13 +7,13 @@ round trip per dependency per request (measured: it cut proxy throughput by two 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from app.backends.base import Backend
 from app.errors import BodyTooLarge, Unauthorized
-from app.limits.keys import Tenant
+from app.limits.keys import KeyAccount
 from app.queue.scheduler import Scheduler
 
 
@@ -22,17 +22,17 @@ async def get_scheduler(request: Request) -> Scheduler:
     return scheduler
 
 
-async def get_backend(request: Request) -> Backend:
-    backend: Backend = request.app.state.backend
+async def get_backend(request: Request) -> Backend[Any]:
+    backend: Backend[Any] = request.app.state.backend
     return backend
 
 
-async def authenticate(request: Request) -> Tenant | None:
-    """The caller's key and its policy, None with authentication off; 401 for a missing or wrong key.
+async def authenticate(request: Request) -> KeyAccount | None:
+    """The caller's key account, None with authentication off; 401 for a missing or wrong key.
 
     Every configured key is compared, in constant time, so timing tells nothing of which one nearly matched.
     """
-    keys: tuple[tuple[bytes, Tenant], ...] = request.app.state.api_keys
+    keys: tuple[tuple[bytes, KeyAccount], ...] = request.app.state.api_keys
     if not keys:
         return None
     header = request.headers.get("authorization", "")
@@ -41,18 +41,18 @@ async def authenticate(request: Request) -> Tenant | None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     given = token.strip().encode()
     matched = None
-    for key, tenant in keys:
-        if hmac.compare_digest(given, key):
-            matched = tenant
+    for secret, account in keys:
+        if hmac.compare_digest(given, secret):
+            matched = account
     if matched is None:
         raise Unauthorized("the API key is not valid")
     return matched
 
 
-async def owner_name(request: Request) -> str | None:
+async def key_name(request: Request) -> str | None:
     """The caller's key name ('key-N' for API_KEYS, the keys file's name otherwise); None with auth off."""
-    tenant = await authenticate(request)
-    return None if tenant is None else tenant.name
+    account = await authenticate(request)
+    return None if account is None else account.name
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -79,5 +79,5 @@ def request_id(request: Request) -> str:
 
 
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
-BackendDep = Annotated[Backend, Depends(get_backend)]
-Owner = Annotated[str | None, Depends(owner_name)]
+BackendDep = Annotated[Backend[Any], Depends(get_backend)]
+KeyName = Annotated[str | None, Depends(key_name)]

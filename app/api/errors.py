@@ -14,6 +14,7 @@ from starlette.responses import Response
 from app.errors import (
     ClientDisconnected,
     GatewayError,
+    HTTPStatusError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -65,11 +66,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(NotFound(f"no route {request.method} {request.url.path}"))
         if exc.status_code == 405:
             return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
-        error = GatewayError(str(exc.detail))
-        error.status_code = exc.status_code
-        error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        error.code = None
-        return error_response(error)
+        return error_response(HTTPStatusError(str(exc.detail), status=exc.status_code))
 
     async def client_gone(_: Request, exc: Exception) -> Response:
         # The client hung up while sending its body: nobody will read this answer, and it is no fault of ours.

@@ -12,13 +12,11 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.api.openai import COMPLETION_ROUTES
 from app.errors import InvalidRequest
 
 _VALID_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
-_ACCESS = {
-    "/v1/chat/completions": logging.getLogger("app.access.chat"),
-    "/v1/completions": logging.getLogger("app.access.completion"),
-}
+_ACCESS = {path: logging.getLogger(f"app.access.{kind}") for path, kind in COMPLETION_ROUTES.items()}
 _OTHER_ACCESS = logging.getLogger("app.access")
 
 

@@ -1,58 +1,120 @@
-"""The OpenAI routes: completions through the queue, and the backend's model list."""
+"""The OpenAI routes: completions through the queue, and the backend's model list.
+
+COMPLETION_ROUTES is the one table of completion paths: the router mounts them from it, the access log
+names its loggers from it, and the OpenAPI description lists them from it.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from starlette.requests import ClientDisconnect
-from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from typing import Any
 
-from app.api.deps import BackendDep, Owner, authenticate, read_body, request_id
-from app.api.errors import error_response
-from app.api.streaming import DisconnectWatcher, QueuedStreamResponse
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from app.api.deps import BackendDep, KeyName, authenticate, read_body, request_id
+from app.api.disconnect import DisconnectWatcher
+from app.api.errors import sse_error_event
+from app.backends.base import BackendResponse
 from app.errors import ClientDisconnected, GatewayError
+from app.limits.keys import KeyAccount
 from app.queue.job import Job
 from app.queue.service import CompletionService
-from app.schemas import CompletionKind, parse_completion_request, parse_priority
+from app.schemas import CompletionRequest, parse_completion_request, parse_priority
 from app.settings import Settings
+from app.types import CompletionKind, Priority
+
+COMPLETION_ROUTES: dict[str, CompletionKind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+_SUMMARIES = {"chat": "OpenAI chat completions, queued by priority", "completion": "OpenAI text completions, queued"}
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx and friends: do not buffer a live stream
+]
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-async def _serve(request: Request, kind: CompletionKind) -> Response:
-    # The completion routes take no FastAPI dependencies: resolving them cost more per request than the
-    # whole queue (measured on the proxy path), so they read app.state directly.
-    state = request.app.state
-    service: CompletionService = state.service
-    settings: Settings = state.settings
-    tenant = await authenticate(request)
-    if tenant is not None:
-        request.state.key = tenant.name  # for the access log line
-    completion = parse_completion_request(await read_body(request, settings.max_body_bytes), kind)
-    header = request.headers.get("x-priority")
-    if header is not None:
-        asked = parse_priority(header, "X-Priority")
-    else:
-        asked = completion.body_priority or settings.default_priority
-    job, priority = await service.admit(completion, request_id(request), asked, tenant)
-    request.state.job = job
-    watcher = DisconnectWatcher(request.receive, lambda: service.abort(job, ClientDisconnected("client left")))
-    if not completion.stream:
+class CompletionEndpoint:
+    """One completion route, as a raw ASGI endpoint inside the app's router and its exception handlers.
+
+    FastAPI's endpoint machinery (request model, dependencies, response serialisation) cost more per request
+    than the whole queue on the proxy path (measured), and these routes need none of it: they read the
+    services from app.state and forward bytes. Errors raised before a response starts are rendered by the
+    app's exception handlers; after a stream has started, they become its last SSE event.
+    """
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: CompletionKind):
+        self.kind = kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        state = request.app.state
+        service: CompletionService = state.service
+        settings: Settings = state.settings
+        key = await authenticate(request)
+        if key is not None:
+            request.state.key = key.name  # for the access log line
+        completion = parse_completion_request(await read_body(request, settings.max_body_bytes), self.kind)
+        priority = _priority(request, completion, settings.default_priority, key)
+        admitted = await service.accept(completion, request_id(request), priority, key)
+        job = admitted.job
+        request.state.job = job
+        watcher = DisconnectWatcher(receive, lambda: service.abort(job, ClientDisconnected("client left")))
         try:
-            result = await service.complete(job, completion)
+            await _answer(service, admitted, priority, send)
         finally:
             watcher.stop()
-        headers = {"x-priority": priority.value, "x-queue-wait-ms": _waited_ms(job)}
-        return Response(result.body, result.status, headers, result.content_type)
+
+
+async def _answer(service: CompletionService, admitted: Any, priority: Priority, send: Send) -> None:
+    """Send the backend's answer: a whole response, or a stream relayed chunk by chunk."""
+    job: Job = admitted.job
+    started = False
+    whole: BackendResponse | None = None
     try:
-        chunks = await service.open_stream(job, completion)
-    except BaseException:
-        watcher.stop()
+        async with service.run(admitted) as answer:
+            # Dispatched, and the backend accepted it: only now do headers go out, so a full queue, a timeout
+            # in the queue or an upstream refusal reach the client as their real status codes.
+            headers = {"x-priority": priority.value, "x-queue-wait-ms": _waited_ms(job)}
+            if isinstance(answer, BackendResponse):
+                whole = answer
+            else:
+                raw = [*SSE_HEADERS, *((name.encode(), value.encode()) for name, value in headers.items())]
+                await send({"type": "http.response.start", "status": 200, "headers": raw})
+                started = True
+                async for chunk in answer:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except GatewayError as exc:
+        if not started:
+            raise  # the app's exception handler answers with the error's status
+        await send({"type": "http.response.body", "body": sse_error_event(exc), "more_body": True})
+    except OSError:
+        if started:
+            return  # the client is gone mid-stream; the request is retired as cancelled
         raise
-    # Headers go out only now that the request is dispatched and the backend accepted it, so a full queue,
-    # a timeout in the queue or an upstream refusal still reach the client as their real status codes.
-    raw_headers = [(b"x-priority", priority.value.encode()), (b"x-queue-wait-ms", _waited_ms(job).encode())]
-    return QueuedStreamResponse(service, job, completion, chunks, watcher, raw_headers)
+    if whole is None:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    raw = [
+        (b"content-type", whole.content_type.encode()),
+        (b"content-length", str(len(whole.body)).encode()),
+        *((name.encode(), value.encode()) for name, value in headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": whole.status, "headers": raw})
+    await send({"type": "http.response.body", "body": whole.body})
+
+
+def _priority(request: Request, completion: CompletionRequest, default: Priority, key: KeyAccount | None) -> Priority:
+    """X-Priority, else the body's `priority`, else DEFAULT_PRIORITY; lowered to what the key allows."""
+    header = request.headers.get("x-priority")
+    asked = parse_priority(header, "X-Priority") if header is not None else completion.body_priority or default
+    return asked if key is None else key.allowed_priority(asked)
 
 
 def _waited_ms(job: Job) -> str:
@@ -60,49 +122,34 @@ def _waited_ms(job: Job) -> str:
     return f"{((job.started or job.arrived) - job.arrived) * 1000:.1f}"
 
 
-@router.post("/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    """OpenAI chat completions, queued by priority."""
-    return await _serve(request, "chat")
+def completion_routes() -> list[Route]:
+    """The completion routes, for the front of the app's router (they are matched first)."""
+    return [Route(path, CompletionEndpoint(kind), methods=["POST"]) for path, kind in COMPLETION_ROUTES.items()]
 
 
-@router.post("/completions")
-async def completions(request: Request) -> Response:
-    """OpenAI text completions, queued by priority."""
-    return await _serve(request, "completion")
+def completion_openapi() -> dict[str, Any]:
+    """The OpenAPI path items of the completion routes (raw ASGI routes are not described by FastAPI)."""
+    return {
+        path: {
+            "post": {
+                "tags": ["openai"],
+                "summary": _SUMMARIES[kind],
+                "operationId": f"{kind}_completions",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {
+                    "200": {
+                        "description": "The completion, or its SSE stream when `stream` is true.",
+                        "content": {"application/json": {}, "text/event-stream": {}},
+                    }
+                },
+            }
+        }
+        for path, kind in COMPLETION_ROUTES.items()
+    }
 
 
 @router.get("/models")
-async def models(_: Owner, backend: BackendDep) -> Response:
+async def models(_: KeyName, backend: BackendDep) -> Response:
     """The backend's models."""
     result = await backend.models()
     return Response(result.body, result.status, media_type=result.content_type)
-
-
-_KINDS: dict[str, CompletionKind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-
-
-class CompletionFastPath:
-    """POST /v1/chat/completions and /v1/completions served straight from ASGI, ahead of FastAPI's router.
-
-    Routing, the exception middleware and FastAPI's endpoint machinery cost more per request than the whole
-    queue on the proxy path (measured); these two routes need none of it. Every other route and method goes
-    on to FastAPI, and the routes above stay registered there for the OpenAPI schema. Unexpected exceptions
-    still reach the app's outermost error handler.
-    """
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = _KINDS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if kind is None:
-            await self.app(scope, receive, send)
-            return
-        try:
-            response = await _serve(Request(scope, receive), kind)
-        except GatewayError as exc:
-            response = error_response(exc)
-        except ClientDisconnect:
-            response = error_response(ClientDisconnected("the client went away while sending its request"))
-        await response(scope, receive, send)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from app.backends.base import Backend, BackendResponse
+from typing import Any
+
+from app.backends.base import Backend, BackendResponse, BackendStream, Usage
 from app.backends.llama import LlamaBackend
 from app.backends.proxy import ProxyBackend
 from app.limits.backoff import Backoff
@@ -17,7 +19,7 @@ def build_backend(
     metrics: Metrics,
     limiter: UpstreamLimiter | None = None,
     breaker: CircuitBreaker | None = None,
-) -> Backend:
+) -> Backend[Any]:
     """The backend that BACKEND names; a proxy informs the limiter and the breaker of every upstream answer."""
     if settings.backend == "local":
         return LlamaBackend(
@@ -43,4 +45,4 @@ def build_backend(
     )
 
 
-__all__ = ["Backend", "BackendResponse", "build_backend"]
+__all__ = ["Backend", "BackendResponse", "BackendStream", "Usage", "build_backend"]

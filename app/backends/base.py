@@ -1,41 +1,83 @@
-"""The Backend protocol: what the queue and the HTTP layer may ask of a model, local or remote."""
+"""The Backend protocol: what the queue may ask of a model, local or remote, and what it gets back."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from app.schemas import CompletionRequest
 
 
 @dataclass(slots=True, frozen=True)
+class Usage:
+    """The tokens an answer used, as the backend reported them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True, frozen=True)
 class BackendResponse:
-    """A whole response: body bytes as the client will receive them."""
+    """A whole response: body bytes as the client will receive them, and the usage it reported."""
 
     status: int
     body: bytes
     content_type: str = "application/json"
+    usage: Usage | None = None
 
 
-class Backend(Protocol):
-    """A model behind the gateway. Errors are raised as app.errors.GatewayError subclasses."""
+class BackendStream:
+    """An accepted streaming answer: iterate it for its SSE bytes; `usage` is known once it has ended.
+
+    A backend subclasses it and writes `_chunks()`, which sets `self.usage` when the answer reports one.
+    Closing it early (aclose) stops the work at the backend.
+    """
+
+    __slots__ = ("_chunks_gen", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self._chunks_gen = self._chunks()
+
+    def _chunks(self) -> AsyncGenerator[bytes, None]:
+        raise NotImplementedError
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks_gen
+
+    async def aclose(self) -> None:
+        await self._chunks_gen.aclose()
+
+
+Prepared = TypeVar("Prepared")
+
+
+class Backend(Protocol[Prepared]):
+    """A model behind the gateway. Errors are raised as app.errors.GatewayError subclasses.
+
+    A request is prepared once, before it waits (so a request the backend cannot serve answers 400 at
+    once), and what prepare() returns is what complete() or stream() later receive.
+    """
 
     async def start(self) -> None:
         """Open connections or load the model; called once before the first request."""
 
-    async def count_prompt_tokens(self, request: CompletionRequest) -> int:
-        """The request's prompt tokens, counted or estimated, for token budgets (asked only when one is set)."""
+    async def prepare(self, request: CompletionRequest) -> Prepared:
+        """Check the request and turn it into what this backend sends or runs."""
 
-    async def complete(self, request: CompletionRequest) -> BackendResponse:
-        """Answer a non-streaming request; set request.used_tokens when request.track_usage and usage is known."""
+    def prompt_tokens(self, prepared: Prepared) -> int:
+        """The prompt's tokens, counted or estimated, for token budgets (asked only when one is set)."""
 
-    async def stream(self, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
-        """Open a streaming request and return its SSE bytes as they come.
+    async def complete(self, prepared: Prepared, deadline: float) -> BackendResponse:
+        """Answer a non-streaming request whole; retries never outlive `deadline` (monotonic)."""
 
-        Returns only once the backend has accepted the request, so a refusal still reaches the client as a
-        status code. Closing the generator early stops the work at the backend.
-        """
+    async def stream(self, prepared: Prepared, deadline: float) -> BackendStream:
+        """Open a streaming request; return once the backend has accepted it, so a refusal is still a status."""
 
     async def models(self) -> BackendResponse:
         """The /v1/models list."""

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 
 import aiohttp
 import orjson
 
-from app.backends.base import BackendResponse
+from app.backends.base import BackendResponse, BackendStream, Usage
 from app.errors import BackendNotReady, UpstreamError, UpstreamHTTPError
 from app.limits.backoff import Backoff
 from app.limits.breaker import BreakerState, CircuitBreaker
@@ -33,7 +34,9 @@ _HEALTH_TIMEOUT = 2.0
 _ERROR_EXCERPT = 300  # bytes of an upstream 5xx body quoted in our 502 message
 _RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 _PAUSE_WITHOUT_RETRY_AFTER = 1.0  # seconds dispatch pauses after a 429 that does not say how long
-_USAGE_TAIL = 8192  # bytes of a stream's end kept to find its usage event, when a token budget needs it
+# A stream's last chunks, kept by reference (no copying) to find its usage event once it ends: the usage
+# event is the last before [DONE], a few hundred bytes, so it lies within these however the chunks fall.
+_USAGE_TAIL_CHUNKS = 8
 
 
 def _passed_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
@@ -119,11 +122,15 @@ class ProxyBackend:
             return UpstreamError(f"the upstream answered {status}: {excerpt}", kind="http_5xx")
         return UpstreamHTTPError(status, body, content_type, headers)
 
-    async def count_prompt_tokens(self, request: CompletionRequest) -> int:
-        """An estimate from the text (the upstream's tokenizer is out of reach)."""
-        return estimate_prompt_tokens(request.payload, request.kind == "chat")
+    async def prepare(self, request: CompletionRequest) -> CompletionRequest:
+        """Nothing to do: the client's bytes go upstream as they are."""
+        return request
 
-    async def _post(self, request: CompletionRequest) -> aiohttp.ClientResponse:
+    def prompt_tokens(self, prepared: CompletionRequest) -> int:
+        """An estimate from the text (the upstream's tokenizer is out of reach)."""
+        return estimate_prompt_tokens(prepared.payload, prepared.kind == "chat")
+
+    async def _post(self, request: CompletionRequest, deadline: float) -> aiohttp.ClientResponse:
         """POST the client's body upstream, retrying what may succeed later; the final answer, unread.
 
         Retried: 429, 502, 503, 504 and connection failures, up to UPSTREAM_MAX_RETRIES times, with full-jitter
@@ -138,7 +145,7 @@ class ProxyBackend:
                 )
             except (TimeoutError, aiohttp.ClientError) as exc:
                 error = self._failure(exc, request.path)
-                delay = self._retry_delay(attempt, request, None)
+                delay = self._retry_delay(attempt, deadline, None)
                 if delay is None:
                     raise error from exc
                 self._metrics.retried(error.kind)
@@ -147,7 +154,7 @@ class ProxyBackend:
                 self._observe(response)
                 if status not in _RETRIED_STATUSES:
                     return response
-                delay = self._retry_delay(attempt, request, parse_retry_after(response.headers, time.time()))
+                delay = self._retry_delay(attempt, deadline, parse_retry_after(response.headers, time.time()))
                 if delay is None:
                     return response
                 try:
@@ -161,14 +168,14 @@ class ProxyBackend:
             await asyncio.sleep(delay)
             attempt += 1
 
-    def _retry_delay(self, attempt: int, request: CompletionRequest, retry_after: float | None) -> float | None:
+    def _retry_delay(self, attempt: int, deadline: float, retry_after: float | None) -> float | None:
         """Seconds to wait before the next attempt, or None if there is to be none."""
         if attempt >= self._max_retries:
             return None
         if self._breaker is not None and self._breaker.state is BreakerState.OPEN:
             return None
         delay = self._backoff.delay(attempt, retry_after)
-        if request.deadline is not None and self._clock() + delay >= request.deadline:
+        if self._clock() + delay >= deadline:
             return None
         return delay
 
@@ -189,9 +196,10 @@ class ProxyBackend:
             retry_after = parse_retry_after(headers, time.time())
             self._limiter.pause(_PAUSE_WITHOUT_RETRY_AFTER if retry_after is None else retry_after)
 
-    async def complete(self, request: CompletionRequest) -> BackendResponse:
+    async def complete(self, prepared: CompletionRequest, deadline: float) -> BackendResponse:
         """POST the client's body upstream and return the whole answer."""
-        response = await self._post(request)
+        request = prepared
+        response = await self._post(request, deadline)
         try:
             body = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -202,12 +210,12 @@ class ProxyBackend:
         content_type = response.headers.get("Content-Type", "application/json")
         if status >= 400:
             raise self._refusal(status, body, content_type, _passed_headers(response.headers))
-        request.used_tokens, request.completion_tokens = _usage(body)  # a small body: microseconds
-        return BackendResponse(status, body, content_type)
+        return BackendResponse(status, body, content_type, _usage(body))  # a small body: microseconds
 
-    async def stream(self, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
+    async def stream(self, prepared: CompletionRequest, deadline: float) -> BackendStream:
         """POST a streaming request; return once the upstream has answered 2xx."""
-        response = await self._post(request)
+        request = prepared
+        response = await self._post(request, deadline)
         if response.status >= 400:
             try:
                 body = await response.read()
@@ -221,28 +229,7 @@ class ProxyBackend:
                 response.headers.get("Content-Type", "application/json"),
                 _passed_headers(response.headers),
             )
-        return self._relay(response, request)
-
-    async def _relay(self, response: aiohttp.ClientResponse, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
-        complete = False
-        try:
-            if request.track_usage:
-                tail = b""
-                async for chunk in response.content.iter_any():
-                    yield chunk
-                    tail = (tail + chunk)[-_USAGE_TAIL:]
-                request.used_tokens, request.completion_tokens = _stream_usage(tail)
-            else:
-                async for chunk in response.content.iter_any():
-                    yield chunk
-            complete = True
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(exc, request.path) from exc
-        finally:
-            if complete:
-                response.release()  # back to the pool for the next request
-            else:
-                response.close()  # stop the upstream's work: the client is gone or the request was aborted
+        return _UpstreamStream(self, response, request.path)
 
     async def models(self) -> BackendResponse:
         """The upstream's own model list."""
@@ -270,25 +257,57 @@ class ProxyBackend:
             raise BackendNotReady(f"the upstream at {self._base_url} answered GET /models with {status}")
 
 
-def _usage(body: bytes) -> tuple[int | None, int | None]:
-    """(total_tokens, completion_tokens) of a completion body's usage, each None if absent."""
+class _UpstreamStream(BackendStream):
+    """The upstream's SSE bytes as they arrive; its usage from the last event that carries one."""
+
+    __slots__ = ("_backend", "_path", "_response")
+
+    def __init__(self, backend: ProxyBackend, response: aiohttp.ClientResponse, path: str):
+        self._backend = backend
+        self._response = response
+        self._path = path
+        super().__init__()
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
+        response = self._response
+        tail: deque[bytes] = deque(maxlen=_USAGE_TAIL_CHUNKS)
+        complete = False
+        try:
+            async for chunk in response.content.iter_any():
+                yield chunk
+                tail.append(chunk)
+            complete = True
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._backend._failure(exc, self._path) from exc
+        finally:
+            if complete:
+                response.release()  # back to the pool for the next request
+            else:
+                response.close()  # stop the upstream's work: the client is gone or the request was aborted
+        self.usage = _stream_usage(b"".join(tail))
+
+
+def _usage(body: bytes) -> Usage | None:
+    """A completion body's usage, if it reports one."""
     try:
         usage = orjson.loads(body).get("usage")
     except (orjson.JSONDecodeError, AttributeError):
-        return None, None
+        return None
     if not isinstance(usage, dict):
-        return None, None
-    total, completion = usage.get("total_tokens"), usage.get("completion_tokens")
-    return (total if isinstance(total, int) else None), (completion if isinstance(completion, int) else None)
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(prompt, completion)
 
 
-def _stream_usage(tail: bytes) -> tuple[int | None, int | None]:
+def _stream_usage(tail: bytes) -> Usage | None:
     """The usage of the last SSE event that carries one (stream_options.include_usage)."""
     at = tail.rfind(b'"usage"')
     if at < 0:
-        return None, None
+        return None
     start = tail.rfind(b"data:", 0, at)
     end = tail.find(b"\n", at)
     if start < 0:
-        return None, None
+        return None
     return _usage(tail[start + 5 : end if end >= 0 else len(tail)])

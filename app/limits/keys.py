@@ -1,4 +1,4 @@
-"""Per-key policy: who may use which priority, at what rate, with how many requests waiting."""
+"""Client keys: the keys file, and each key's account: its policy, its rate budgets, its requests waiting."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import KeyQueueLimit, KeyRateLimited
 from app.limits.buckets import TokenBucket
-from app.settings import Priority
+from app.types import Priority
 
 
 class KeyEntry(BaseModel):
@@ -66,8 +66,12 @@ def load_keys_file(path: str) -> list[KeyEntry]:
 
 
 @dataclass(slots=True)
-class Tenant:
-    """A key's live state: its policy, its rate budgets and how many of its requests wait."""
+class KeyAccount:
+    """A client key's live account: its policy, its rate budgets and how many of its requests wait.
+
+    Everything the gateway counts per key goes through these methods: spend() and refund() at admission,
+    joined() and left() around the queue, settle() when the answer's real usage is known.
+    """
 
     name: str
     max_priority: Priority
@@ -77,7 +81,7 @@ class Tenant:
     waiting: int = 0
 
     @classmethod
-    def build(cls, entry: KeyEntry, clock: Callable[[], float] = time.monotonic) -> Tenant:
+    def build(cls, entry: KeyEntry, clock: Callable[[], float] = time.monotonic) -> KeyAccount:
         return cls(
             name=entry.name,
             max_priority=entry.max_priority,
@@ -87,7 +91,7 @@ class Tenant:
         )
 
     @classmethod
-    def unlimited(cls, name: str) -> Tenant:
+    def unlimited(cls, name: str) -> KeyAccount:
         return cls(name=name, max_priority=Priority.HIGH, max_queued=None, requests=None, tokens=None)
 
     @property
@@ -100,18 +104,11 @@ class Tenant:
         """Whether the key has any budget or queue limit to keep (a lowered priority needs no accounting)."""
         return self.requests is not None or self.tokens is not None or self.max_queued is not None
 
-    def refund(self, cost: int) -> None:
-        """Give back what admit() took for a request that was then refused."""
-        if self.requests is not None:
-            self.requests.give(1)
-        if self.tokens is not None:
-            self.tokens.give(cost)
-
     def allowed_priority(self, asked: Priority) -> Priority:
         """`asked`, lowered to the key's highest allowed priority."""
         return asked if asked.rank >= self.max_priority.rank else self.max_priority
 
-    def admit(self, cost: int) -> None:
+    def spend(self, cost: int) -> None:
         """Spend one request and `cost` tokens of the key's budgets, or raise 429 saying when to come back."""
         wait_requests = self.requests.wait(1) if self.requests is not None else 0.0
         wait_tokens = self.tokens.wait(cost) if self.tokens is not None else 0.0
@@ -130,6 +127,13 @@ class Tenant:
         if self.tokens is not None:
             self.tokens.take(cost)
 
+    def refund(self, cost: int) -> None:
+        """Give back what spend() took for a request that was then refused."""
+        if self.requests is not None:
+            self.requests.give(1)
+        if self.tokens is not None:
+            self.tokens.give(cost)
+
     def settle(self, charged: int, used: int) -> None:
         """Give back tokens the estimate over-charged, or take what it missed."""
         if self.tokens is not None:
@@ -142,6 +146,14 @@ class Tenant:
                 f"key {self.name!r} already has {self.waiting} requests waiting, the most it may have",
                 retry_after=1.0,
             )
+
+    def joined(self) -> None:
+        """One of the key's requests started waiting."""
+        self.waiting += 1
+
+    def left(self) -> None:
+        """One of the key's requests stopped waiting (dispatched or ended)."""
+        self.waiting -= 1
 
     def headers(self) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for this key's budgets."""

@@ -134,7 +134,7 @@ class UpstreamLimiter:
         return {name: float(bucket.remaining()) for name, bucket in budgets.items() if bucket is not None}
 
     def status(self) -> dict[str, Any]:
-        """The limiter's state for /v1/queue/status (seed 000's `rate_limits`)."""
+        """The limiter's state for /v1/queue/status (`rate_limits`)."""
         now = self._clock()
 
         def bucket(b: TokenBucket | None) -> dict[str, Any] | None:

@@ -47,7 +47,7 @@ class Aging:
             for (asked, level), entries in self._groups.items():
                 while entries:
                     job = entries[0]
-                    if job.queue_owner is queue and job.rank == level:
+                    if job.waiting_in is queue and job.rank == level:
                         break
                     entries.popleft()
                 else:

@@ -13,14 +13,11 @@ from app.errors import (
     RequestTimeout,
     ShuttingDown,
 )
-from app.schemas import CompletionKind, JobState
-from app.settings import Priority
+from app.types import CompletionKind, JobState, Priority
 
 if TYPE_CHECKING:
-    from app.limits.keys import Tenant
+    from app.limits.keys import KeyAccount
     from app.queue.slots import Slot
-
-_RANK = {p: p.rank for p in Priority}  # a dict lookup, cheaper than the property on the hot path
 
 
 def terminal_state(error: GatewayError | None) -> JobState:
@@ -48,18 +45,16 @@ class Job:
         "error",
         "finished",
         "id",
+        "key",
         "kind",
-        "owner",
         "priority",
-        "queue_key",
-        "queue_level",
-        "queue_owner",
         "rank",
         "slot",
         "started",
         "state",
-        "tenant",
-        "used_tokens",
+        "turn_key",
+        "waiting_in",
+        "waiting_level",
         "watched",
     )
 
@@ -68,16 +63,17 @@ class Job:
         id: str,
         kind: CompletionKind,
         priority: Priority,
-        owner: str | None,
+        key: KeyAccount | None,
         arrived: float,
         arrived_wall: float,
         deadline: float,
+        cost: int = 0,
     ):
         self.id = id
         self.kind = kind
         self.priority = priority
-        self.rank = _RANK[priority]  # the level it waits at: its priority's, or higher once aging raised it
-        self.owner = owner
+        self.rank = priority.rank  # the level it waits at: its priority's, or higher once aging raised it
+        self.key = key  # the client key's account; None with authentication off
         self.arrived = arrived
         self.arrived_wall = arrived_wall
         self.deadline = deadline
@@ -86,16 +82,19 @@ class Job:
         self.finished: float | None = None
         self.error: GatewayError | None = None
         self.slot: Slot | None = None
-        self.queue_owner: object | None = None  # the PriorityQueue this job waits in, if any
-        self.queue_level: object | None = None  # and the level there (the queue's own bookkeeping)
-        self.queue_key: object = None  # whose turn it takes in the queue's round robin
-        self.cost = 0  # tokens charged to the budgets: estimated prompt + max_tokens (0 when none counts tokens)
-        self.used_tokens: int | None = None  # real prompt + completion tokens, when the backend reported them
-        self.tenant: Tenant | None = None
+        self.waiting_in: object | None = None  # the PriorityQueue this job waits in, if any
+        self.waiting_level: object | None = None  # and the level there (the queue's own bookkeeping)
+        self.turn_key: object = None  # whose turn it takes in the queue's round robin
+        self.cost = cost  # tokens charged to the budgets: estimated prompt + max_tokens (0 when none counts tokens)
         self.watched = False  # whether the scheduler's Deadlines still watch this job
         self._dispatched: asyncio.Future[None] | None = None
         self._scope: AbortScope | None = None
         self._finished_waiters: list[asyncio.Future[None]] | None = None
+
+    @property
+    def key_name(self) -> str | None:
+        """The name of the client key that sent it; None with authentication off."""
+        return None if self.key is None else self.key.name
 
     @property
     def is_terminal(self) -> bool:

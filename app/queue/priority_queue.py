@@ -12,9 +12,9 @@ _COMPACT_MIN_DEAD = 64
 class Queueable(Protocol):
     """What the queue writes on an item: the queue and level it waits at, and whose turn it takes."""
 
-    queue_owner: object | None
-    queue_level: object | None
-    queue_key: object
+    waiting_in: object | None
+    waiting_level: object | None
+    turn_key: object
 
 
 T = TypeVar("T", bound=Queueable)
@@ -70,11 +70,11 @@ class PriorityQueue(Generic[T]):
     def push(self, item: T, rank: int, key: object = None) -> None:
         """Queue `item` behind everything of its key at its level; a new key takes the last turn."""
         level = self._levels[rank]
-        if item.queue_level is level:  # removed from this very level before: its dead entry goes first
+        if item.waiting_level is level:  # removed from this very level before: its dead entry goes first
             self._compact(level)
-        item.queue_owner = self
-        item.queue_level = level
-        item.queue_key = key
+        item.waiting_in = self
+        item.waiting_level = level
+        item.turn_key = key
         entries = level.queues.get(key)
         if entries is None:
             entries = level.queues[key] = deque()
@@ -90,7 +90,7 @@ class PriorityQueue(Generic[T]):
             entries = queues[turns[0]]
             while entries:
                 item = entries[0]
-                if item.queue_owner is self and item.queue_level is level:
+                if item.waiting_in is self and item.waiting_level is level:
                     return entries
                 entries.popleft()
                 level.dead -= 1
@@ -115,34 +115,28 @@ class PriorityQueue(Generic[T]):
         for level in self._levels:
             if not level.count:
                 continue
-            turns, queues = level.turns, level.queues
-            while turns:
-                key = turns[0]
-                entries = queues[key]
-                while entries:
-                    item = entries.popleft()
-                    if item.queue_owner is self and item.queue_level is level:
-                        if len(turns) > 1:  # to the back of the turns, or out of them once it has nothing left
-                            if entries:
-                                turns.rotate(-1)
-                            else:
-                                turns.popleft()
-                                del queues[key]
-                        # A lone key keeps its deque even when empty: the next push needs no new one.
-                        item.queue_owner = item.queue_level = None
-                        level.count -= 1
-                        self.size -= 1
-                        return item
-                    level.dead -= 1
-                turns.popleft()
-                del queues[key]
+            entries = self._head(level)
+            if entries is None:
+                continue
+            item = entries.popleft()
+            turns = level.turns
+            if len(turns) > 1:  # to the back of the turns, or out of them once it has nothing left
+                if entries:
+                    turns.rotate(-1)
+                else:
+                    del level.queues[turns.popleft()]
+            # A lone key keeps its deque even when empty: the next push needs no new one.
+            item.waiting_in = item.waiting_level = None
+            level.count -= 1
+            self.size -= 1
+            return item
         return None
 
     def remove(self, item: T, rank: int) -> bool:
         """Take `item` out wherever it stands; False if it is not waiting here."""
-        if item.queue_owner is not self:
+        if item.waiting_in is not self:
             return False
-        item.queue_owner = None  # queue_level stays: its entry is still in that level's deque
+        item.waiting_in = None  # waiting_level stays: its entry is still in that level's deque
         level = self._levels[rank]
         level.count -= 1
         self.size -= 1
@@ -162,14 +156,14 @@ class PriorityQueue(Generic[T]):
         level.dead = 0
 
     def _live(self, level: _Level[T], entries: deque[T]) -> list[T]:
-        return [item for item in entries if item.queue_owner is self and item.queue_level is level]
+        return [item for item in entries if item.waiting_in is self and item.waiting_level is level]
 
     def position(self, item: T, rank: int) -> int | None:
         """1-based place of a waiting item, turns included (O(n): for status look-ups, never on dispatch)."""
-        if item.queue_owner is not self:
+        if item.waiting_in is not self:
             return None
         level = self._levels[rank]
-        own = level.queues.get(item.queue_key)
+        own = level.queues.get(item.turn_key)
         if own is None:
             return None
         mine = self._live(level, own)
@@ -177,7 +171,7 @@ class PriorityQueue(Generic[T]):
         ahead = sum(self._levels[r].count for r in range(rank)) + turn
         before_key = True
         for key in level.turns:
-            if key == item.queue_key:
+            if key == item.turn_key:
                 before_key = False
                 continue
             # Each round gives every key one turn: keys before ours in the turns go first in each round.

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.harness import RunningGateway, chat_body
+from testkit.gateway import RunningGateway, chat_body
 
 ROOT = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., RunningGateway]

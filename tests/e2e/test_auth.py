@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import Background, RunningGateway, chat_body, wait_until
+from testkit.gateway import Background, RunningGateway, chat_body, wait_until
+from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
 ALICE = {"Authorization": "Bearer alice-key"}

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import RunningGateway
+from testkit.gateway import RunningGateway
+from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
 MSG = [{"role": "user", "content": "x"}]
@@ -45,7 +45,7 @@ def test_bad_bodies(
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
     assert upstream.seen == []  # nothing bad reaches the upstream
-    assert gw.scheduler.total_queued == 0
+    assert gw.scheduler.totals.queued == 0
 
 
 def test_unknown_priority_header(start_gateway: StartGateway) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import Background, RunningGateway, chat_body, wait_until
+from testkit.gateway import Background, RunningGateway, chat_body, wait_until
+from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
 

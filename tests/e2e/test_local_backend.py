@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import Background, RunningGateway, wait_until
+from testkit.gateway import Background, RunningGateway, wait_until
 
 StartLocal = Callable[..., RunningGateway]
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain.", "What is 2+2?"]
@@ -97,7 +97,7 @@ def test_batched_equals_alone_for_greedy(start_local: StartLocal) -> None:
         return [r.choices[0].message.content for r in replies]
 
     assert asyncio.run(together()) == alone
-    workers = gw.scheduler.status().workers
+    workers = gw.scheduler.slots
     # The sequential ones all reused slot 0; the concurrent four needed every slot at once.
     assert [w.processed for w in workers] == [5, 1, 1, 1]
 
@@ -165,7 +165,7 @@ def test_disconnect_mid_stream_frees_the_slot(start_local: StartLocal) -> None:
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as response:
         next(response.iter_lines())
     assert wait_until(lambda: gw.scheduler.in_flight == 0, timeout=2)
-    assert gw.scheduler.total_cancelled == 1
+    assert gw.scheduler.totals.cancelled == 1
 
 
 def test_context_overflow_is_400(start_local: StartLocal) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import openai
 import pytest
 
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import Background, RunningGateway, wait_until
+from testkit.gateway import Background, RunningGateway, wait_until
+from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
 MESSAGES = [{"role": "user", "content": "hi there"}]
@@ -77,7 +77,7 @@ def test_async_client_many_at_once(start_gateway: StartGateway, upstream: FakeUp
     answers = asyncio.run(run())
     assert answers[:30] == [f"echo: {i}" for i in range(30)]
     assert answers[30] == "tok0 tok1 tok2 tok3 tok4 "
-    assert gw.scheduler.total_processed == 31
+    assert gw.scheduler.totals.completed == 31
 
 
 def test_models_lists_the_upstreams(start_gateway: StartGateway, upstream: FakeUpstream) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import Background, RunningGateway, chat_body, wait_until
+from testkit.gateway import Background, RunningGateway, chat_body, wait_until
+from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
 
@@ -89,7 +89,7 @@ def test_wait_mode_holds_the_request_until_a_place_frees(
     upstream.behavior.latency = 0.1
     futures = [background.post(url, chat_body(str(i))) for i in range(4)]
     assert all(f.result().status_code == 200 for f in futures)
-    assert gw.scheduler.total_rejected == 0
+    assert gw.scheduler.totals.rejected == 0
 
 
 def test_timeout_while_queued_and_while_running_are_408(
@@ -135,7 +135,7 @@ def test_timeout_while_streaming_ends_with_an_sse_error_event(
     assert 1 <= len(events) < 100
     assert '"code":"request_timeout"' in events[-2]
     assert events[-1] == "data: [DONE]"
-    assert gw.scheduler.total_timed_out == 1
+    assert gw.scheduler.totals.timeout == 1
 
 
 def test_client_disconnect_frees_the_place_at_once(
@@ -161,7 +161,7 @@ def test_client_disconnect_frees_the_place_at_once(
     # The running request's client hangs up (its 2 s timeout): the upstream call is closed too.
     assert upstream.wait_for(lambda: upstream.abandoned == 1, timeout=5)
     assert wait_until(lambda: gw.scheduler.in_flight == 0)
-    assert gw.scheduler.total_cancelled == 2
+    assert gw.scheduler.totals.cancelled == 2
 
 
 def test_disconnect_mid_stream_closes_the_upstream_stream(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
@@ -172,7 +172,7 @@ def test_disconnect_mid_stream_closes_the_upstream_stream(start_gateway: StartGa
         next(response.iter_lines())
     assert upstream.wait_for(lambda: upstream.abandoned == 1)
     assert wait_until(lambda: gw.scheduler.in_flight == 0)
-    assert gw.scheduler.total_cancelled == 1
+    assert gw.scheduler.totals.cancelled == 1
 
 
 def test_delete_cancels_waiting_and_running_requests(

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import Background, chat_body, wait_until
+from testkit.gateway import Background, chat_body, wait_until
+from testkit.upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.fakes.upstream import FakeUpstream
-from tests.harness import RunningGateway, chat_body
+from testkit.gateway import RunningGateway, chat_body
+from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
 
@@ -20,8 +20,8 @@ def test_upstream_500_is_502_in_openai_shape(start_gateway: StartGateway, upstre
         assert response.status_code == 502
         error = response.json()["error"]
         assert error["type"] == "upstream_error" and "500" in error["message"]
-    assert gw.scheduler.total_failed == 2
-    assert gw.scheduler.status().workers[0].errors == 2
+    assert gw.scheduler.totals.failed == 2
+    assert gw.scheduler.slots[0].errors == 2
 
 
 def test_upstream_4xx_passes_through_with_its_headers(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
@@ -61,7 +61,7 @@ def test_connection_dropped_mid_stream_ends_with_an_sse_error(
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert events[0].startswith('data: {"id":"chatcmpl-fake"')
     assert '"type":"upstream_error"' in events[-2] and events[-1] == "data: [DONE]"
-    assert gw.scheduler.total_failed == 1
+    assert gw.scheduler.totals.failed == 1
 
 
 def test_hanging_upstream_times_out(start_gateway: StartGateway, upstream: FakeUpstream) -> None:

@@ -8,9 +8,9 @@ import pytest
 
 from app.errors import KeyQueueLimit, KeyRateLimited
 from app.limits.breaker import BreakerState, CircuitBreaker
-from app.limits.keys import KeyEntry, KeysFileError, Tenant, load_keys_file
-from app.settings import Priority
-from tests.limits.clock import FakeClock
+from app.limits.keys import KeyAccount, KeyEntry, KeysFileError, load_keys_file
+from app.types import Priority
+from testkit.clock import FakeClock
 
 
 def test_breaker_opens_after_consecutive_failures_and_a_probe_closes_it() -> None:
@@ -90,12 +90,12 @@ def test_bad_keys_files_say_what_is_wrong(tmp_path: Path, content: str, message:
         load_keys_file(str(path))
 
 
-def tenant(clock: FakeClock, **policy: object) -> Tenant:
-    return Tenant.build(KeyEntry(key="k", name="team", **policy), clock)  # type: ignore[arg-type]
+def account(clock: FakeClock, **policy: object) -> KeyAccount:
+    return KeyAccount.build(KeyEntry(key="k", name="team", **policy), clock)  # type: ignore[arg-type]
 
 
 def test_priority_is_lowered_to_the_keys_highest() -> None:
-    t = tenant(FakeClock(), max_priority="normal")
+    t = account(FakeClock(), max_priority="normal")
     assert t.allowed_priority(Priority.HIGH) is Priority.NORMAL
     assert t.allowed_priority(Priority.NORMAL) is Priority.NORMAL
     assert t.allowed_priority(Priority.LOW) is Priority.LOW
@@ -103,27 +103,27 @@ def test_priority_is_lowered_to_the_keys_highest() -> None:
 
 def test_key_rate_limits_answer_429_with_openai_headers_and_refill() -> None:
     clock = FakeClock()
-    t = tenant(clock, rpm=2, tpm=1000)
-    t.admit(100)
-    t.admit(100)
+    t = account(clock, rpm=2, tpm=1000)
+    t.spend(100)
+    t.spend(100)
     with pytest.raises(KeyRateLimited) as refused:
-        t.admit(100)
+        t.spend(100)
     error = refused.value
     assert error.status_code == 429 and error.code == "rate_limit_exceeded"
     assert error.headers["Retry-After"] == "30" and error.headers["x-ratelimit-remaining-requests"] == "0"
     assert error.headers["x-ratelimit-limit-tokens"] == "1000"
     assert error.headers["x-ratelimit-remaining-tokens"] == "800"
     clock.advance(30)
-    t.admit(900)  # one request refilled; 800 + 500 tokens refilled, capped at 1000
+    t.spend(900)  # one request refilled; 800 + 500 tokens refilled, capped at 1000
     with pytest.raises(KeyRateLimited, match="tokens per minute"):
         clock.advance(30)
-        t.admit(900)
+        t.spend(900)
     t.settle(900, 50)  # the answer was short: the tokens come back
-    t.admit(900)
+    t.spend(900)
 
 
 def test_key_queue_limit() -> None:
-    t = tenant(FakeClock(), max_queued=2)
+    t = account(FakeClock(), max_queued=2)
     t.waiting = 1
     t.check_queue()
     t.waiting = 2

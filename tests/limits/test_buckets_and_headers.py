@@ -9,7 +9,7 @@ from app.limits.buckets import TokenBucket
 from app.limits.headers import parse_budget, parse_duration, parse_retry_after
 from app.limits.limiter import JITTER_GUARD_SECONDS as GUARD
 from app.limits.limiter import UpstreamLimiter
-from tests.limits.clock import FakeClock
+from testkit.clock import FakeClock
 
 
 def test_bucket_refills_continuously_and_says_how_long_to_wait() -> None:

@@ -4,9 +4,9 @@ from app.queue.priority_queue import PriorityQueue
 class Item:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.queue_owner: object | None = None
-        self.queue_level: object | None = None
-        self.queue_key: object = None
+        self.waiting_in: object | None = None
+        self.waiting_level: object | None = None
+        self.turn_key: object = None
 
     def __repr__(self) -> str:
         return self.name

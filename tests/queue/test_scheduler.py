@@ -10,18 +10,11 @@ from prometheus_client import CollectorRegistry
 from app.errors import Conflict, QueueFull, RequestCancelled, RequestTimeout, ShuttingDown
 from app.metrics import Metrics
 from app.queue.scheduler import Scheduler
-from app.schemas import JobState
-from app.settings import Priority, QueueFullBehavior
+from app.settings import QueueFullBehavior
+from app.types import JobState, Priority
+from testkit.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(
@@ -65,7 +58,7 @@ async def test_dispatches_at_once_when_idle_then_queues_by_priority_and_arrival(
     served = []
     current = running
     for _ in range(6):
-        s.finish(current, None)
+        s.retire(current, None, None)
         current = next(j for j in jobs.values() if j.state is JobState.PROCESSING)
         served.append(current.id)
     assert served == ["h1", "h2", "n1", "n2", "l1", "l2"]
@@ -76,7 +69,7 @@ async def test_full_queue_rejects_with_retry_after_from_measured_service_time() 
     a = s.submit("a", "chat", Priority.NORMAL, None)
     s.submit("b", "chat", Priority.NORMAL, None)
     clock.now += 4.0
-    s.finish(a, None)  # measured: a request holds a slot for 4 s
+    s.retire(a, None, None)  # measured: a request holds a slot for 4 s
     s.submit("c", "chat", Priority.NORMAL, None)  # takes the free slot
     s.submit("d", "chat", Priority.NORMAL, None)
     s.submit("e", "chat", Priority.NORMAL, None)
@@ -85,7 +78,7 @@ async def test_full_queue_rejects_with_retry_after_from_measured_service_time() 
     # One place frees about every 4 s / 2 slots.
     assert caught.value.retry_after == pytest.approx(2.0)
     assert caught.value.headers == {"Retry-After": "2", "retry-after-ms": "2000"}
-    assert s.total_rejected == 1
+    assert s.totals.rejected == 1
     assert sample(registry, "gateway_requests_total", priority="high", outcome="rejected") == 1
 
 
@@ -105,11 +98,13 @@ async def test_waiting_job_aborted_leaves_queue_and_its_waiter_raises() -> None:
     waiter = asyncio.ensure_future(b.dispatched())
     await asyncio.sleep(0)
     assert s.abort(b, RequestCancelled("stop"))
+    assert s.waiting == 0  # out of the queue at once
     with pytest.raises(RequestCancelled):
         await waiter
-    assert b.state is JobState.CANCELLED and s.waiting == 0
+    s.retire(b, b.error, None)  # what its handler does once woken
+    assert b.state is JobState.CANCELLED
     assert not s.abort(b, RequestCancelled("again"))
-    assert s.total_cancelled == 1
+    assert s.totals.cancelled == 1
 
 
 async def test_running_job_aborted_inside_scope_raises_its_error_and_frees_slot() -> None:
@@ -130,9 +125,9 @@ async def test_running_job_aborted_inside_scope_raises_its_error_and_frees_slot(
     with pytest.raises(RequestTimeout):
         await task
     assert not task.cancelled()  # the scope turned the cancellation into the job's error
-    s.finish(a, a.error)
+    s.retire(a, a.error, None)
     assert a.state is JobState.TIMEOUT and b.state is JobState.PROCESSING
-    assert s.status().workers[0].errors == 1
+    assert s.slots[0].errors == 1
 
 
 async def test_outside_cancellation_is_not_swallowed_by_the_scope() -> None:
@@ -156,11 +151,12 @@ async def test_outside_cancellation_is_not_swallowed_by_the_scope() -> None:
 async def test_every_job_ends_exactly_once() -> None:
     s, _, registry = make(concurrency=1)
     a = s.submit("a", "chat", Priority.NORMAL, None)
-    s.finish(a, None)
-    s.finish(a, RequestTimeout("late"))
-    s.abort(a, RequestCancelled("late"))
+    s.retire(a, None, None)
+    with pytest.raises(AssertionError, match="retired twice"):
+        s.retire(a, RequestTimeout("late"), None)
+    assert not s.abort(a, RequestCancelled("late"))
     assert a.state is JobState.COMPLETED
-    assert s.total_processed == 1 and s.total_timed_out == 0 and s.total_cancelled == 0
+    assert s.totals.completed == 1 and s.totals.timeout == 0 and s.totals.cancelled == 0
     assert sample(registry, "gateway_requests_total", priority="normal", outcome="completed") == 1
     assert sample(registry, "gateway_requests_total", priority="normal", outcome="timeout") == 0
 
@@ -170,7 +166,7 @@ async def test_duplicate_live_id_conflicts_but_finished_id_may_be_reused() -> No
     a = s.submit("same", "chat", Priority.NORMAL, None)
     with pytest.raises(Conflict):
         s.submit("same", "chat", Priority.NORMAL, None)
-    s.finish(a, None)
+    s.retire(a, None, None)
     again = s.submit("same", "chat", Priority.NORMAL, None)
     assert s.lookup("same") is again
 
@@ -178,7 +174,7 @@ async def test_duplicate_live_id_conflicts_but_finished_id_may_be_reused() -> No
 async def test_history_is_bounded() -> None:
     s, _, _ = make(concurrency=1, history=3)
     for i in range(10):
-        s.finish(s.submit(f"r{i}", "completion", Priority.NORMAL, None), None)
+        s.retire(s.submit(f"r{i}", "completion", Priority.NORMAL, None), None, None)
     assert [s.lookup(f"r{i}") is not None for i in range(10)] == [False] * 7 + [True] * 3
 
 
@@ -188,10 +184,10 @@ async def test_wait_mode_holds_overflow_in_priority_order() -> None:
     s.submit("b", "chat", Priority.LOW, None)  # fills the queue
     c = s.submit("c", "chat", Priority.LOW, None)  # overflow
     d = s.submit("d", "chat", Priority.HIGH, None)  # overflow, ahead of c
-    assert s.status().waiting_for_admission == 2
+    assert s.waiting_for_space == 2
     assert s.position(d) == 2 and s.position(c) == 3
-    s.finish(a, None)  # b runs, d enters the queue
-    assert s.status().waiting_for_admission == 1
+    s.retire(a, None, None)  # b runs, d enters the queue
+    assert s.waiting_for_space == 1
     assert s.position(d) == 1 and s.position(c) == 2
 
 
@@ -200,11 +196,13 @@ async def test_drain_answers_waiting_and_refuses_new_but_running_goes_on() -> No
     a = s.submit("a", "chat", Priority.NORMAL, None)
     b = s.submit("b", "chat", Priority.NORMAL, None)
     s.drain()
-    assert b.state is JobState.CANCELLED and isinstance(b.error, ShuttingDown)
+    assert isinstance(b.error, ShuttingDown) and s.waiting == 0
+    s.retire(b, b.error, None)
+    assert b.state is JobState.CANCELLED
     assert a.state is JobState.PROCESSING
     with pytest.raises(ShuttingDown):
         s.submit("c", "chat", Priority.NORMAL, None)
-    assert not s.status().is_running
+    assert s.draining
 
 
 async def test_timeout_fires_in_the_queue_when_the_clock_says_so() -> None:
@@ -226,7 +224,8 @@ async def test_timeout_fires_in_the_queue_when_the_clock_says_so() -> None:
     clock.now += 0.005
     with pytest.raises(RequestTimeout, match="in the queue"):
         await b.dispatched()
-    assert b.state is JobState.TIMEOUT and s.total_timed_out == 1
+    s.retire(b, b.error, None)
+    assert b.state is JobState.TIMEOUT and s.totals.timeout == 1
     assert a.state is JobState.PROCESSING  # its abort has begun; its handler would now finish it
     assert isinstance(a.error, RequestTimeout)
 
@@ -234,6 +233,6 @@ async def test_timeout_fires_in_the_queue_when_the_clock_says_so() -> None:
 async def test_deadlines_compact_instead_of_growing() -> None:
     s, _, _ = make(concurrency=1, queue=10)
     for i in range(5000):
-        s.finish(s.submit(f"r{i}", "chat", Priority.NORMAL, None), None)
+        s.retire(s.submit(f"r{i}", "chat", Priority.NORMAL, None), None, None)
     assert len(s._deadlines) == 0
     assert len(s._deadlines._jobs) <= 2 * 256

@@ -1,30 +1,19 @@
-"""LlamaEngine on the bundled model, without HTTP: how llama.cpp is asked to decode concurrent sequences."""
+"""LlamaEngine on the bundled model, without HTTP: batched answers equal lone ones, and how steps are batched."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any
 
-import llama_cpp as ll
 import pytest
 
 from app.backends.llama import default_model_path
-from app.backends.llama_engine import EngineConfig, Event, LlamaEngine, Sampling, Sequence, _common_prefix
+from app.backends.llama.engine import LlamaEngine, Sequence
+from app.backends.llama.events import Delta, Done, Event
+from app.backends.llama.model import EngineConfig, LlamaModel
+from app.backends.llama.sampling import Sampling
 
 PROMPTS = ["Name three colors.", "What is the capital of France?", "Write a haiku about rain.", "Hi."]
-
-
-class _MicroBatches(logging.Handler):
-    """Counts llama.cpp's "added ubatch" debug lines: one per micro-batch, each a pass over the weights."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "added ubatch" in record.getMessage():
-            self.count += 1
 
 
 class Runs:
@@ -39,8 +28,8 @@ class Runs:
     def deliver(self, events: list[tuple[Any, Event]]) -> None:
         with self._settled:
             for sink, event in events:
-                if event[0] == "delta":
-                    self.texts[sink] = self.texts.get(sink, "") + event[1]
+                if isinstance(event, Delta):
+                    self.texts[sink] = self.texts.get(sink, "") + event.text
                 else:
                     self.ends[sink] = event
             self._settled.notify_all()
@@ -49,7 +38,8 @@ class Runs:
         assert self.engine is not None
         head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         text = f"{head}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-        self.engine.submit(Sequence(self.engine.tokenize(text, True), Sampling(temperature=0), max_tokens, (), sink))
+        tokens = self.engine.model.tokenize(text, True)
+        self.engine.submit(Sequence(tokens, Sampling(temperature=0), max_tokens, (), sink))
 
     def wait(self, sinks: list[object]) -> None:
         with self._settled:
@@ -74,50 +64,44 @@ def start_engine() -> tuple[LlamaEngine, Runs]:
     return runs.engine, runs
 
 
-def test_generating_sequences_share_one_micro_batch_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LLAMA_BATCH_DEBUG", "1")  # read when the context is created
-    counter = _MicroBatches()
-    logger = logging.getLogger("app.backends.llama")
-    level = logger.level
-    logger.setLevel(logging.DEBUG)  # setLevel, not the attribute: it also clears the logger's level cache
-    logger.addHandler(counter)
-    steps: list[tuple[int, int]] = []  # (tokens in the batch, micro-batches llama.cpp split it into)
-    decode = ll.llama_decode
+def test_batched_answers_equal_lone_ones_and_each_step_is_one_run_of_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The slot ids of every decoded batch, in batch order: llama.cpp decodes sequences in one pass over the
+    # weights only when their ids ascend by one in the batch.
+    batches: list[list[int]] = []
+    decode = LlamaModel.decode
 
-    def counting_decode(ctx: Any, batch: Any) -> int:
-        before = counter.count
-        status = int(decode(ctx, batch))
-        steps.append((batch.n_tokens, counter.count - before))
-        return status
+    def recording_decode(model: LlamaModel) -> int:
+        batch = model.batch
+        batches.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return decode(model)
 
-    monkeypatch.setattr(ll, "llama_decode", counting_decode)
+    monkeypatch.setattr(LlamaModel, "decode", recording_decode)
     engine, runs = start_engine()
     # Five requests for four slots: the short first one ends early and the fifth takes its slot; those that end
-    # by end of text leave gaps between busy ids (here the second, at its 7th token), which the engine closes
-    # by moving the highest slot down.
+    # by end of text leave gaps between busy ids, which the engine closes by moving the highest slot down.
     requests = [
         (index, prompt, max_tokens)
         for index, (prompt, max_tokens) in enumerate(zip([*PROMPTS, PROMPTS[0]], [3, 16, 16, 16, 12], strict=True))
     ]
     try:
         runs.run(requests)
-        together = len(steps)
+        together = len(batches)
         for index, prompt, max_tokens in requests:
             runs.run([(("alone", index), prompt, max_tokens)])
     finally:
         engine.close()
-        logger.removeHandler(counter)
-        logger.setLevel(level)
 
-    assert all(runs.ends[index][0] == "done" for index, _, _ in requests), runs.ends
+    assert all(isinstance(runs.ends[index], Done) for index, _, _ in requests), runs.ends
     # Greedy tokens do not depend on what else decoded beside them, nor on the slot's KV being moved.
     assert [runs.texts[index] for index, _, _ in requests] == [runs.texts["alone", index] for index, _, _ in requests]
-    # Once the prompts were in (every prompt step has more than four tokens; the fifth found its prompt
-    # resident), every step was a single micro-batch, however the slots came and went.
-    prompts_in = max(index for index, (tokens, _) in enumerate(steps[:together]) if tokens > 4)
-    generating = steps[prompts_in + 1 : together]
+    # Once the prompts were in (every prompt step has more than four tokens), every step carried one token
+    # of each generating slot, ids ascending by one: a single pass over the weights.
+    prompts_in = max(index for index, ids in enumerate(batches[:together]) if len(ids) > 4)
+    generating = batches[prompts_in + 1 : together]
     assert len(generating) >= 12
-    assert [split for _, split in generating] == [1] * len(generating), steps
+    for ids in generating:
+        assert ids == list(range(ids[0], ids[0] + len(ids))), batches
+    assert max(len(ids) for ids in generating) == 4
 
 
 def test_a_prompt_takes_the_prefix_another_slot_holds() -> None:
@@ -135,18 +119,8 @@ def test_a_prompt_takes_the_prefix_another_slot_holds() -> None:
     finally:
         engine.close()
 
-    done, _, prompt_tokens, _, cached = runs.ends["second"]
-    assert done == "done"
-    assert 20 <= cached < prompt_tokens - 5  # the system prompt's tokens, not the question's
-    assert runs.ends["first"][4] == 0
+    second, first = runs.ends["second"], runs.ends["first"]
+    assert isinstance(second, Done) and isinstance(first, Done)
+    assert 20 <= second.cached_tokens < second.prompt_tokens - 5  # the system prompt's tokens, not the question's
+    assert first.cached_tokens == 0
     assert runs.texts["second"] == runs.texts["alone", "second"]
-
-
-def test_common_prefix_is_exact_across_the_compared_blocks() -> None:
-    tokens = list(range(1000, 2000))
-    for length in (0, 1, 255, 256, 257, 511, 512, 513, 999):
-        assert _common_prefix(tokens, [*tokens[:length], -1]) == length
-        assert _common_prefix([*tokens[:length], -1], tokens) == length
-    assert _common_prefix(tokens, tokens) == len(tokens)
-    assert _common_prefix(tokens, tokens[:300]) == 300
-    assert _common_prefix([], tokens) == 0

@@ -6,12 +6,17 @@ import asyncio
 
 import orjson
 
+from app.backends.base import BackendStream
 from app.backends.llama import LlamaBackend
 from app.schemas import parse_completion_request
 
+NO_DEADLINE = float("inf")
 
-def stream_request(max_tokens: int) -> bytes:
-    return orjson.dumps({"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "temperature": 0})
+
+async def open_stream(backend: LlamaBackend, max_tokens: int) -> BackendStream:
+    body = orjson.dumps({"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "temperature": 0})
+    prepared = await backend.prepare(parse_completion_request(body, "completion"))
+    return await backend.stream(prepared, NO_DEADLINE)
 
 
 def test_a_stream_closed_before_its_first_event_costs_the_engine_nothing() -> None:
@@ -22,17 +27,17 @@ def test_a_stream_closed_before_its_first_event_costs_the_engine_nothing() -> No
         await backend.start()
         try:
             # As when the client is gone before the response headers could be sent.
-            unstarted = await backend.stream(parse_completion_request(stream_request(400), "completion"))
+            unstarted = await open_stream(backend, 400)
             await unstarted.aclose()
             await asyncio.sleep(0.2)
             idle = len(backend._engine._active) + len(backend._engine._waiting)
             # Left after its first event: the sequence is cancelled and the only slot is free again.
-            started = await backend.stream(parse_completion_request(stream_request(400), "completion"))
-            await anext(started)
+            started = await open_stream(backend, 400)
+            await anext(aiter(started))
             await started.aclose()
             await asyncio.sleep(0.2)
             after_leaving = len(backend._engine._active) + len(backend._engine._waiting)
-            follow_up = await backend.stream(parse_completion_request(stream_request(3), "completion"))
+            follow_up = await open_stream(backend, 3)
             chunks = [chunk async for chunk in follow_up]
             return idle, after_leaving, len(chunks)
         finally:

@@ -1,4 +1,4 @@
-from app.backends.llama_engine import StopText
+from app.backends.llama.stop_text import StopText
 
 
 def feed_all(stops: tuple[str, ...], pieces: list[bytes]) -> tuple[str, bool]:

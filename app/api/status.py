@@ -1,0 +1,140 @@
+"""The wire format of the queue's status routes, built from what the scheduler reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from app.queue.job import Job
+from app.queue.scheduler import Scheduler
+from app.types import CompletionKind, JobState, Priority
+
+
+class WorkerStatus(BaseModel):
+    """One concurrency slot at the backend: its health."""
+
+    id: int
+    busy: bool
+    current_request_id: str | None
+    processed: int
+    errors: int
+
+
+class QueueStatus(BaseModel):
+    """GET /v1/queue/status: the queue contract's fields first, then the gateway's own."""
+
+    queue_size: int
+    processing_count: int
+    max_concurrent: int
+    max_queue_size: int
+    total_processed: int
+    total_failed: int
+    total_queued: int
+    active_requests: int
+    is_running: bool
+    queue_size_by_priority: dict[str, int]
+    waiting_for_admission: int = Field(description="Requests held back by a full queue (QUEUE_FULL_BEHAVIOR=wait).")
+    total_rejected: int
+    total_timed_out: int
+    total_cancelled: int
+    queue_full_behavior: str
+    estimated_service_seconds: float | None = Field(
+        description="Moving average of how long a request holds a backend slot; None before the first."
+    )
+    aging_seconds: float | None = Field(description="QUEUE_AGING_SECONDS; None for strict priority.")
+    dispatch_held_by: str | None = Field(
+        description="Why the head of the queue is not dispatched although a slot is free: 'rate_limit_requests', "
+        "'rate_limit_tokens', 'upstream_requests', 'upstream_tokens', 'upstream_retry_after', "
+        "'circuit_breaker_open' or 'circuit_breaker_half_open'; None when nothing holds it."
+    )
+    rate_limits: dict[str, Any] | None = Field(
+        description="The backend's budgets (RATE_LIMIT_RPM/TPM), what the upstream reported left, and any pause."
+    )
+    circuit_breaker: dict[str, Any] | None = Field(description="The upstream circuit breaker (proxy backend).")
+    workers: list[WorkerStatus]
+
+
+class RequestStatus(BaseModel):
+    """GET /v1/queue/request/{id}: the queue contract's fields first, then the gateway's own."""
+
+    id: str
+    status: JobState
+    completion_type: CompletionKind
+    timestamp: float = Field(description="Arrival, seconds since the epoch.")
+    error: str | None
+    priority: Priority
+    position: int | None = Field(description="1-based place in the queue while waiting, else None.")
+    waiting_for: str | None = Field(
+        description="While waiting: 'backend_slot', 'queue_space', or the budget that holds dispatch back "
+        "(as dispatch_held_by in the queue status)."
+    )
+    level: Priority = Field(description="The level it waits or ran at: its priority, or higher after aging.")
+    queued_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+def queue_status(scheduler: Scheduler) -> QueueStatus:
+    """The whole queue: sizes, totals by outcome, what holds dispatch back, and each slot."""
+    gate = scheduler.gate
+    limiter = gate.limiter if gate is not None else None
+    breaker = gate.breaker if gate is not None else None
+    totals = scheduler.totals
+    return QueueStatus(
+        queue_size=scheduler.waiting,
+        processing_count=scheduler.in_flight,
+        max_concurrent=scheduler.max_concurrent,
+        max_queue_size=scheduler.max_queue_size,
+        total_processed=totals.completed,
+        total_failed=totals.failed,
+        total_queued=totals.queued,
+        active_requests=scheduler.waiting + scheduler.in_flight,
+        is_running=not scheduler.draining,
+        queue_size_by_priority=scheduler.queue_sizes(),
+        waiting_for_admission=scheduler.waiting_for_space,
+        total_rejected=totals.rejected,
+        total_timed_out=totals.timeout,
+        total_cancelled=totals.cancelled,
+        queue_full_behavior=scheduler.full_behavior.value,
+        aging_seconds=scheduler.aging.period if scheduler.aging is not None else None,
+        dispatch_held_by=gate.held_by if gate is not None else None,
+        rate_limits=limiter.status() if limiter is not None else None,
+        circuit_breaker=None
+        if breaker is None
+        else {
+            "state": breaker.state.value,
+            "consecutive_failures": breaker.failures,
+            "threshold": breaker.threshold,
+            "retry_after_seconds": round(breaker.retry_after(), 3),
+        },
+        estimated_service_seconds=scheduler.service_time,
+        workers=[
+            WorkerStatus(
+                id=slot.id,
+                busy=slot.job is not None,
+                current_request_id=slot.job.id if slot.job is not None else None,
+                processed=slot.processed,
+                errors=slot.errors,
+            )
+            for slot in scheduler.slots
+        ],
+    )
+
+
+def request_status(scheduler: Scheduler, job: Job) -> RequestStatus:
+    """One request: its state, its place while it waits, and its times."""
+    return RequestStatus(
+        id=job.id,
+        status=job.state,
+        completion_type=job.kind,
+        timestamp=job.arrived_wall,
+        error=job.error.message if job.error is not None else None,
+        priority=job.priority,
+        position=scheduler.position(job),
+        waiting_for=scheduler.waiting_for(job),
+        level=Priority.at(job.rank),
+        queued_at=job.arrived_wall,
+        started_at=job.wall_time(job.started),
+        finished_at=job.wall_time(job.finished),
+    )

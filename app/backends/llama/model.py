@@ -1,0 +1,181 @@
+"""One GGUF model with its llama.cpp context, batch and KV memory, behind small typed methods.
+
+Created and used on the engine thread only (tokenize() and the vocabulary reads are safe from any thread:
+the vocabulary is read-only). llama.cpp's OpenMP workers belong to the thread that first computes; a second
+thread's team left spinning beside the decoding one cost a quarter of the decode speed (measured), so the
+thread that decodes also loads, and nothing else ever computes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp as ll
+
+log = logging.getLogger("app.backends.llama")
+
+_PIECE_BYTES = 256
+# ggml_log_level as this llama.cpp sends it (observed: 3 for its warnings); 5 continues the previous line.
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What the engine loads and how it runs."""
+
+    model_path: str
+    n_ctx: int  # per sequence
+    n_seq: int
+    n_threads: int
+    n_gpu_layers: int
+    n_batch: int = 512
+
+
+class LlamaModel:
+    """The loaded model, its context (n_seq sequences of n_ctx cells each) and one reusable batch."""
+
+    def __init__(self, config: EngineConfig):
+        self._log_callback = ll.llama_log_callback(_LogForwarder())  # alive as long as llama.cpp may call it
+        ll.llama_log_set(self._log_callback, ctypes.c_void_p(0))
+        ll.llama_backend_init()
+        self._model: Any = None
+        self._ctx: Any = None
+        self.batch: Any = None
+        model_params = ll.llama_model_default_params()
+        model_params.n_gpu_layers = config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF
+        self._model = ll.llama_model_load_from_file(config.model_path.encode(), model_params)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load the model at {config.model_path}")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        params = ll.llama_context_default_params()
+        params.n_ctx = config.n_ctx * config.n_seq
+        params.n_batch = config.n_batch
+        params.n_ubatch = config.n_batch
+        params.n_seq_max = config.n_seq
+        params.n_threads = config.n_threads
+        params.n_threads_batch = config.n_threads
+        # A KV buffer per sequence: attention then spans only that sequence's own cells, so a request's
+        # greedy tokens do not depend on what else is batched with it (a shared buffer broke that, measured).
+        params.kv_unified = False
+        self._ctx = ll.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            self.free()
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self._memory = ll.llama_get_memory(self._ctx)
+        self.batch = ll.llama_batch_init(config.n_batch, 0, 1)
+        self._piece = ctypes.create_string_buffer(_PIECE_BYTES)
+
+    def free(self) -> None:
+        """Release the batch, the context and the model."""
+        if self.batch is not None:
+            ll.llama_batch_free(self.batch)
+            self.batch = None
+        if self._ctx is not None:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    # The vocabulary ---------------------------------------------------------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata string, such as tokenizer.chat_template."""
+        size = ll.llama_model_meta_val_str(self._model, key.encode(), None, 0)
+        if size < 0:
+            return None
+        buffer = ctypes.create_string_buffer(size + 1)
+        ll.llama_model_meta_val_str(self._model, key.encode(), buffer, size + 1)
+        return buffer.value.decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Text to token ids."""
+        data = text.encode()
+        capacity = len(data) + 16
+        tokens = (ll.llama_token * capacity)()
+        count = ll.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        if count < 0:  # the buffer was too small: -count is the size needed
+            capacity = -count
+            tokens = (ll.llama_token * capacity)()
+            count = ll.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        return list(tokens[:count])
+
+    def token_text(self, token: int) -> str:
+        """A special token's text, such as the BOS and EOS strings chat templates use."""
+        buffer = ctypes.create_string_buffer(_PIECE_BYTES)
+        size = ll.llama_token_to_piece(self._vocab, token, buffer, _PIECE_BYTES, 0, True)
+        return buffer.raw[: max(size, 0)].decode("utf-8", "replace")
+
+    def piece(self, token: int) -> bytes:
+        """A generated token's bytes (engine thread: one buffer is reused)."""
+        size = ll.llama_token_to_piece(self._vocab, token, self._piece, _PIECE_BYTES, 0, False)
+        return self._piece.raw[: max(size, 0)]
+
+    def is_end(self, token: int) -> bool:
+        """Whether the token ends generation (end of text, end of turn)."""
+        return bool(ll.llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def bos_token(self) -> int:
+        return int(ll.llama_vocab_bos(self._vocab))
+
+    @property
+    def eos_token(self) -> int:
+        return int(ll.llama_vocab_eos(self._vocab))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(ll.llama_vocab_n_tokens(self._vocab))
+
+    # Decoding and the KV memory ---------------------------------------------------------------------
+
+    def add(self, slot: int, token: int, position: int, logits: bool) -> int:
+        """Append a token of sequence `slot` to the batch; its index there."""
+        batch = self.batch
+        index = batch.n_tokens
+        batch.token[index] = token
+        batch.pos[index] = position
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = slot
+        batch.logits[index] = logits
+        batch.n_tokens = index + 1
+        return int(index)
+
+    def decode(self) -> int:
+        """Run the batch (0 on success, llama.cpp's status otherwise) and empty it for the next step."""
+        status = int(ll.llama_decode(self._ctx, self.batch))
+        self.batch.n_tokens = 0
+        return status
+
+    def sample(self, sampler: Any, index: int) -> int:
+        """The next token from the logits at batch index `index`."""
+        return int(ll.llama_sampler_sample(sampler, self._ctx, index))
+
+    def clear(self, slot: int) -> None:
+        """Forget every cell of a slot."""
+        ll.llama_memory_seq_rm(self._memory, slot, -1, -1)
+
+    def cut(self, slot: int, keep: int) -> bool:
+        """Keep a slot's first `keep` cells; False if this memory cannot cut a sequence."""
+        return bool(ll.llama_memory_seq_rm(self._memory, slot, keep, -1))
+
+    def copy(self, source: int, target: int) -> None:
+        """Give `target` a copy of every cell of `source` (clear `target` first)."""
+        ll.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+
+
+class _LogForwarder:
+    """llama.cpp's own log lines into ours: its chatter at debug, its warnings and errors as such."""
+
+    def __init__(self) -> None:
+        self._last = logging.DEBUG  # the level a continuation line (5) takes
+
+    def __call__(self, level: int, text: bytes, _: Any) -> None:
+        severity = self._last if level == 5 else _LEVELS.get(level, logging.DEBUG)
+        self._last = severity
+        message = text.decode("utf-8", "replace").rstrip()
+        if message:
+            log.log(severity, "%s", message)

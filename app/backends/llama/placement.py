@@ -1,0 +1,91 @@
+"""Where sequences live in the KV cache: which slot a prompt takes, what it copies, which slots move.
+
+Pure planning on plain data (token lists and slot ids); the engine carries the plans out on llama.cpp's
+memory. Two costs drive every choice, both measured with the bundled model on 2 cores:
+- llama.cpp decodes sequences with consecutive slot ids in one pass over the weights (a KV buffer per
+  sequence); each further run of ids costs another pass at every step while they generate;
+- a slot's cells can be copied from another (one buffer copy, about what evaluating MIN_COPY_TOKENS
+  prompt tokens costs), so a prompt reuses whatever prefix any slot holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_COPY_TOKENS = 16
+_PREFIX_BLOCK = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Put a prompt in `slot`: first copy `copy_from`'s cells there (if set), then keep its first `keep` tokens."""
+
+    slot: int
+    keep: int
+    copy_from: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Move the sequence in slot `source` to the free slot `target` (copy its cells, then clear the source)."""
+
+    source: int
+    target: int
+
+
+def place(prompt: list[int], resident: list[list[int]], busy: list[int], free: list[int], fresh: set[int]) -> Placement:
+    """Choose a free slot for `prompt` and the prefix it reuses.
+
+    `resident[i]` is what slot i's cells hold; `busy` the slots generating; `fresh` the slots filled by a
+    copy this step, which hold their cells only once the next decode has run and so cannot be copied from.
+    The slot: fewest runs of consecutive busy ids first (a pass over the weights each, at every step), then
+    the longest resident prefix (paid once), then the lowest id. Then, if another slot holds at least
+    MIN_COPY_TOKENS more of the prompt (a shared system prompt, most often), its cells are copied. The last
+    prompt token is never reused: its logits give the first generated token.
+    """
+    held = [min(common_prefix(tokens, prompt), len(prompt) - 1) for tokens in resident]
+    slot = min(free, key=lambda candidate: (runs([*busy, candidate]), -held[candidate], candidate))
+    donors = [other for other in range(len(held)) if other != slot and other not in fresh]
+    donor = max(donors, key=held.__getitem__, default=None)
+    if donor is not None and held[donor] - held[slot] >= MIN_COPY_TOKENS:
+        return Placement(slot, held[donor], copy_from=donor)
+    return Placement(slot, held[slot])
+
+
+def close_gaps(busy: list[int], free: list[int]) -> list[Move]:
+    """Moves that leave the busy slots one run of consecutive ids: the highest goes to the lowest gap, repeatedly.
+
+    A move copies one KV buffer (about 5 ms with the bundled model); a gap costs a pass over the weights (about
+    as much) at every step until it closes.
+    """
+    busy, free = sorted(busy), list(free)
+    moves = []
+    while busy and busy[-1] - busy[0] >= len(busy):
+        source = busy.pop()
+        target = min(slot for slot in free if slot > busy[0])
+        free.remove(target)
+        free.append(source)
+        busy.insert(next((i for i, slot in enumerate(busy) if slot > target), len(busy)), target)
+        moves.append(Move(source, target))
+    return moves
+
+
+def runs(ids: list[int]) -> int:
+    """How many runs of consecutive numbers a set of slot ids makes."""
+    ordered = sorted(ids)
+    return sum(1 for index, slot in enumerate(ordered) if index == 0 or slot != ordered[index - 1] + 1)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two lists share.
+
+    Runs for every slot at every placement, on the engine thread: whole blocks are compared as slices (in C),
+    and only the block with the first difference token by token.
+    """
+    limit = min(len(a), len(b))
+    index = 0
+    while index + _PREFIX_BLOCK <= limit and a[index : index + _PREFIX_BLOCK] == b[index : index + _PREFIX_BLOCK]:
+        index += _PREFIX_BLOCK
+    while index < limit and a[index] == b[index]:
+        index += 1
+    return index

@@ -1,0 +1,147 @@
+"""An OpenAI completion request turned into what the engine runs: prompt tokens, sampling, stops, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import TemplateError
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from app.backends.llama.sampling import Sampling
+from app.errors import InvalidRequest
+from app.schemas import CompletionRequest
+from app.types import CompletionKind
+
+MAX_STOPS = 16
+
+# Used only when neither the GGUF nor CHAT_TEMPLATE provides a template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRequest:
+    """A request as the local model runs it, and what its response needs to say."""
+
+    kind: CompletionKind
+    prompt: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stops: tuple[str, ...]
+    include_usage: bool
+
+
+class Prompter:
+    """Prepares requests for one loaded model: its chat template, tokenizer, vocabulary and context size."""
+
+    def __init__(
+        self,
+        formatter: Jinja2ChatFormatter,
+        tokenize: Callable[[str, bool], list[int]],
+        vocab_size: int,
+        n_ctx: int,
+    ):
+        self._formatter = formatter
+        self._tokenize = tokenize
+        self._vocab_size = vocab_size
+        self._n_ctx = n_ctx
+
+    def prepare(self, request: CompletionRequest) -> LocalRequest:
+        """Check the request and tokenize its prompt; raises InvalidRequest (400) for what the model cannot do."""
+        payload = request.payload
+        if payload.get("n", 1) != 1:
+            raise InvalidRequest("the local backend generates one choice per request (n=1)", param="n")
+        if payload.get("logprobs") or payload.get("top_logprobs"):
+            raise InvalidRequest("the local backend does not return logprobs", param="logprobs")
+        if request.kind == "chat":
+            prompt, param = self._chat_prompt(payload), "messages"
+        else:
+            prompt, param = self._text_prompt(payload), "prompt"
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param=param)
+        if len(prompt) >= self._n_ctx:
+            raise InvalidRequest(
+                f"the prompt is {len(prompt)} tokens; this model's context is {self._n_ctx} tokens per request "
+                "(N_CTX), which must also hold at least one generated token",
+                param=param,
+                code="context_length_exceeded",
+            )
+        room = self._n_ctx - len(prompt)
+        max_tokens = min(request.max_tokens or room, room)  # past the context: finish_reason "length"
+        options = payload.get("stream_options")
+        return LocalRequest(
+            kind=request.kind,
+            prompt=prompt,
+            sampling=_sampling(payload),
+            max_tokens=max_tokens,
+            stops=_stops(payload.get("stop")),
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        )
+
+    def _chat_prompt(self, payload: dict[str, Any]) -> list[int]:
+        try:
+            formatted = self._formatter(
+                messages=payload["messages"], tools=payload.get("tools"), tool_choice=payload.get("tool_choice")
+            )
+        except (TemplateError, ValueError, TypeError, KeyError) as exc:
+            raise InvalidRequest(
+                f"the messages do not fit the model's chat template: {exc}", param="messages"
+            ) from None
+        # Chat templates write their own BOS where the model wants one.
+        return self._tokenize(formatted.prompt, False)
+
+    def _text_prompt(self, payload: dict[str, Any]) -> list[int]:
+        if payload.get("echo"):
+            raise InvalidRequest("the local backend does not support echo", param="echo")
+        prompt = payload["prompt"]
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self._tokenize(prompt, True)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if any(not 0 <= t < self._vocab_size for t in prompt):
+                raise InvalidRequest(f"token ids must be between 0 and {self._vocab_size - 1}", param="prompt")
+            return list(prompt)
+        raise InvalidRequest("the local backend takes one prompt per request", param="prompt")
+
+
+def _number(payload: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = payload.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise InvalidRequest(f"{name} must be a number between {low} and {high}", param=name)
+    return float(value)
+
+
+def _sampling(payload: dict[str, Any]) -> Sampling:
+    top_k = payload.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise InvalidRequest("top_k must be a whole number, 0 or more", param="top_k")
+    seed = payload.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidRequest("seed must be an integer", param="seed")
+    return Sampling(
+        temperature=_number(payload, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(payload, "top_p", 1.0, 0.0, 1.0),
+        top_k=top_k,
+        min_p=_number(payload, "min_p", 0.0, 0.0, 1.0),
+        seed=seed,
+        presence_penalty=_number(payload, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(payload, "frequency_penalty", 0.0, -2.0, 2.0),
+        repeat_penalty=_number(payload, "repeat_penalty", 1.0, 0.0, 10.0),
+    )
+
+
+def _stops(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(s, str) for s in value) and len(value) <= MAX_STOPS:
+        return tuple(s for s in value if s)
+    raise InvalidRequest(f"stop must be a string or a list of at most {MAX_STOPS} strings", param="stop")

@@ -1,0 +1,78 @@
+"""How a sequence picks its tokens: the request's sampling options, the plan of samplers, the llama.cpp chain.
+
+`plan()` is pure and decides which samplers run in which order; `build_chain()` turns a plan into
+llama.cpp's sampler chain. Samplers that narrow the candidates run first, so the costly ones (top-p's sort,
+the softmax) see tens of candidates rather than the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp as ll
+
+PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama.cpp's default)
+# Candidates kept when a request names no top_k: llama-server's and Ollama's default. Without it top-p sorts
+# the whole vocabulary at every token of every sampled sequence (measured: the sampled path fell behind
+# llama-server, which applies this default too).
+DEFAULT_TOP_K = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """A request's sampling options; temperature 0 is greedy, top_k None takes DEFAULT_TOP_K (0: no limit)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+
+
+# One step of a plan: the sampler's name and its arguments, as llama.cpp's sampler_init_<name> takes them.
+Step = tuple[str, tuple[float | int, ...]]
+
+
+def plan(sampling: Sampling) -> list[Step]:
+    """The samplers for these options, in the order they run."""
+    steps: list[Step] = []
+    if sampling.repeat_penalty != 1.0 or sampling.frequency_penalty or sampling.presence_penalty:
+        penalties = (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty)
+        steps.append(("penalties", (PENALTY_LAST_N, *penalties)))
+    if sampling.temperature <= 0:
+        steps.append(("greedy", ()))
+        return steps
+    top_k = DEFAULT_TOP_K if sampling.top_k is None else sampling.top_k
+    if top_k > 0:
+        steps.append(("top_k", (top_k,)))
+    if sampling.top_p < 1.0:
+        steps.append(("top_p", (sampling.top_p, 1)))
+    if sampling.min_p > 0.0:
+        steps.append(("min_p", (sampling.min_p, 1)))
+    steps.append(("temp", (sampling.temperature,)))
+    steps.append(("dist", (ll.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF,)))
+    return steps
+
+
+def build_chain(steps: list[Step]) -> Any:
+    """A llama.cpp sampler chain running `steps`; the caller frees it with llama_sampler_free."""
+    chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+    for name, args in steps:
+        if name == "penalties":
+            # The bindings declare an old five-argument signature (n_vocab first); llama.cpp now takes four.
+            # Passing the look-back in both integer places is right under either.
+            last_n = args[0]
+            sampler = ll.llama_sampler_init_penalties(last_n, *args)
+        else:
+            sampler = getattr(ll, f"llama_sampler_init_{name}")(*args)
+        ll.llama_sampler_chain_add(chain, sampler)
+    return chain
+
+
+def free_chain(chain: Any) -> None:
+    """Release a chain that build_chain() made."""
+    ll.llama_sampler_free(chain)

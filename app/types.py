@@ -1,0 +1,44 @@
+"""The product's small shared vocabulary: priorities, request states, completion kinds."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+CompletionKind = Literal["chat", "completion"]
+
+
+class Priority(StrEnum):
+    """A request's priority level; the queue serves high before normal before low.
+
+    `rank` is the one priority-to-rank mapping: the level's index in the queue (0 for high), set once per
+    member from the declaration order. `Priority.at(rank)` goes back.
+    """
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    rank: int
+
+    def __init__(self, value: str) -> None:
+        self.rank = len(type(self).__members__)
+
+    @classmethod
+    def at(cls, rank: int) -> Priority:
+        """The priority whose level is `rank`."""
+        return _BY_RANK[rank]
+
+
+_BY_RANK = tuple(Priority)
+
+
+class JobState(StrEnum):
+    """Where a request is in its life; the last four are terminal."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"

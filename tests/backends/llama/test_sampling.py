@@ -1,0 +1,40 @@
+"""The sampling plan on plain data: which samplers run, in which order, with which arguments."""
+
+from __future__ import annotations
+
+import llama_cpp as ll
+
+from app.backends.llama.sampling import DEFAULT_TOP_K, PENALTY_LAST_N, Sampling, build_chain, free_chain, plan
+
+
+def test_temperature_zero_is_greedy_and_nothing_else() -> None:
+    assert plan(Sampling(temperature=0, top_p=0.5, top_k=3)) == [("greedy", ())]
+
+
+def test_sampled_requests_narrow_to_the_default_top_k_before_top_p() -> None:
+    steps = plan(Sampling(temperature=0.7, top_p=0.95, seed=7))
+    assert steps == [("top_k", (DEFAULT_TOP_K,)), ("top_p", (0.95, 1)), ("temp", (0.7,)), ("dist", (7,))]
+
+
+def test_top_k_zero_turns_the_candidate_limit_off() -> None:
+    steps = plan(Sampling(temperature=1.0, top_k=0, min_p=0.05))
+    assert [name for name, _ in steps] == ["min_p", "temp", "dist"]
+    assert steps[-1] == ("dist", (ll.LLAMA_DEFAULT_SEED,))
+
+
+def test_penalties_run_first_and_seeds_fit_in_32_bits() -> None:
+    steps = plan(Sampling(temperature=0.5, top_k=5, repeat_penalty=1.1, seed=-1))
+    assert steps[0] == ("penalties", (PENALTY_LAST_N, 1.1, 0.0, 0.0))
+    assert steps[1] == ("top_k", (5,))
+    assert steps[-1] == ("dist", (0xFFFFFFFF,))
+    assert plan(Sampling(temperature=0, presence_penalty=0.5))[0][0] == "penalties"
+
+
+def test_every_plan_builds_a_llama_cpp_chain() -> None:
+    for sampling in (Sampling(temperature=0), Sampling(temperature=0.7, top_p=0.9, min_p=0.1, repeat_penalty=1.2)):
+        steps = plan(sampling)
+        chain = build_chain(steps)
+        try:
+            assert ll.llama_sampler_chain_n(chain) == len(steps)
+        finally:
+            free_chain(chain)
