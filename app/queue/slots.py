@@ -1,4 +1,4 @@
-"""The backend's concurrency slots (seed 002's worker pool): which are busy, with what, and how they fared."""
+"""The backend's concurrency slots (the worker pool): which are busy, with what, and how they fared."""
 
 from __future__ import annotations
 
