@@ -32,16 +32,16 @@ test: lint
 	$(BIN)/pytest
 
 bench-scheduler: $(VENV)/.test
-	$(BIN)/python -m bench.scheduler_bench
+	$(BIN)/python -m bench.scheduler_bench $(ARGS)
 
 bench-proxy: $(VENV)/.test
-	$(BIN)/python -m bench.proxy_bench
+	$(BIN)/python -m bench.proxy_bench $(ARGS)
 
 bench-limits: $(VENV)/.test
-	$(BIN)/python -m bench.limits_bench
+	$(BIN)/python -m bench.limits_bench $(ARGS)
 
 bench-local: $(VENV)/.test
-	$(BIN)/python -m bench.local_bench
+	$(BIN)/python -m bench.local_bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

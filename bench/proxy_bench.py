@@ -11,10 +11,11 @@ measured in turn, so machine noise hits them alike; each cell keeps its best rou
 Load comes from wrk (a Python load generator saturates near 1k req/s here and would measure itself):
 requests/s and p50/p99 latency at 1 and 32 connections, non-streaming and streaming. Time to first byte and
 the inter-chunk gap of streams come from a sequential client (the same client for every contender, so the
-differences are the contenders'). Then 1,000 concurrent slow streams through the gateway, and optionally
-(--memory) RSS after 10,000 and after 1,000,000 proxied requests.
+differences are the contenders'). Then 1,000 concurrent slow streams through the gateway, optionally
+(--memory) RSS after 10,000 and after 1,000,000 proxied requests, and optionally (--profile) py-spy's samples
+of the gateway under wrk at 32 connections: the share of its CPU spent in the scheduler and the whole queue.
 
-    python -m bench.proxy_bench [--rounds 3] [--duration 10] [--memory] [--json bench/results/proxy.json]
+    python -m bench.proxy_bench [--rounds 3] [--duration 10] [--memory] [--profile] [--json bench/results/proxy.json]
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def main() -> None:
     parser.add_argument("--slow-streams", type=int, default=1000)
     parser.add_argument("--memory", action="store_true", help="also run 1,000,000 requests for the RSS check")
     parser.add_argument("--memory-requests", type=int, default=1_000_000)
+    parser.add_argument("--profile", action="store_true", help="also sample the gateway with py-spy at c32")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "proxy.json"))
     args = parser.parse_args()
 
@@ -295,11 +297,74 @@ def main() -> None:
         extra["slow_streams_gateway"] = asyncio.run(slow_streams(slow_gateway.url, args.slow_streams, 0.5))
         if args.memory:
             extra["memory"] = memory_check(field[2], args.memory_requests)
+        if args.profile:
+            extra["profile"] = profile(field[2], args.duration)
     finally:
         for contender in [*field, slow_upstream, slow_gateway]:
             contender.stop()
 
     report(cells, rounds, extra, args.json)
+
+
+# The gateway's parts, by the file of the innermost gateway frame of a sampled stack (its own time, with the
+# library calls it makes directly): the scheduler and its data structures, the service, the HTTP layer, the
+# backend.
+_PROFILE_PARTS = {
+    "scheduler": tuple(
+        f"app/queue/{name}.py" for name in ("scheduler", "priority_queue", "gate", "deadlines", "aging", "slots", "job")
+    ),
+    "service": ("app/queue/service.py",),
+    "api": ("app/api/",),
+    "backend": ("app/backends/",),
+}
+
+
+def profile(gateway: Contender, duration: float) -> dict[str, float]:
+    """py-spy samples the gateway while wrk drives it at 32 connections: each part's share of its CPU samples.
+
+    A sample counts for the part whose file holds its innermost gateway frame; samples with no gateway frame
+    (the event loop, uvicorn, aiohttp reading sockets) count in the total only.
+    """
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    assert gateway.process is not None
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        spy = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(gateway.process.pid),
+                "--duration",
+                str(max(1, round(duration))),
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                out.name,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # py-spy attaches
+        load = wrk(gateway.url, 32, duration, BODY)
+        spy.wait(60)
+        lines = Path(out.name).read_text().splitlines()
+    total = 0
+    counts = dict.fromkeys(_PROFILE_PARTS, 0)
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        innermost = next((frame for frame in reversed(stack.split(";")) if "/app/" in frame), "")
+        for part, markers in _PROFILE_PARTS.items():
+            if any(marker in innermost for marker in markers):
+                counts[part] += int(count)
+                break
+    shares = {f"{part}_share": round(n / total, 4) if total else float("nan") for part, n in counts.items()}
+    return {"samples": total, "rps_while_sampled": load["rps"], **shares}
 
 
 def paired(rounds: dict[tuple[str, str], list[float]], label: str, name: str, reference: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,29 @@ def terminal_state(error: GatewayError | None) -> JobState:
     if isinstance(error, RequestCancelled | ClientDisconnected | ShuttingDown):
         return JobState.CANCELLED
     return JobState.FAILED
+
+
+@dataclass(slots=True)
+class Totals:
+    """Requests counted since start, by how they ended (rejected: refused before they were queued)."""
+
+    queued: int = 0
+    completed: int = 0
+    failed: int = 0
+    rejected: int = 0
+    timeout: int = 0
+    cancelled: int = 0
+
+    def ended(self, state: JobState) -> None:
+        """Count a request that ended in `state`."""
+        if state is JobState.COMPLETED:
+            self.completed += 1
+        elif state is JobState.FAILED:
+            self.failed += 1
+        elif state is JobState.TIMEOUT:
+            self.timeout += 1
+        else:
+            self.cancelled += 1
 
 
 class Job:

@@ -11,7 +11,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from app.backends.base import Usage
 from app.errors import BreakerOpen, Conflict, GatewayError, QueueFull, RequestTimeout, ShuttingDown
@@ -21,7 +20,7 @@ from app.metrics import Metrics
 from app.queue.aging import Aging
 from app.queue.deadlines import Deadlines
 from app.queue.gate import DispatchGate
-from app.queue.job import Job, terminal_state
+from app.queue.job import Job, Totals, terminal_state
 from app.queue.priority_queue import PriorityQueue
 from app.queue.slots import Slot, SlotPool
 from app.settings import QueueFullBehavior
@@ -30,29 +29,6 @@ from app.types import CompletionKind, JobState, Priority
 log = logging.getLogger("app.queue")
 
 _SERVICE_EWMA_WEIGHT = 0.2  # how fast the service-time estimate follows change: about the last 5 requests
-
-
-@dataclass(slots=True)
-class Totals:
-    """Requests counted since start, by how they ended (rejected: refused before they were queued)."""
-
-    queued: int = 0
-    completed: int = 0
-    failed: int = 0
-    rejected: int = 0
-    timeout: int = 0
-    cancelled: int = 0
-
-    def ended(self, state: JobState) -> None:
-        """Count a request that ended in `state`."""
-        if state is JobState.COMPLETED:
-            self.completed += 1
-        elif state is JobState.FAILED:
-            self.failed += 1
-        elif state is JobState.TIMEOUT:
-            self.timeout += 1
-        else:
-            self.cancelled += 1
 
 
 class Scheduler:
