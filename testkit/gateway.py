@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -91,8 +94,31 @@ class RunningGateway:
 
 
 def gateway_settings(**overrides: Any) -> Settings:
-    """Settings for a test gateway: env and .env ignored, so a developer's shell cannot change a test."""
+    """Settings for a test gateway: no .env read (the tests also clear the settings' variables, see conftest)."""
     return load_settings(_env_file=None, **overrides)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTING_VARIABLES = frozenset(name.upper() for name in Settings.model_fields)
+
+
+def gateway_process_env(**overrides: str) -> dict[str, str]:
+    """The environment of a gateway process a test starts: the caller's, less every setting, plus `overrides`.
+
+    Start the process with cwd=gateway_process_cwd(), where no .env lies, so a user's .env in the checkout
+    cannot change what the test sees either.
+    """
+    env = {name: value for name, value in os.environ.items() if name.upper() not in SETTING_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return {**env, **overrides}
+
+
+def gateway_process_cwd() -> str:
+    """An empty directory to start gateway processes in (no .env there)."""
+    path = Path(tempfile.gettempdir()) / "llm-queue-gateway-tests"
+    path.mkdir(exist_ok=True)
+    (path / ".env").unlink(missing_ok=True)
+    return str(path)
 
 
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.005) -> bool:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
-from testkit.gateway import RunningGateway, gateway_settings
+from testkit.gateway import SETTING_VARIABLES, RunningGateway, gateway_settings
 from testkit.upstream import FakeUpstream
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_settings_from_the_shell() -> Iterator[None]:
+    """A setting exported in the developer's shell must not change what the tests see."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.upper() in SETTING_VARIABLES:
+                patch.delenv(name)
+        yield
 
 
 @pytest.fixture

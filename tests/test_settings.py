@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from app.settings import Priority, QueueFullBehavior, Settings, SettingsError, load_settings
-
-ROOT = Path(__file__).resolve().parent.parent
+from app.settings import QueueFullBehavior, Settings, SettingsError, load_settings
+from app.types import Priority
+from testkit.gateway import gateway_process_cwd, gateway_process_env
 
 
 def test_defaults_follow_the_seed() -> None:
@@ -63,9 +62,14 @@ def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: s
 
 
 def test_startup_stops_with_one_line_on_a_bad_value() -> None:
-    env = {**os.environ, "MAX_QUEUE_SIZE": "zero"}
     result = subprocess.run(
-        [sys.executable, "-m", "app"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+        [sys.executable, "-m", "app"],
+        env=gateway_process_env(MAX_QUEUE_SIZE="zero"),
+        cwd=gateway_process_cwd(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -78,3 +82,27 @@ def test_env_example_names_every_setting_and_loads() -> None:
     missing = [name.upper() for name in Settings.model_fields if f"{name.upper()}=" not in text]
     assert missing == []
     assert load_settings(_env_file=str(example)).backend == "local"
+
+
+def test_a_users_env_file_and_shell_do_not_reach_the_tests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("MAX_QUEUE_SIZE=5\nAPI_KEYS=k1\n")
+    monkeypatch.chdir(tmp_path)  # as if the checkout held this .env
+    monkeypatch.setenv("MAX_CONCURRENT_REQUESTS", "7")  # and the shell exported a setting
+    assert load_settings().max_queue_size == 5  # what the gateway itself would read there
+    env = gateway_process_env(PORT="1")
+    assert "MAX_CONCURRENT_REQUESTS" not in env and env["PORT"] == "1"
+    assert not (Path(gateway_process_cwd()) / ".env").exists()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from app.settings import load_settings; print(load_settings().max_queue_size)",
+        ],
+        env=env,
+        cwd=gateway_process_cwd(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.split() == ["100"]

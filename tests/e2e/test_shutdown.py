@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -10,14 +9,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 
-from testkit.gateway import Background, chat_body, wait_until
+from testkit.gateway import Background, chat_body, gateway_process_cwd, gateway_process_env, wait_until
 from testkit.upstream import FakeUpstream
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -28,17 +24,20 @@ def free_port() -> int:
 
 def start_server(upstream: FakeUpstream, concurrency: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {
-        **os.environ,
-        "BACKEND": "proxy",
-        "UPSTREAM_BASE_URL": upstream.base_url,
-        "PORT": str(port),
-        "MAX_CONCURRENT_REQUESTS": str(concurrency),
-        "DRAIN_TIMEOUT": "10",
-        "LOG_LEVEL": "warning",
-    }
+    env = gateway_process_env(
+        BACKEND="proxy",
+        UPSTREAM_BASE_URL=upstream.base_url,
+        PORT=str(port),
+        MAX_CONCURRENT_REQUESTS=str(concurrency),
+        DRAIN_TIMEOUT="10",
+        LOG_LEVEL="warning",
+    )
     server = subprocess.Popen(
-        [sys.executable, "-m", "app"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "app"],
+        env=env,
+        cwd=gateway_process_cwd(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     return server, f"http://127.0.0.1:{port}"
 
