@@ -43,14 +43,22 @@ def parse_priority(value: object, param: str) -> Priority:
     raise InvalidRequest(f"{param} must be one of 'high', 'normal', 'low', not {value!r}", param=param)
 
 
-def _optional_int(payload: dict[str, Any], name: str, minimum: int) -> int | None:
+def _optional_int(payload: dict[str, Any], name: str, minimum: int, maximum: int | None = None) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():  # the JSON parser's way with integers past 64 bits
+        raise InvalidRequest(f"{name} is too large ({value:.0f})", param=name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name} must be an integer, not {type(value).__name__}", param=name)
     if value < minimum:
         raise InvalidRequest(f"{name} must be at least {minimum}, not {value}", param=name)
+    if maximum is not None and value > maximum:
+        raise InvalidRequest(
+            f"{name} must be at most {maximum} on this gateway (MAX_TOKENS_LIMIT), not {value}",
+            param=name,
+            code="max_tokens_exceeded",
+        )
     return value
 
 
@@ -90,8 +98,13 @@ def _check_prompt(payload: dict[str, Any]) -> None:
     raise InvalidRequest("prompt must be a string, a list of strings or a list of token ids", param="prompt")
 
 
-def parse_completion_request(raw: bytes, kind: CompletionKind) -> CompletionRequest:
-    """Check the fields the gateway relies on; any other field is the backend's business."""
+def parse_completion_request(
+    raw: bytes, kind: CompletionKind, max_tokens_limit: int | None = None
+) -> CompletionRequest:
+    """Check the fields the gateway relies on; any other field is the backend's business.
+
+    `max_tokens_limit` (MAX_TOKENS_LIMIT) bounds max_tokens and max_completion_tokens.
+    """
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -107,8 +120,8 @@ def parse_completion_request(raw: bytes, kind: CompletionKind) -> CompletionRequ
         stream = False
     if not isinstance(stream, bool):
         raise InvalidRequest(f"stream must be a boolean, not {type(stream).__name__}", param="stream")
-    max_tokens = _optional_int(payload, "max_tokens", 1)
-    completion_tokens = _optional_int(payload, "max_completion_tokens", 1)
+    max_tokens = _optional_int(payload, "max_tokens", 1, max_tokens_limit)
+    completion_tokens = _optional_int(payload, "max_completion_tokens", 1, max_tokens_limit)
     _optional_int(payload, "n", 1)
     _check_number(payload, "temperature", 0.0, 2.0)
     _check_number(payload, "top_p", 0.0, 1.0)

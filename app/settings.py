@@ -139,6 +139,24 @@ class Settings(BaseSettings):
         le=1_048_576,
         description="Tokens a token budget reserves for the answer of a request that sets no `max_tokens`.",
     )
+    default_max_tokens: int = Field(
+        default=512,
+        ge=1,
+        le=1_048_576,
+        description=(
+            "Tokens the local model generates at most for a request that sets no `max_tokens` (and never past its "
+            "`N_CTX` context)."
+        ),
+    )
+    max_tokens_limit: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_048_576,
+        description=(
+            "Largest `max_tokens` (or `max_completion_tokens`) a request may ask for; past it `400` with code "
+            "`max_tokens_exceeded`. Unset: no limit of the gateway's own."
+        ),
+    )
     host: str = Field(default="127.0.0.1", description="Address to listen on (`0.0.0.0` in a container).")
     port: int = Field(default=8091, ge=1, le=65535, description="Port to listen on.")
     max_concurrent_requests: int = Field(

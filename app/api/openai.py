@@ -60,7 +60,8 @@ class CompletionEndpoint:
         key = await authenticate(request)
         if key is not None:
             request.state.key = key.name  # for the access log line
-        completion = parse_completion_request(await read_body(request, settings.max_body_bytes), self.kind)
+        body = await read_body(request, settings.max_body_bytes)
+        completion = parse_completion_request(body, self.kind, settings.max_tokens_limit)
         priority = _priority(request, completion, settings.default_priority, key)
         admitted = await service.accept(completion, request_id(request), priority, key)
         job = admitted.job

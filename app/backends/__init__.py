@@ -30,6 +30,7 @@ def build_backend(
             n_threads=settings.n_threads,
             n_gpu_layers=settings.n_gpu_layers,
             chat_template=settings.chat_template,
+            default_max_tokens=settings.default_max_tokens,
         )
     return ProxyBackend(
         base_url=settings.upstream_base_url,

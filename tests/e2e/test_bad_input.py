@@ -7,7 +7,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from testkit.gateway import RunningGateway
+from testkit.gateway import CHAT, RunningGateway
 from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
@@ -74,3 +74,17 @@ def test_unknown_route_and_method(start_gateway: StartGateway) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     wrong = httpx.get(gw.url + "/v1/chat/completions")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_max_tokens_past_the_limit_or_past_64_bits_answer_400_naming_it(start_gateway: StartGateway) -> None:
+    gw = start_gateway(MAX_TOKENS_LIMIT=100)
+    for field in ("max_tokens", "max_completion_tokens"):
+        response = httpx.post(gw.url + "/v1/chat/completions", json={**CHAT, field: 101})
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == field and error["code"] == "max_tokens_exceeded" and "100" in error["message"]
+    huge = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1180591620717411303424}'
+    response = httpx.post(gw.url + "/v1/chat/completions", content=huge, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "max_tokens" and "too large" in response.json()["error"]["message"]
+    assert httpx.post(gw.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 100}).status_code == 200

@@ -232,3 +232,12 @@ def test_priority_still_orders_the_queue(start_local: StartLocal, background: Ba
         rid: httpx.get(f"{gw.url}/v1/queue/request/{rid}").json()["started_at"] for rid in ("high", "normal", "low")
     }
     assert started["high"] < started["normal"] < started["low"]
+
+
+def test_a_request_without_max_tokens_stops_at_default_max_tokens(start_local: StartLocal) -> None:
+    gw = start_local(MAX_CONCURRENT_REQUESTS=1, DEFAULT_MAX_TOKENS=6)
+    reply = ask(gw, "Write a very long story about a dragon.")
+    assert reply.usage is not None and reply.usage.completion_tokens == 6
+    assert reply.choices[0].finish_reason == "length"
+    longer = ask(gw, "Write a very long story about a dragon.", max_tokens=9)
+    assert longer.usage is not None and longer.usage.completion_tokens == 9

@@ -59,8 +59,10 @@ class LlamaBackend:
         n_threads: int | None,
         n_gpu_layers: int,
         chat_template: str | None,
+        default_max_tokens: int = 512,
     ):
         path = model_path or default_model_path()
+        self._default_max_tokens = default_max_tokens
         self.alias = alias or Path(path).name.removesuffix(".gguf")
         self.n_ctx = n_ctx
         self._chat_template = chat_template
@@ -89,7 +91,8 @@ class LlamaBackend:
             eos_token=engine.model.token_text(engine.model.eos_token),
             bos_token=engine.model.token_text(engine.model.bos_token),
         )
-        self._prompter = Prompter(formatter, engine.model.tokenize, engine.model.vocab_size, self.n_ctx)
+        model = engine.model
+        self._prompter = Prompter(formatter, model.tokenize, model.vocab_size, self.n_ctx, self._default_max_tokens)
 
     async def aclose(self) -> None:
         """Stop generating and free the model."""

@@ -44,11 +44,13 @@ class Prompter:
         tokenize: Callable[[str, bool], list[int]],
         vocab_size: int,
         n_ctx: int,
+        default_max_tokens: int,
     ):
         self._formatter = formatter
         self._tokenize = tokenize
         self._vocab_size = vocab_size
         self._n_ctx = n_ctx
+        self._default_max_tokens = default_max_tokens
 
     def prepare(self, request: CompletionRequest) -> LocalRequest:
         """Check the request and tokenize its prompt; raises InvalidRequest (400) for what the model cannot do."""
@@ -71,7 +73,8 @@ class Prompter:
                 code="context_length_exceeded",
             )
         room = self._n_ctx - len(prompt)
-        max_tokens = min(request.max_tokens or room, room)  # past the context: finish_reason "length"
+        # Past the context too: finish_reason "length".
+        max_tokens = min(request.max_tokens or self._default_max_tokens, room)
         options = payload.get("stream_options")
         return LocalRequest(
             kind=request.kind,
