@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 
@@ -13,7 +14,9 @@ from app.limits.keys import KeysFileError
 from app.logs import configure_logging
 from app.main import create_app
 from app.queue.scheduler import Scheduler
-from app.settings import SettingsError, load_settings
+from app.settings import SettingsError, load_settings, unknown_variables
+
+log = logging.getLogger("app.settings")
 
 
 class GatewayServer(uvicorn.Server):
@@ -64,6 +67,8 @@ def run(**overrides: object) -> None:
         print(f"llm-queue-gateway: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    for name, meant in unknown_variables():
+        log.warning(".env sets %s, which no setting reads: did you mean %s?", name, meant)
     serve(app)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-# Seed 003 tags each line with the part of the gateway it comes from.
+# Each text line is tagged with the part of the gateway it comes from.
 _PREFIXES = (
     ("app.queue", "RequestQueue"),
     ("app.access.chat", "Chat Completions"),
@@ -21,7 +21,21 @@ _PREFIXES = (
     ("uvicorn", "Server"),
 )
 # LogRecord attributes that every record has; anything else was passed in `extra` and is a field of its own.
-_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+# uvicorn's color_message repeats the message with ANSI escapes for terminals: never a field of ours.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
+# Control characters in a text line (a decoded request path may hold CR, LF or NUL) are written escaped, so no
+# client can forge a line of its own or hide one: \r as \x0d, and so on. JSON lines escape them already.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as \\xNN."""
+    return text.translate(_ESCAPES)
 
 
 def _prefix(name: str) -> str:
@@ -40,7 +54,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} [{_prefix(record.name)}] {record.getMessage()}"
+        message = escape_controls(record.getMessage())
+        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} [{_prefix(record.name)}] {message}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

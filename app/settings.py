@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from dotenv import dotenv_values
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.types import Priority
@@ -90,8 +93,16 @@ class Settings(BaseSettings):
         ge=0,
         le=20,
         description=(
-            "Retries of an upstream 429, 502, 503, 504 or connection error, only before anything reached the "
+            "Retries of an upstream 429, 502, 503, 504 or failure to connect, only before anything reached the "
             "client and within `REQUEST_TIMEOUT`. `0` turns retries off."
+        ),
+    )
+    upstream_retry_on_timeout: bool = Field(
+        default=False,
+        description=(
+            "Also retry a request that may have reached the upstream: a read timeout, or a connection broken "
+            "before the answer (the upstream may be working on it already). Off: only refusals and failures to "
+            "connect are retried."
         ),
     )
     upstream_retry_backoff: float = Field(
@@ -251,9 +262,37 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _check_upstream_auth(self) -> Settings:
+        # aiohttp refuses a request whose URL carries user:password when an Authorization header is set too:
+        # every request would fail, so the combination is refused at startup.
+        if self.upstream_api_key and urlsplit(self.upstream_base_url).password is not None:
+            raise ValueError(
+                "UPSTREAM_BASE_URL carries user:password and UPSTREAM_API_KEY is set: the upstream gets one "
+                "Authorization, choose one of them"
+            )
+        return self
+
 
 class SettingsError(Exception):
     """A setting has a value that is not allowed; str() is one line per bad variable."""
+
+
+def unknown_variables(path: str = ".env") -> list[tuple[str, str]]:
+    """Variables of a .env file that no setting reads but that look like one: (name, the setting meant)."""
+    file = Path(path)
+    if not file.is_file():
+        return []
+    known = [name.upper() for name in Settings.model_fields]
+    found = []
+    for name in dotenv_values(file):
+        upper = name.upper()
+        if upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        if close:
+            found.append((name, close[0]))
+    return found
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -263,6 +302,8 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = str(err["loc"][0]).upper() if err["loc"] else "settings"
-            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+            if not err["loc"]:  # a rule across settings: its message names them, and no value is shown
+                lines.append(err["msg"].removeprefix("Value error, "))
+                continue
+            lines.append(f"{str(err['loc'][0]).upper()}: {err['msg']} (got {err.get('input')!r})")
         raise SettingsError("; ".join(lines)) from None

@@ -96,3 +96,24 @@ def test_one_access_line_per_request_with_the_key_name_never_the_key(
     assert done.queue_wait_ms >= 0 and done.duration_ms > 0  # type: ignore[attr-defined]
     assert (bad.outcome, bad.status) == ("error", 400)  # type: ignore[attr-defined]
     assert "secret-key-1" not in caplog.text
+
+
+def test_a_forged_line_in_a_request_path_is_written_escaped(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = start_gateway()
+    forged = "/v1/x%0d%0a2026-11-23T16:00:00.000Z%20INFO%20[RequestQueue]%20forged%00%1b[31m"
+    with caplog.at_level(logging.INFO, logger="app.access"):
+        assert httpx.get(gw.url + forged).status_code == 404
+    (access,) = [r for r in caplog.records if r.name.startswith("app.access")]
+    assert "\r\n" in access.getMessage()  # the decoded path, as the record holds it
+    line = TextFormatter().format(access)
+    assert "\n" not in line and "\r" not in line and "\x00" not in line and "\x1b" not in line
+    assert "/v1/x\\x0d\\x0a2026-11-23T16:00:00.000Z INFO [RequestQueue] forged\\x00\\x1b[31m" in line
+    entry = json.loads(JsonFormatter().format(access))
+    assert entry["path"].startswith("/v1/x\r\n")  # JSON escapes it by itself: one line, the path intact
+
+
+def test_json_lines_leave_out_uvicorns_terminal_colours() -> None:
+    entry = json.loads(JsonFormatter().format(record(color_message="\x1b[32mPOST\x1b[0m")))
+    assert "color_message" not in entry

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import QueueFullBehavior, Settings, SettingsError, load_settings
+from app.settings import QueueFullBehavior, Settings, SettingsError, load_settings, unknown_variables
 from app.types import Priority
 from testkit.gateway import gateway_process_cwd, gateway_process_env
 
@@ -106,3 +106,22 @@ def test_a_users_env_file_and_shell_do_not_reach_the_tests(tmp_path: Path, monke
         check=True,
     )
     assert result.stdout.split() == ["100"]
+
+
+def test_credentials_in_the_url_and_an_upstream_key_are_refused_together() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None, upstream_base_url="http://u:secret@host/v1", upstream_api_key="sk-1")
+    message = str(caught.value)
+    assert "UPSTREAM_BASE_URL" in message and "UPSTREAM_API_KEY" in message and "\n" not in message
+    assert "secret" not in message and "sk-1" not in message  # no value is shown
+    assert load_settings(_env_file=None, upstream_base_url="http://u:secret@host/v1").upstream_api_key == ""
+
+
+def test_a_misspelt_variable_in_env_is_named_with_the_setting_meant(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("MAX_QUEUE_SIZ=5\nmax_concurent_requests=2\nPORT=9000\nHOME_DIR=/x\n")
+    assert unknown_variables(str(env)) == [
+        ("MAX_QUEUE_SIZ", "MAX_QUEUE_SIZE"),
+        ("max_concurent_requests", "MAX_CONCURRENT_REQUESTS"),
+    ]
+    assert unknown_variables(str(tmp_path / "absent.env")) == []

@@ -40,6 +40,7 @@ def build_backend(
         read_timeout=settings.upstream_read_timeout,
         metrics=metrics,
         max_retries=settings.upstream_max_retries,
+        retry_on_timeout=settings.upstream_retry_on_timeout,
         backoff=Backoff(base=settings.upstream_retry_backoff, cap=settings.upstream_retry_max_backoff),
         limiter=limiter,
         breaker=breaker,

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -39,6 +40,23 @@ _PAUSE_WITHOUT_RETRY_AFTER = 1.0  # seconds dispatch pauses after a 429 that doe
 _USAGE_TAIL_CHUNKS = 8
 
 
+def without_credentials(url: str) -> str:
+    """`url` without its user:password part, for logs and status."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _may_have_arrived(exc: BaseException) -> bool:
+    """Whether a failed POST may have reached the upstream: everything but a connection never made."""
+    return not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
 def _passed_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
     return {
         k: v
@@ -60,17 +78,20 @@ class ProxyBackend:
         read_timeout: float,
         metrics: Metrics,
         max_retries: int = 0,
+        retry_on_timeout: bool = False,
         backoff: Backoff | None = None,
         limiter: UpstreamLimiter | None = None,
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._base_url = base_url
+        self._shown_url = without_credentials(base_url)  # what logs and status may show
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._metrics = metrics
         self._max_retries = max_retries
+        self._retry_on_timeout = retry_on_timeout
         self._backoff = backoff or Backoff(base=0.5, cap=8.0)
         self._limiter = limiter
         self._breaker = breaker
@@ -79,6 +100,10 @@ class ProxyBackend:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
+
+    def _scrub(self, text: str) -> str:
+        """An error's text with the upstream URL's credentials taken out."""
+        return text.replace(self._base_url, self._shown_url) if self._base_url != self._shown_url else text
 
     async def start(self) -> None:
         """Open the connection pool (inside the running loop, as aiohttp requires)."""
@@ -112,14 +137,16 @@ class ProxyBackend:
         else:
             kind = "protocol"
         self._metrics.upstream_error(kind)
-        log.warning("upstream %s failed (%s): %s", what, kind, exc)
-        return UpstreamError(f"the upstream could not be reached or broke off ({kind}): {exc}", kind=kind)
+        # The operator's log has the details; the client learns what happened, not where (no host, no port).
+        log.warning("upstream %s%s failed (%s): %s", self._shown_url, what, kind, self._scrub(str(exc)))
+        return UpstreamError(f"the upstream could not be reached or broke off ({kind})", kind=kind)
 
     def _refusal(self, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> Exception:
         if status >= 500:
             self._metrics.upstream_error("http_5xx")
             excerpt = body[:_ERROR_EXCERPT].decode("utf-8", "replace")
-            return UpstreamError(f"the upstream answered {status}: {excerpt}", kind="http_5xx")
+            log.warning("upstream %s answered %d: %s", self._shown_url, status, excerpt)
+            return UpstreamError(f"the upstream answered {status}", kind="http_5xx")
         return UpstreamHTTPError(status, body, content_type, headers)
 
     async def prepare(self, request: CompletionRequest) -> CompletionRequest:
@@ -133,7 +160,8 @@ class ProxyBackend:
     async def _post(self, request: CompletionRequest, deadline: float) -> aiohttp.ClientResponse:
         """POST the client's body upstream, retrying what may succeed later; the final answer, unread.
 
-        Retried: 429, 502, 503, 504 and connection failures, up to UPSTREAM_MAX_RETRIES times, with full-jitter
+        Retried: 429, 502, 503, 504 and failures to connect (a timeout or a broken connection too with
+        UPSTREAM_RETRY_ON_TIMEOUT), up to UPSTREAM_MAX_RETRIES times, with full-jitter
         backoff that honours Retry-After, and never past the request's deadline or an open breaker. Nothing
         has reached the client yet: a stream's headers go out only once this returns.
         """
@@ -145,7 +173,10 @@ class ProxyBackend:
                 )
             except (TimeoutError, aiohttp.ClientError) as exc:
                 error = self._failure(exc, request.path)
-                delay = self._retry_delay(attempt, deadline, None)
+                # A POST that may have reached the upstream is not sent again unless the operator says so: it
+                # may be generating already, and a second one would do the work twice.
+                retry = self._retry_on_timeout or not _may_have_arrived(exc)
+                delay = self._retry_delay(attempt, deadline, None) if retry else None
                 if delay is None:
                     raise error from exc
                 self._metrics.retried(error.kind)
@@ -252,9 +283,10 @@ class ProxyBackend:
                     await response.read()
                     status = response.status
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise BackendNotReady(f"the upstream at {self._base_url} does not answer: {exc}") from None
+            log.info("upstream %s not ready: %s", self._shown_url, self._scrub(str(exc)) or type(exc).__name__)
+            raise BackendNotReady("the upstream does not answer") from None
         if status >= 300:
-            raise BackendNotReady(f"the upstream at {self._base_url} answered GET /models with {status}")
+            raise BackendNotReady(f"the upstream answered GET /models with {status}")
 
 
 class _UpstreamStream(BackendStream):

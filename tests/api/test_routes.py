@@ -14,7 +14,7 @@ from testkit.gateway import RunningGateway, gateway_settings
 
 
 class BrokenBackend:
-    """Answers /v1/models; fails every completion with a bug of its own (not a GatewayError)."""
+    """Fails every completion and the model list with a bug of its own (not a GatewayError)."""
 
     async def start(self) -> None:
         pass
@@ -32,7 +32,7 @@ class BrokenBackend:
         raise RuntimeError("a bug in the backend")
 
     async def models(self) -> BackendResponse:
-        return BackendResponse(200, b'{"object": "list", "data": []}')
+        raise RuntimeError("a bug in the backend")
 
     async def health(self) -> None:
         pass
@@ -74,3 +74,12 @@ def test_other_methods_on_a_completion_route_answer_405_in_the_openai_shape(gate
     response = httpx.get(gateway.url + path)
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_bug_in_any_other_route_answers_500_in_the_openai_shape_with_its_request_id(
+    gateway: RunningGateway,
+) -> None:
+    response = httpx.get(gateway.url + "/v1/models", headers={"X-Request-ID": "models-bug"})
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "models-bug"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
