@@ -54,6 +54,7 @@ def serve(app: FastAPI) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.drain_timeout,
         backlog=4096,
+        proxy_headers=False,  # the gateway never reads the client's address: one layer less per request
     )
     GatewayServer(config, app.state.scheduler).run()
 

@@ -81,11 +81,14 @@ class BodyTooLarge(GatewayError):
 
 
 class MethodNotAllowed(GatewayError):
-    """The route exists but not for this method."""
+    """The route exists but not for this method; `Allow` says which methods it takes."""
 
     status_code = 405
     error_type = "invalid_request_error"
     code = "method_not_allowed"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+        super().__init__(message, headers=headers)
 
 
 class HTTPStatusError(GatewayError):

@@ -102,12 +102,11 @@ def create_app(
     )
     app.state.api_keys = _key_accounts(settings)
     install_error_handlers(app)
-    # The completion routes first: the router tries routes in order, and these carry nearly all traffic.
-    app.router.routes[:0] = openai.completion_routes()
     app.include_router(openai.router)
     app.include_router(queue_routes.router)
     app.include_router(ops.router)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(openai.CompletionRoutes)  # the completion routes, ahead of FastAPI's stack
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every response carries its id
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,12 +13,6 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = ROOT / "bench" / ".envs"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def side_env(name: str, *requirements: str, build_parallel: bool = True) -> Path:

@@ -358,7 +358,8 @@ def profile(gateway: Contender, duration: float) -> dict[str, float]:
         if not count.isdigit():
             continue
         total += int(count)
-        innermost = next((frame for frame in reversed(stack.split(";")) if "/app/" in frame), "")
+        # py-spy names a frame "function (path:line)", the path as the code object has it (here relative).
+        innermost = next((frame for frame in reversed(stack.split(";")) if "(app/" in frame or "/app/" in frame), "")
         for part, markers in _PROFILE_PARTS.items():
             if any(marker in innermost for marker in markers):
                 counts[part] += int(count)

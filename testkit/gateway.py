@@ -93,6 +93,13 @@ class RunningGateway:
         self._thread.join(15)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def gateway_settings(**overrides: Any) -> Settings:
     """Settings for a test gateway: no .env read (the tests also clear the settings' variables, see conftest)."""
     return load_settings(_env_file=None, **overrides)

@@ -69,7 +69,7 @@ class FakeUpstream:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # the gateway bounds bodies, not its upstream
         app.router.add_post("/v1/chat/completions", self._completion)
         app.router.add_post("/v1/completions", self._completion)
         app.router.add_get("/v1/models", self._models)

@@ -49,35 +49,30 @@ def _validation_message(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param)
 
 
+def as_gateway_error(exc: Exception, method: str, path: str) -> GatewayError:
+    """The one mapping from whatever was raised while serving a request to the error its client is told."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, ClientDisconnect):
+        # The client hung up while sending its body: nobody will read this answer, and it is no fault of ours.
+        return ClientDisconnected("the client went away while sending its request")
+    if isinstance(exc, RequestValidationError):
+        return _validation_message(exc)
+    if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 404:
+            return NotFound(f"no route {method} {path}")
+        if exc.status_code == 405:
+            return MethodNotAllowed(f"{method} is not allowed on {path}", headers=dict(exc.headers or {}))
+        return HTTPStatusError(str(exc.detail), status=exc.status_code)
+    log.error("unhandled error", exc_info=exc)
+    return GatewayError("internal error; the gateway's log has the details")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the app can meet answers in the OpenAI error shape; tracebacks go to the log only."""
 
-    async def gateway_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GatewayError)
-        return error_response(exc)
+    async def handler(request: Request, exc: Exception) -> Response:
+        return error_response(as_gateway_error(exc, request.method, request.url.path))
 
-    async def validation_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        return error_response(_validation_message(exc))
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 404:
-            return error_response(NotFound(f"no route {request.method} {request.url.path}"))
-        if exc.status_code == 405:
-            return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
-        return error_response(HTTPStatusError(str(exc.detail), status=exc.status_code))
-
-    async def client_gone(_: Request, exc: Exception) -> Response:
-        # The client hung up while sending its body: nobody will read this answer, and it is no fault of ours.
-        return error_response(ClientDisconnected("the client went away while sending its request"))
-
-    async def unexpected_error(_: Request, exc: Exception) -> Response:
-        log.error("unhandled error", exc_info=exc)
-        return error_response(GatewayError("internal error; the gateway's log has the details"))
-
-    app.add_exception_handler(GatewayError, gateway_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(ClientDisconnect, client_gone)
-    app.add_exception_handler(Exception, unexpected_error)
+    for family in (GatewayError, RequestValidationError, StarletteHTTPException, ClientDisconnect, Exception):
+        app.add_exception_handler(family, handler)

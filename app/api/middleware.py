@@ -11,14 +11,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response
+from app.api.errors import as_gateway_error, error_response
 from app.api.openai import COMPLETION_ROUTES
-from app.errors import GatewayError, InvalidRequest
+from app.errors import InvalidRequest
 
 _VALID_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _ACCESS = {path: logging.getLogger(f"app.access.{kind}") for path, kind in COMPLETION_ROUTES.items()}
 _OTHER_ACCESS = logging.getLogger("app.access")
-_log = logging.getLogger("app.api")
 
 
 class RequestIdMiddleware:
@@ -80,10 +79,8 @@ class RequestIdMiddleware:
             if status:
                 raise  # the response has begun: nothing more can be said to this client
             # A bug of ours: answered here, inside the id's reach, in the OpenAI shape; the traceback is logged.
-            _log.error("unhandled error", exc_info=exc)
-            await error_response(GatewayError("internal error; the gateway's log has the details"))(
-                scope, receive, send_with_id
-            )
+            error = as_gateway_error(exc, scope["method"], path)
+            await error_response(error)(scope, receive, send_with_id)
         finally:
             if access is not None:
                 _log_access(access, scope, state, status, time.monotonic() - started)

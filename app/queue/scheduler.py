@@ -20,7 +20,7 @@ from app.metrics import Metrics
 from app.queue.aging import Aging
 from app.queue.deadlines import Deadlines
 from app.queue.gate import DispatchGate
-from app.queue.job import Job, Totals, terminal_state
+from app.queue.job import Job, RequestRecord, Totals, terminal_state
 from app.queue.priority_queue import PriorityQueue
 from app.queue.slots import Slot, SlotPool
 from app.settings import QueueFullBehavior
@@ -66,7 +66,7 @@ class Scheduler:
         self._overflow: PriorityQueue[Job] = PriorityQueue(levels=len(Priority))
         self._slots = SlotPool(max_concurrent)
         self._live: dict[str, Job] = {}
-        self._history: OrderedDict[str, Job] = OrderedDict()
+        self._history: OrderedDict[str, RequestRecord] = OrderedDict()
         self._deadlines = Deadlines(clock, self._expire)
 
     # Admission and dispatch -----------------------------------------------------------------------------
@@ -267,7 +267,7 @@ class Scheduler:
             del self._live[job.id]
         if self._history_size:
             self._history.pop(job.id, None)  # a reused id moves to the newest end
-            self._history[job.id] = job
+            self._history[job.id] = RequestRecord.of(job)
             if len(self._history) > self._history_size:
                 self._history.popitem(last=False)
 
@@ -296,8 +296,8 @@ class Scheduler:
 
     # Reading ----------------------------------------------------------------------------------------------
 
-    def lookup(self, request_id: str) -> Job | None:
-        """A live or remembered request."""
+    def lookup(self, request_id: str) -> Job | RequestRecord | None:
+        """A live request, or the record of a finished one."""
         return self._live.get(request_id) or self._history.get(request_id)
 
     def position(self, job: Job) -> int | None:

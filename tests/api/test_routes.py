@@ -74,6 +74,13 @@ def test_other_methods_on_a_completion_route_answer_405_in_the_openai_shape(gate
     response = httpx.get(gateway.url + path)
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST"
+
+
+def test_a_405_on_any_route_says_which_methods_it_takes(gateway: RunningGateway) -> None:
+    response = httpx.post(gateway.url + "/v1/queue/status")
+    assert response.status_code == 405 and response.headers["allow"] == "GET"
+    assert response.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_a_bug_in_any_other_route_answers_500_in_the_openai_shape_with_its_request_id(

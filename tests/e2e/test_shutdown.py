@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,14 +11,15 @@ from collections import Counter
 
 import httpx
 
-from testkit.gateway import Background, chat_body, gateway_process_cwd, gateway_process_env, wait_until
+from testkit.gateway import (
+    Background,
+    chat_body,
+    free_port,
+    gateway_process_cwd,
+    gateway_process_env,
+    wait_until,
+)
 from testkit.upstream import FakeUpstream
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(upstream: FakeUpstream, concurrency: int) -> tuple[subprocess.Popen[bytes], str]:
