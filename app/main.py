@@ -82,6 +82,8 @@ def create_app(
 
     app = FastAPI(
         title="llm-queue-gateway",
+        # /v1/queue/status/ answers 404 rather than a redirect built from the client's own Host header.
+        redirect_slashes=False,
         version=__version__,
         summary="OpenAI-compatible gateway with a bounded priority queue",
         lifespan=lifespan,

@@ -46,6 +46,7 @@ async def authenticate(request: Request) -> KeyAccount | None:
             matched = account
     if matched is None:
         raise Unauthorized("the API key is not valid")
+    request.state.key = matched.name  # for the access line, on every route
     return matched
 
 

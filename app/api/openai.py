@@ -80,8 +80,6 @@ class CompletionEndpoint:
         service: CompletionService = state.service
         settings: Settings = state.settings
         key = await authenticate(request)
-        if key is not None:
-            request.state.key = key.name  # for the access log line
         body = await read_body(request, settings.max_body_bytes)
         completion = parse_completion_request(body, self.kind, settings.max_tokens_limit)
         priority = _priority(request, completion, settings.default_priority, key)
@@ -90,16 +88,20 @@ class CompletionEndpoint:
         request.state.job = job
         watcher = DisconnectWatcher(receive, lambda: service.abort(job, ClientDisconnected("client left")))
         try:
-            await _answer(service, admitted, priority, send)
+            # HTTP/1.0 has no chunked encoding: its streams are sent whole, with a Content-Length, once done.
+            await _answer(service, admitted, priority, send, whole_streams=scope.get("http_version") == "1.0")
         finally:
             watcher.stop()
 
 
-async def _answer(service: CompletionService, admitted: Admitted, priority: Priority, send: Send) -> None:
-    """Send the backend's answer: a whole response, or a stream relayed chunk by chunk."""
+async def _answer(
+    service: CompletionService, admitted: Admitted, priority: Priority, send: Send, whole_streams: bool
+) -> None:
+    """Send the backend's answer: a whole response, or a stream relayed chunk by chunk (or whole, if asked)."""
     job = admitted.job
     started = False
     whole: BackendResponse | None = None
+    collected: list[bytes] | None = [] if whole_streams else None
     try:
         async with service.run(admitted) as answer:
             # Dispatched, and the backend accepted it: only now do headers go out, so a full queue, a timeout
@@ -107,6 +109,10 @@ async def _answer(service: CompletionService, admitted: Admitted, priority: Prio
             headers = {"x-priority": priority.value, "x-queue-wait-ms": _waited_ms(job)}
             if isinstance(answer, BackendResponse):
                 whole = answer
+            elif collected is not None:
+                started = True  # the stream is accepted: what follows is its own, an error its last event
+                async for chunk in answer:
+                    collected.append(chunk)
             else:
                 raw = [*SSE_HEADERS, *((name.encode(), value.encode()) for name, value in headers.items())]
                 await send({"type": "http.response.start", "status": 200, "headers": raw})
@@ -121,7 +127,12 @@ async def _answer(service: CompletionService, admitted: Admitted, priority: Prio
         if not started:
             raise  # answered with the error's own status
         error = as_gateway_error(exc, "POST", "")
-        await send({"type": "http.response.body", "body": sse_error_event(error), "more_body": True})
+        if collected is None:
+            await send({"type": "http.response.body", "body": sse_error_event(error), "more_body": True})
+        else:
+            collected.append(sse_error_event(error))
+    if collected is not None and whole is None:
+        whole = BackendResponse(200, b"".join(collected), SSE_HEADERS[0][1].decode())
     if whole is None:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return

@@ -14,12 +14,14 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)
 async def health() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
 
 
 @router.get("/ready")
+@router.head("/ready", include_in_schema=False)
 async def ready(request: Request, backend: BackendDep, scheduler: SchedulerDep) -> dict[str, str]:
     """Readiness: 503 while draining or until the backend answers."""
     if scheduler.draining:
