@@ -31,7 +31,8 @@ import aiohttp
 import orjson
 
 from app.backends.llama import default_model_path
-from bench.common import ROOT, Contender, free_port, percentile, side_env
+from bench.common import ROOT, Contender, percentile, side_env
+from testkit.gateway import free_port
 
 N_CTX = 2048  # per sequence, for every contender
 SLOTS = 4

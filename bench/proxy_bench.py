@@ -33,7 +33,8 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import ROOT, Contender, free_port, percentile, side_env
+from bench.common import ROOT, Contender, percentile, side_env
+from testkit.gateway import free_port
 
 API_KEY = "bench-key"
 LITELLM = "litellm[proxy]==1.106.2"

@@ -31,6 +31,7 @@ class Behavior:
     drop: bool = False  # close the connection without answering
     drop_mid_stream: bool = False  # close the connection after the first chunk
     hang: bool = False  # never answer
+    hang_mid_event: bool = False  # stream the first chunk, then half of the next event, then hang
     fail_times: int | None = None  # with `status`: only the next N completions get it, then normal answers
     # A rate limit like OpenAI's: `rate_limit` requests per `rate_period` seconds, refilled continuously;
     # over it, 429 with Retry-After. `rate_headers` adds x-ratelimit-* headers to every answer.
@@ -147,7 +148,11 @@ class FakeUpstream:
         for index in range(b.chunks):
             if index and b.pace:
                 await asyncio.sleep(b.pace)
-            await response.write(b"data: " + orjson.dumps(_chunk(chat, body, index)) + b"\n\n")
+            event = b"data: " + orjson.dumps(_chunk(chat, body, index)) + b"\n\n"
+            if b.hang_mid_event and index:
+                await response.write(event[: len(event) // 2])
+                await asyncio.Event().wait()
+            await response.write(event)
             if b.drop_mid_stream:
                 assert request.transport is not None
                 request.transport.close()

@@ -38,6 +38,7 @@ _PAUSE_WITHOUT_RETRY_AFTER = 1.0  # seconds dispatch pauses after a 429 that doe
 # A stream's last chunks, kept by reference (no copying) to find its usage event once it ends: the usage
 # event is the last before [DONE], a few hundred bytes, so it lies within these however the chunks fall.
 _USAGE_TAIL_CHUNKS = 8
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")  # how an SSE event ends
 
 
 def without_credentials(url: str) -> str:
@@ -301,13 +302,27 @@ class _UpstreamStream(BackendStream):
         super().__init__()
 
     async def _chunks(self) -> AsyncGenerator[bytes, None]:
+        """Whole SSE events as they arrive: a partial event waits for its end, so an error event that follows
+        a timeout or a broken connection always starts on a line of its own."""
         response = self._response
         tail: deque[bytes] = deque(maxlen=_USAGE_TAIL_CHUNKS)
+        partial = b""
         complete = False
         try:
-            async for chunk in response.content.iter_any():
+            async for data in response.content.iter_any():
+                chunk = partial + data if partial else data
+                if chunk.endswith(_EVENT_ENDS):
+                    partial = b""
+                else:
+                    cut = max((at + len(end) for end in _EVENT_ENDS if (at := chunk.rfind(end)) >= 0), default=0)
+                    if not cut:
+                        partial = chunk
+                        continue
+                    chunk, partial = chunk[:cut], chunk[cut:]
                 yield chunk
                 tail.append(chunk)
+            if partial:
+                yield partial  # the upstream ended in the middle of an event: pass on what it sent
             complete = True
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._backend._failure(exc, self._path) from exc

@@ -8,6 +8,7 @@ A request ends in one place, retire(), which the completion service calls once p
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class Scheduler:
         self._live: dict[str, Job] = {}
         self._history: OrderedDict[str, RequestRecord] = OrderedDict()
         self._deadlines = Deadlines(clock, self._expire)
+        self._next_appointment = 0.0  # when the last request refused for a full queue was told to come back
 
     # Admission and dispatch -----------------------------------------------------------------------------
 
@@ -96,7 +98,7 @@ class Scheduler:
         full = waiting >= self.max_queue_size
         if full and self.full_behavior is QueueFullBehavior.REJECT:
             self.count_rejection(priority, "queue_full")
-            retry_after = self.estimate_wait(1)
+            retry_after = self._appointment()
             raise QueueFull(
                 f"the queue is full ({waiting} requests waiting); retry in {retry_after:.1f}s",
                 retry_after=retry_after,
@@ -126,6 +128,18 @@ class Scheduler:
             if self._slots.idle:
                 self._dispatch(now)  # only the gate holds a request back from a free slot: it arms its timer
         return job
+
+    def _appointment(self) -> float:
+        """Seconds until a request refused for a full queue should come back: when a place frees for it.
+
+        Refused requests get successive appointments, one place apart (a place frees every service time /
+        slots), plus a little jitter: told the same Retry-After, they would all come back at once and all
+        but one be refused again.
+        """
+        now = self._clock()
+        place = self.estimate_wait(1)
+        self._next_appointment = max(self._next_appointment, now) + place
+        return self._next_appointment - now + random.uniform(0.0, place / 2)
 
     def count_rejection(self, priority: Priority, reason: str) -> None:
         """A request was refused before queueing, for one of metrics.REJECTION_REASONS."""

@@ -7,6 +7,7 @@ import socket
 from collections.abc import Callable
 
 import httpx
+import orjson
 import pytest
 
 from app.backends.proxy import without_credentials
@@ -156,3 +157,20 @@ def test_a_refused_connection_is_retried(start_gateway: StartGateway, upstream: 
     )
     assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body()).status_code == 502
     assert gw.app.state.metrics.retries["connect"] == 2
+
+
+def test_a_timeout_in_the_middle_of_an_event_ends_the_stream_with_whole_events(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    gw = start_gateway(request_timeout=1.0)
+    upstream.behavior.hang_mid_event = True
+    upstream.behavior.chunks = 3
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=chat_body(stream=True), timeout=10) as response:
+        assert response.status_code == 200
+        raw = b"".join(response.iter_bytes())
+    events = raw.split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+    payloads = [orjson.loads(event.removeprefix(b"data: ")) for event in events[:-2]]
+    assert "choices" in payloads[0]  # the whole first event
+    assert payloads[-1]["error"]["code"] == "request_timeout"  # then the error, on a line of its own
+    assert len(payloads) == 2  # the half event never reached the client

@@ -75,20 +75,31 @@ async def test_full_queue_rejects_with_retry_after_from_measured_service_time() 
     s.submit("e", "chat", Priority.NORMAL, None)
     with pytest.raises(QueueFull) as caught:
         s.submit("f", "chat", Priority.HIGH, None)
-    # One place frees about every 4 s / 2 slots.
-    assert caught.value.retry_after == pytest.approx(2.0)
-    assert caught.value.headers == {"Retry-After": "2", "retry-after-ms": "2000"}
-    assert s.totals.rejected == 1
-    assert sample(registry, "gateway_requests_total", priority="high", outcome="rejected") == 1
+    # One place frees about every 4 s / 2 slots: the first refused comes back after one, the next after two.
+    first = caught.value.retry_after
+    assert 2.0 <= first <= 3.0
+    assert caught.value.headers["retry-after-ms"] == str(round(first * 1000))
+    with pytest.raises(QueueFull) as again:
+        s.submit("g", "chat", Priority.HIGH, None)
+    assert 4.0 <= again.value.retry_after <= 5.0
+    clock.now += 10.0  # the appointments have passed: the next refused gets the first place again
+    with pytest.raises(QueueFull) as later:
+        s.submit("h", "chat", Priority.HIGH, None)
+    assert 2.0 <= later.value.retry_after <= 3.0
+    assert s.totals.rejected == 3
+    assert sample(registry, "gateway_requests_total", priority="high", outcome="rejected") == 3
 
 
-async def test_retry_after_before_any_measure_is_one_second() -> None:
+async def test_retry_after_before_any_measure_is_one_second_a_place() -> None:
     s, _, _ = make(concurrency=1, queue=1)
     s.submit("a", "chat", Priority.NORMAL, None)
     s.submit("b", "chat", Priority.NORMAL, None)
-    with pytest.raises(QueueFull) as caught:
-        s.submit("c", "chat", Priority.NORMAL, None)
-    assert caught.value.headers["Retry-After"] == "1"
+    waits = []
+    for name in ("c", "d", "e"):
+        with pytest.raises(QueueFull) as caught:
+            s.submit(name, "chat", Priority.NORMAL, None)
+        waits.append(caught.value.retry_after)
+    assert [int(wait) for wait in waits] == [1, 2, 3]  # one place apart, each with up to half a place of jitter
 
 
 async def test_waiting_job_aborted_leaves_queue_and_its_waiter_raises() -> None:
