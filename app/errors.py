@@ -207,6 +207,15 @@ class UpstreamError(GatewayError):
         self.kind = kind
 
 
+class BadUpstreamResponse(UpstreamError):
+    """The upstream answered 2xx with something the gateway cannot pass on: not JSON, or too large."""
+
+    code = "bad_upstream_response"
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="protocol")
+
+
 class ModelError(GatewayError):
     """The in-process model failed while generating."""
 

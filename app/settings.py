@@ -211,6 +211,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body accepted (413 past it)."
     )
+    max_response_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description=(
+            "Largest whole (non-streamed) upstream answer accepted, in bytes; past it `502` with code "
+            "`bad_upstream_response`, as for a `200` whose body is not JSON (`proxy`)."
+        ),
+    )
     request_history_size: int = Field(
         default=10_000,
         ge=0,

@@ -31,7 +31,8 @@ class Behavior:
     drop: bool = False  # close the connection without answering
     drop_mid_stream: bool = False  # close the connection after the first chunk
     hang: bool = False  # never answer
-    hang_mid_event: bool = False  # stream the first chunk, then half of the next event, then hang
+    raw_body: bytes | None = None  # whole answers: 200 with these bytes as they are, whatever they hold
+    hang_mid_event: bool = False  # streams: the first event, half the next, then hang; whole answers: hang
     fail_times: int | None = None  # with `status`: only the next N completions get it, then normal answers
     # A rate limit like OpenAI's: `rate_limit` requests per `rate_period` seconds, refilled continuously;
     # over it, 429 with Retry-After. `rate_headers` adds x-ratelimit-* headers to every answer.
@@ -86,7 +87,7 @@ class FakeUpstream:
         b = self.behavior
         self.active += 1
         try:
-            if b.hang:
+            if b.hang or (b.hang_mid_event and not body.get("stream")):
                 await asyncio.Event().wait()
             if b.latency:
                 await asyncio.sleep(b.latency)
@@ -107,6 +108,8 @@ class FakeUpstream:
                     return _error(429, "rate limit reached", headers)
             if body.get("stream"):
                 return await self._stream(request, body, headers)
+            if b.raw_body is not None:
+                return web.Response(body=b.raw_body, content_type="application/json", headers=headers)
             return web.Response(
                 body=orjson.dumps(_answer(request.path, body)), content_type="application/json", headers=headers
             )

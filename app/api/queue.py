@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from app.api.deps import KeyName, SchedulerDep
 from app.api.status import QueueStatus, RequestStatus, queue_status, request_status
 from app.errors import Conflict, NotFound, RequestCancelled
-from app.queue.job import Job, RequestRecord
+from app.queue.job import Job
 from app.queue.scheduler import Scheduler
 
 router = APIRouter(prefix="/v1/queue", tags=["queue"])
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/queue", tags=["queue"])
 _CANCEL_SETTLE_SECONDS = 5.0
 
 
-def _find(scheduler: Scheduler, request_id: str, key_name: str | None) -> Job | RequestRecord:
+def _find(scheduler: Scheduler, request_id: str, key_name: str | None) -> Job:
     job = scheduler.lookup(request_id)
     # With keys on, another key's request does not exist for you: 404, not 403, so ids do not leak.
     if job is None or (key_name is not None and job.key_name != key_name):
@@ -42,13 +42,11 @@ async def get_request_status(request_id: str, key_name: KeyName, scheduler: Sche
 async def cancel_request(request_id: str, key_name: KeyName, scheduler: SchedulerDep) -> RequestStatus:
     """Cancel a waiting or running request; its client receives a 499 (or an SSE error event)."""
     job = _find(scheduler, request_id, key_name)
-    if isinstance(job, RequestRecord) or not scheduler.abort(
-        job, RequestCancelled(f"request {request_id} was cancelled")
-    ):
+    if not scheduler.abort(job, RequestCancelled(f"request {request_id} was cancelled")):
         raise Conflict(f"request {request_id!r} has already finished ({job.state.value})", code="already_finished")
     try:
         async with asyncio.timeout(_CANCEL_SETTLE_SECONDS):
             await job.wait_finished()
     except TimeoutError:
         pass  # reported as still processing; it will end as cancelled once the backend lets go
-    return request_status(scheduler, scheduler.lookup(request_id) or job)
+    return request_status(scheduler, job)

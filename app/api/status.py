@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.queue.job import Job, RequestRecord
+from app.queue.job import Job
 from app.queue.scheduler import Scheduler
 from app.types import CompletionKind, JobState, Priority
 
@@ -108,7 +108,7 @@ def queue_status(scheduler: Scheduler) -> QueueStatus:
             "threshold": breaker.threshold,
             "retry_after_seconds": round(breaker.retry_after(), 3),
         },
-        estimated_service_seconds=scheduler.service_time,
+        estimated_service_seconds=scheduler.service.average,
         workers=[
             WorkerStatus(
                 id=slot.id,
@@ -122,21 +122,19 @@ def queue_status(scheduler: Scheduler) -> QueueStatus:
     )
 
 
-def request_status(scheduler: Scheduler, request: Job | RequestRecord) -> RequestStatus:
+def request_status(scheduler: Scheduler, job: Job) -> RequestStatus:
     """One request, live or finished: its state, its place while it waits, and its times."""
-    live = request if isinstance(request, Job) else None
-    record = RequestRecord.of(request) if isinstance(request, Job) else request
     return RequestStatus(
-        id=record.id,
-        status=record.state,
-        completion_type=record.kind,
-        timestamp=record.arrived_wall,
-        error=record.error_message,
-        priority=record.priority,
-        position=scheduler.position(live) if live is not None else None,
-        waiting_for=scheduler.waiting_for(live) if live is not None else None,
-        level=Priority.at(record.rank),
-        queued_at=record.arrived_wall,
-        started_at=record.started_wall,
-        finished_at=record.finished_wall,
+        id=job.id,
+        status=job.state,
+        completion_type=job.kind,
+        timestamp=job.arrived_wall,
+        error=job.error.message if job.error is not None else job.error_message,
+        priority=job.priority,
+        position=scheduler.position(job),
+        waiting_for=scheduler.waiting_for(job),
+        level=Priority.at(job.rank),
+        queued_at=job.arrived_wall,
+        started_at=job.wall_time(job.started),
+        finished_at=job.wall_time(job.finished),
     )

@@ -41,6 +41,7 @@ def build_backend(
         metrics=metrics,
         max_retries=settings.upstream_max_retries,
         retry_on_timeout=settings.upstream_retry_on_timeout,
+        max_response_bytes=settings.max_response_bytes,
         backoff=Backoff(base=settings.upstream_retry_backoff, cap=settings.upstream_retry_max_backoff),
         limiter=limiter,
         breaker=breaker,

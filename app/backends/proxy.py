@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 
-from app.backends.base import BackendResponse, BackendStream, Usage
-from app.errors import BackendNotReady, UpstreamError, UpstreamHTTPError
+from app.backends.base import BackendResponse, BackendStream
+from app.backends.sse import UpstreamStream, usage_of
+from app.errors import BackendNotReady, BadUpstreamResponse, UpstreamError, UpstreamHTTPError
 from app.limits.backoff import Backoff
 from app.limits.breaker import BreakerState, CircuitBreaker
 from app.limits.estimate import estimate_prompt_tokens
@@ -35,10 +35,6 @@ _HEALTH_TIMEOUT = 2.0
 _ERROR_EXCERPT = 300  # bytes of an upstream 5xx body quoted in our 502 message
 _RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 _PAUSE_WITHOUT_RETRY_AFTER = 1.0  # seconds dispatch pauses after a 429 that does not say how long
-# A stream's last chunks, kept by reference (no copying) to find its usage event once it ends: the usage
-# event is the last before [DONE], a few hundred bytes, so it lies within these however the chunks fall.
-_USAGE_TAIL_CHUNKS = 8
-_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")  # how an SSE event ends
 
 
 def without_credentials(url: str) -> str:
@@ -80,6 +76,7 @@ class ProxyBackend:
         metrics: Metrics,
         max_retries: int = 0,
         retry_on_timeout: bool = False,
+        max_response_bytes: int = 64 * 1024 * 1024,
         backoff: Backoff | None = None,
         limiter: UpstreamLimiter | None = None,
         breaker: CircuitBreaker | None = None,
@@ -93,6 +90,7 @@ class ProxyBackend:
         self._metrics = metrics
         self._max_retries = max_retries
         self._retry_on_timeout = retry_on_timeout
+        self._max_response_bytes = max_response_bytes
         self._backoff = backoff or Backoff(base=0.5, cap=8.0)
         self._limiter = limiter
         self._breaker = breaker
@@ -229,20 +227,48 @@ class ProxyBackend:
             self._limiter.pause(_PAUSE_WITHOUT_RETRY_AFTER if retry_after is None else retry_after)
 
     async def complete(self, prepared: CompletionRequest, deadline: float) -> BackendResponse:
-        """POST the client's body upstream and return the whole answer."""
+        """POST the client's body upstream and return the whole answer, checked: JSON, at most MAX_RESPONSE_BYTES."""
         request = prepared
         response = await self._post(request, deadline)
         try:
-            body = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(exc, request.path) from exc
+            body = await self._read_whole(response, request.path)
         finally:
             response.release()
         status = response.status
         content_type = response.headers.get("Content-Type", "application/json")
         if status >= 400:
             raise self._refusal(status, body, content_type, _passed_headers(response.headers))
-        return BackendResponse(status, body, content_type, _usage(body))  # a small body: microseconds
+        try:
+            answer = orjson.loads(body)  # a small body: microseconds, and the usage comes with it
+        except orjson.JSONDecodeError:
+            self._metrics.upstream_error("protocol")
+            log.warning("upstream %s answered %d with a body that is not JSON: %r", self._shown_url, status, body[:200])
+            raise BadUpstreamResponse(f"the upstream answered {status} with a body that is not JSON") from None
+        return BackendResponse(status, body, content_type, usage_of(answer))
+
+    async def _read_whole(self, response: aiohttp.ClientResponse, path: str) -> bytes:
+        """An answer's whole body, refused (502) past MAX_RESPONSE_BYTES rather than held in memory."""
+        limit = self._max_response_bytes
+        length = response.content_length
+        try:
+            if length is not None and length <= limit:
+                return await response.read()
+            parts: list[bytes] = []
+            size = 0
+            if length is None:
+                async for data in response.content.iter_any():
+                    size += len(data)
+                    if size > limit:
+                        break
+                    parts.append(data)
+            if length is not None or size > limit:
+                response.close()  # the rest is never read: this connection cannot serve another request
+                self._metrics.upstream_error("protocol")
+                log.warning("upstream %s answer over MAX_RESPONSE_BYTES (%d bytes)", self._shown_url, limit)
+                raise BadUpstreamResponse(f"the upstream's answer is over {limit} bytes (MAX_RESPONSE_BYTES)")
+            return b"".join(parts)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._failure(exc, path) from exc
 
     async def stream(self, prepared: CompletionRequest, deadline: float) -> BackendStream:
         """POST a streaming request; return once the upstream has answered 2xx."""
@@ -261,7 +287,7 @@ class ProxyBackend:
                 response.headers.get("Content-Type", "application/json"),
                 _passed_headers(response.headers),
             )
-        return _UpstreamStream(self, response, request.path)
+        return UpstreamStream(response, lambda exc: self._failure(exc, request.path))
 
     async def models(self) -> BackendResponse:
         """The upstream's own model list."""
@@ -288,73 +314,3 @@ class ProxyBackend:
             raise BackendNotReady("the upstream does not answer") from None
         if status >= 300:
             raise BackendNotReady(f"the upstream answered GET /models with {status}")
-
-
-class _UpstreamStream(BackendStream):
-    """The upstream's SSE bytes as they arrive; its usage from the last event that carries one."""
-
-    __slots__ = ("_backend", "_path", "_response")
-
-    def __init__(self, backend: ProxyBackend, response: aiohttp.ClientResponse, path: str):
-        self._backend = backend
-        self._response = response
-        self._path = path
-        super().__init__()
-
-    async def _chunks(self) -> AsyncGenerator[bytes, None]:
-        """Whole SSE events as they arrive: a partial event waits for its end, so an error event that follows
-        a timeout or a broken connection always starts on a line of its own."""
-        response = self._response
-        tail: deque[bytes] = deque(maxlen=_USAGE_TAIL_CHUNKS)
-        partial = b""
-        complete = False
-        try:
-            async for data in response.content.iter_any():
-                chunk = partial + data if partial else data
-                if chunk.endswith(_EVENT_ENDS):
-                    partial = b""
-                else:
-                    cut = max((at + len(end) for end in _EVENT_ENDS if (at := chunk.rfind(end)) >= 0), default=0)
-                    if not cut:
-                        partial = chunk
-                        continue
-                    chunk, partial = chunk[:cut], chunk[cut:]
-                yield chunk
-                tail.append(chunk)
-            if partial:
-                yield partial  # the upstream ended in the middle of an event: pass on what it sent
-            complete = True
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._backend._failure(exc, self._path) from exc
-        finally:
-            if complete:
-                response.release()  # back to the pool for the next request
-            else:
-                response.close()  # stop the upstream's work: the client is gone or the request was aborted
-        self.usage = _stream_usage(b"".join(tail))
-
-
-def _usage(body: bytes) -> Usage | None:
-    """A completion body's usage, if it reports one."""
-    try:
-        usage = orjson.loads(body).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return Usage(prompt, completion)
-
-
-def _stream_usage(tail: bytes) -> Usage | None:
-    """The usage of the last SSE event that carries one (stream_options.include_usage)."""
-    at = tail.rfind(b'"usage"')
-    if at < 0:
-        return None
-    start = tail.rfind(b"data:", 0, at)
-    end = tail.find(b"\n", at)
-    if start < 0:
-        return None
-    return _usage(tail[start + 5 : end if end >= 0 else len(tail)])

@@ -55,42 +55,6 @@ class Totals:
             self.cancelled += 1
 
 
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """What is remembered of a finished request (REQUEST_HISTORY_SIZE of them): no body, no exception, no frame.
-
-    Keeping the Job would keep its error, whose traceback holds the handler's frames and with them the
-    request's body: megabytes per failed request, for as long as the history remembers it.
-    """
-
-    id: str
-    kind: CompletionKind
-    priority: Priority
-    rank: int
-    key_name: str | None
-    state: JobState
-    error_message: str | None
-    arrived_wall: float
-    started_wall: float | None
-    finished_wall: float | None
-
-    @classmethod
-    def of(cls, job: Job) -> RequestRecord:
-        """The record of a job as it stands now (the history keeps it once the job has ended)."""
-        return cls(
-            id=job.id,
-            kind=job.kind,
-            priority=job.priority,
-            rank=job.rank,
-            key_name=job.key_name,
-            state=job.state,
-            error_message=job.error.message if job.error is not None else job.error_message,
-            arrived_wall=job.arrived_wall,
-            started_wall=job.wall_time(job.started),
-            finished_wall=job.wall_time(job.finished),
-        )
-
-
 class Job:
     """One accepted request. Only the scheduler changes its state; times are monotonic seconds."""
 
@@ -213,7 +177,8 @@ class Job:
         self.state = state
         self.finished = now
         # The error's traceback holds the handler's frames, and with them the request's body: only its words
-        # stay. Finished jobs may linger in the lazy structures (deadlines, queue levels) until compacted.
+        # stay, so a finished job is a small record (the history keeps REQUEST_HISTORY_SIZE of them, and the
+        # lazy structures, deadlines and queue levels, keep some until they compact).
         if self.error is not None:
             self.error_message = self.error.message
             self.error = None

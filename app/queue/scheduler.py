@@ -8,7 +8,6 @@ A request ends in one place, retire(), which the completion service calls once p
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,15 +20,14 @@ from app.metrics import Metrics
 from app.queue.aging import Aging
 from app.queue.deadlines import Deadlines
 from app.queue.gate import DispatchGate
-from app.queue.job import Job, RequestRecord, Totals, terminal_state
+from app.queue.job import Job, Totals, terminal_state
 from app.queue.priority_queue import PriorityQueue
+from app.queue.service_time import ServiceTime
 from app.queue.slots import Slot, SlotPool
 from app.settings import QueueFullBehavior
 from app.types import CompletionKind, JobState, Priority
 
 log = logging.getLogger("app.queue")
-
-_SERVICE_EWMA_WEIGHT = 0.2  # how fast the service-time estimate follows change: about the last 5 requests
 
 
 class Scheduler:
@@ -57,7 +55,7 @@ class Scheduler:
         self.aging = Aging(aging_seconds, len(Priority)) if aging_seconds else None
         self.totals = Totals()
         self.draining = False
-        self.service_time: float | None = None  # moving average of how long a request holds a slot
+        self.service = ServiceTime(max_concurrent)  # how long a request holds a slot, and the waits it implies
         self._history_size = history_size
         self._metrics = metrics
         self._clock = clock
@@ -67,9 +65,8 @@ class Scheduler:
         self._overflow: PriorityQueue[Job] = PriorityQueue(levels=len(Priority))
         self._slots = SlotPool(max_concurrent)
         self._live: dict[str, Job] = {}
-        self._history: OrderedDict[str, RequestRecord] = OrderedDict()
+        self._history: OrderedDict[str, Job] = OrderedDict()
         self._deadlines = Deadlines(clock, self._expire)
-        self._next_appointment = 0.0  # when the last request refused for a full queue was told to come back
 
     # Admission and dispatch -----------------------------------------------------------------------------
 
@@ -98,7 +95,7 @@ class Scheduler:
         full = waiting >= self.max_queue_size
         if full and self.full_behavior is QueueFullBehavior.REJECT:
             self.count_rejection(priority, "queue_full")
-            retry_after = self._appointment()
+            retry_after = self.service.appointment(self._clock())
             raise QueueFull(
                 f"the queue is full ({waiting} requests waiting); retry in {retry_after:.1f}s",
                 retry_after=retry_after,
@@ -128,18 +125,6 @@ class Scheduler:
             if self._slots.idle:
                 self._dispatch(now)  # only the gate holds a request back from a free slot: it arms its timer
         return job
-
-    def _appointment(self) -> float:
-        """Seconds until a request refused for a full queue should come back: when a place frees for it.
-
-        Refused requests get successive appointments, one place apart (a place frees every service time /
-        slots), plus a little jitter: told the same Retry-After, they would all come back at once and all
-        but one be refused again.
-        """
-        now = self._clock()
-        place = self.estimate_wait(1)
-        self._next_appointment = max(self._next_appointment, now) + place
-        return self._next_appointment - now + random.uniform(0.0, place / 2)
 
     def count_rejection(self, priority: Priority, reason: str) -> None:
         """A request was refused before queueing, for one of metrics.REJECTION_REASONS."""
@@ -265,9 +250,7 @@ class Scheduler:
             self._slots.give(slot, state is JobState.COMPLETED)
             job.slot = None
             assert job.started is not None
-            held = now - job.started
-            average = self.service_time
-            self.service_time = held if average is None else average + _SERVICE_EWMA_WEIGHT * (held - average)
+            self.service.observe(now - job.started)
         if error is not None and job.error is None:
             job.error = error
         job.mark_finished(state, now)
@@ -281,7 +264,7 @@ class Scheduler:
             del self._live[job.id]
         if self._history_size:
             self._history.pop(job.id, None)  # a reused id moves to the newest end
-            self._history[job.id] = RequestRecord.of(job)
+            self._history[job.id] = job  # a small record by now: see Job.mark_finished
             if len(self._history) > self._history_size:
                 self._history.popitem(last=False)
 
@@ -310,8 +293,8 @@ class Scheduler:
 
     # Reading ----------------------------------------------------------------------------------------------
 
-    def lookup(self, request_id: str) -> Job | RequestRecord | None:
-        """A live request, or the record of a finished one."""
+    def lookup(self, request_id: str) -> Job | None:
+        """A live or remembered request."""
         return self._live.get(request_id) or self._history.get(request_id)
 
     def position(self, job: Job) -> int | None:
@@ -350,15 +333,8 @@ class Scheduler:
         return self._slots.slots
 
     def estimate_wait(self, places: int) -> float:
-        """Seconds until `places` more requests could be taken, from the measured service time.
-
-        With every slot busy, a place frees about every service_time / max_concurrent seconds. Before the
-        first request has finished there is no measure yet, and one second is the honest floor.
-        """
-        places += len(self._overflow)
-        if self.service_time is None:
-            return 1.0
-        return max(places * self.service_time / self.max_concurrent, 0.001)
+        """Seconds until `places` more requests could be taken, those waiting for queue space first."""
+        return self.service.wait(places + len(self._overflow))
 
     def waiting_for(self, job: Job) -> str | None:
         """What a waiting request waits for: a place in the queue, a budget, or a backend slot."""

@@ -22,14 +22,16 @@ from testkit.gateway import (
 from testkit.upstream import FakeUpstream
 
 
-def start_server(upstream: FakeUpstream, concurrency: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    upstream: FakeUpstream, concurrency: int, drain_timeout: float = 10
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = gateway_process_env(
         BACKEND="proxy",
         UPSTREAM_BASE_URL=upstream.base_url,
         PORT=str(port),
         MAX_CONCURRENT_REQUESTS=str(concurrency),
-        DRAIN_TIMEOUT="10",
+        DRAIN_TIMEOUT=str(drain_timeout),
         LOG_LEVEL="warning",
     )
     server = subprocess.Popen(
@@ -139,3 +141,26 @@ def test_sigterm_under_load_every_request_completes_whole_or_gets_503(upstream: 
             assert body.endswith("}") and '"finish_reason":"stop"' in body.replace(" ", "")
         elif status == 503:
             assert '"shutting_down"' in body
+
+
+def test_past_the_drain_what_still_runs_is_answered_503_or_its_streams_last_event(upstream: FakeUpstream) -> None:
+    server, url = start_server(upstream, concurrency=2, drain_timeout=1)
+    background = Background()
+    try:
+        assert wait_until(lambda: _answers(url + "/health"), timeout=20)
+        upstream.behavior.hang_mid_event = True  # whole answers hang; streams send one event, then hang
+        upstream.behavior.chunks = 3
+        whole = background.post(url + "/v1/chat/completions", chat_body("whole"))
+        stream = background.post(url + "/v1/chat/completions", chat_body("stream", stream=True))
+        assert wait_until(lambda: httpx.get(url + "/v1/queue/status").json()["processing_count"] == 2)
+        server.send_signal(signal.SIGTERM)
+        response = whole.result()
+        assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+        events = stream.result().content.split(b"\n\n")
+        assert events[-2:] == [b"data: [DONE]", b""]
+        assert b'"code":"shutting_down"' in events[-3]
+        server.wait(timeout=15)
+    finally:
+        background.close()
+        output = reap(server)
+    assert "Traceback" not in output and "Exception in ASGI application" not in output, output

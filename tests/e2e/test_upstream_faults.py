@@ -174,3 +174,19 @@ def test_a_timeout_in_the_middle_of_an_event_ends_the_stream_with_whole_events(
     assert "choices" in payloads[0]  # the whole first event
     assert payloads[-1]["error"]["code"] == "request_timeout"  # then the error, on a line of its own
     assert len(payloads) == 2  # the half event never reached the client
+
+
+def test_an_upstream_answer_that_is_not_json_or_too_large_is_a_502_not_a_completion(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    gw = start_gateway(max_response_bytes=1_000_000)
+    upstream.behavior.raw_body = b"<html>Bad gateway, from some proxy in between</html>"
+    response = httpx.post(gw.url + "/v1/chat/completions", json=chat_body())
+    assert response.status_code == 502 and response.json()["error"]["code"] == "bad_upstream_response"
+    upstream.behavior.raw_body = orjson.dumps({"choices": [{"message": {"content": "x" * 2_000_000}}]})
+    response = httpx.post(gw.url + "/v1/chat/completions", json=chat_body())
+    assert response.status_code == 502 and "MAX_RESPONSE_BYTES" in response.json()["error"]["message"]
+    assert gw.scheduler.totals.failed == 2
+    upstream.behavior.raw_body = orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body()).status_code == 200  # a bounded, JSON answer
+    assert gw.app.state.metrics.token_counts == {"prompt": 1, "completion": 2}

@@ -1,0 +1,43 @@
+"""How long a request holds a backend slot, and what that says about waiting: the estimate behind Retry-After."""
+
+from __future__ import annotations
+
+import random
+
+_EWMA_WEIGHT = 0.2  # how fast the estimate follows change: about the last 5 requests
+_UNMEASURED_SECONDS = 1.0  # a place's time before the first request has ended: the honest floor
+
+
+class ServiceTime:
+    """A moving average of slot hold times, the waits it implies, and appointments for refused requests.
+
+    With every slot busy, a place frees about every average / slots seconds.
+    """
+
+    __slots__ = ("_next_appointment", "_slots", "average")
+
+    def __init__(self, slots: int):
+        self._slots = slots
+        self.average: float | None = None  # seconds a request holds a slot; None before the first has ended
+        self._next_appointment = 0.0  # when the last refused request was told to come back (monotonic)
+
+    def observe(self, held: float) -> None:
+        """A request held its slot for `held` seconds."""
+        average = self.average
+        self.average = held if average is None else average + _EWMA_WEIGHT * (held - average)
+
+    def wait(self, places: int) -> float:
+        """Seconds until `places` more requests could be taken (a second a place until one has been measured)."""
+        if self.average is None:
+            return places * _UNMEASURED_SECONDS
+        return max(places * self.average / self._slots, 0.001)
+
+    def appointment(self, now: float) -> float:
+        """Seconds until a refused request should come back: when a place frees for it.
+
+        Refused requests get successive appointments, one place apart, plus up to half a place of jitter:
+        told the same Retry-After, they would all come back at once and all but one be refused again.
+        """
+        place = self.wait(1)
+        self._next_appointment = max(self._next_appointment, now) + place
+        return self._next_appointment - now + random.uniform(0.0, place / 2)
