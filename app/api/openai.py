@@ -28,8 +28,9 @@ from app.types import CompletionKind, Priority
 COMPLETION_ROUTES: dict[str, CompletionKind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _SUMMARIES = {"chat": "OpenAI chat completions, queued by priority", "completion": "OpenAI text completions, queued"}
 
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"content-type", SSE_CONTENT_TYPE.encode()),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # nginx and friends: do not buffer a live stream
 ]
@@ -132,7 +133,7 @@ async def _answer(
         else:
             collected.append(sse_error_event(error))
     if collected is not None and whole is None:
-        whole = BackendResponse(200, b"".join(collected), SSE_HEADERS[0][1].decode())
+        whole = BackendResponse(200, b"".join(collected), SSE_CONTENT_TYPE)
     if whole is None:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
