@@ -181,7 +181,7 @@ class ProxyBackend:
                 self._metrics.retried(error.kind)
             else:
                 status = response.status
-                self._observe(response)
+                self._observe(response, request)
                 if status not in _RETRIED_STATUSES:
                     return response
                 delay = self._retry_delay(attempt, deadline, parse_retry_after(response.headers, time.time()))
@@ -209,12 +209,12 @@ class ProxyBackend:
             return None
         return delay
 
-    def _observe(self, response: aiohttp.ClientResponse) -> None:
+    def _observe(self, response: aiohttp.ClientResponse, request: CompletionRequest) -> None:
         """Tell the breaker the upstream answered, and the limiter what budget it says is left."""
         status = response.status
         if self._breaker is not None:
             if status >= 500:
-                self._breaker.failure()
+                self._breaker.failure(hash(request.body))  # counted once per content: see CircuitBreaker
             else:
                 self._breaker.success()
         if self._limiter is None:

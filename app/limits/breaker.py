@@ -22,7 +22,9 @@ class CircuitBreaker:
     """Opens after `threshold` consecutive failures, for `cooldown` seconds; then lets one probe through.
 
     The probe's first upstream answer closes the breaker (any answer that is not a failure) or opens it for
-    another cooldown. Failures are connection errors, timeouts and 5xx answers, counted per attempt.
+    another cooldown. Failures are connection errors and timeouts, counted per attempt, and 5xx answers, counted
+    once per distinct request content (`cause`) in a run: a body the upstream fails on, sent again and again
+    or retried, is that body's problem and must not shut every key out.
     `on_change(state)` is called whenever the state changes, so the queue can refuse what waits or resume.
 
     >>> breaker = CircuitBreaker(threshold=3, cooldown=30)
@@ -31,7 +33,7 @@ class CircuitBreaker:
     <BreakerState.OPEN: 'open'>
     """
 
-    __slots__ = ("_clock", "_opened_at", "_state", "cooldown", "failures", "on_change", "probe", "threshold")
+    __slots__ = ("_causes", "_clock", "_opened_at", "_state", "cooldown", "failures", "on_change", "probe", "threshold")
 
     def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic):
         self.threshold = threshold
@@ -40,6 +42,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._opened_at = 0.0
         self.failures = 0
+        self._causes: set[object] = set()  # the request contents whose 5xx this run of failures has counted
         self.probe: object | None = None  # the request let through to test the upstream, while half open
         self.on_change: Callable[[BreakerState], object] = lambda _: None
 
@@ -86,15 +89,24 @@ class CircuitBreaker:
     def success(self) -> None:
         """The upstream answered: close, and forget earlier failures."""
         self.failures = 0
+        self._causes.clear()
         if self._state is not BreakerState.CLOSED:
             self._state = BreakerState.CLOSED
             self.probe = None
             self.on_change(BreakerState.CLOSED)
 
-    def failure(self) -> None:
-        """The upstream failed once: open when the threshold is reached, or at once when a probe fails."""
-        self.failures += 1
+    def failure(self, cause: object = None) -> None:
+        """The upstream failed once: open when the threshold is reached, or at once when a probe fails.
+
+        `cause` names the request content of a 5xx (None for a connection error or a timeout): a content
+        already counted in this run of failures is not counted again.
+        """
         state = self.state
+        if cause is not None and state is BreakerState.CLOSED:
+            if cause in self._causes:
+                return
+            self._causes.add(cause)
+        self.failures += 1
         if state is BreakerState.OPEN:
             return
         if state is BreakerState.HALF_OPEN or self.failures >= self.threshold:

@@ -134,8 +134,8 @@ def test_token_budget_is_settled_with_the_real_usage(start_gateway: StartGateway
 def test_breaker_opens_fails_fast_and_a_probe_closes_it(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
     gw = start_gateway(breaker_failure_threshold=2, breaker_cooldown=0.5, upstream_max_retries=0)
     upstream.behavior.status = 500
-    for _ in range(2):
-        assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body()).status_code == 502
+    for index in range(2):  # two different requests fail: the upstream, not one body
+        assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body(f"q{index}")).status_code == 502
     started = time.monotonic()
     response = httpx.post(gw.url + "/v1/chat/completions", json=chat_body())
     assert response.status_code == 503 and time.monotonic() - started < 0.1
@@ -230,3 +230,26 @@ def test_a_noisy_key_does_not_starve_a_quiet_one(
     # Before the quiet request: the running noisy one, and at most one more whose turn came first (2 x 50 ms).
     assert quiet_wait < 0.16
     assert noisy_p95 > 4 * quiet_wait and statistics.median(noisy_waits) > quiet_wait
+
+
+def test_one_body_the_upstream_fails_on_does_not_open_the_breaker_for_everyone(
+    start_gateway: StartGateway, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {key: sk-a, name: a}\n  - {key: sk-b, name: b}\n")
+    gw = start_gateway(api_keys_file=str(keys), breaker_failure_threshold=5, upstream_retry_backoff=0.01)
+    upstream.behavior.status = 500
+    poison = chat_body("a body this upstream cannot take")
+    for _ in range(5):  # the same body five times: five 500s (a 500 is not retried), one key's own problem
+        response = httpx.post(gw.url + "/v1/chat/completions", json=poison, headers={"Authorization": "Bearer sk-a"})
+        assert response.status_code == 502
+    assert len(upstream.seen) == 5
+    assert (
+        httpx.get(gw.url + "/v1/queue/status", headers={"Authorization": "Bearer sk-b"}).json()["circuit_breaker"][
+            "state"
+        ]
+        == "closed"
+    )
+    upstream.behavior.status = None
+    other = httpx.post(gw.url + "/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer sk-b"})
+    assert other.status_code == 200  # another key is served, not refused 503 upstream_unavailable

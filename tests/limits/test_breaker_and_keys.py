@@ -54,6 +54,23 @@ def test_failed_probe_reopens_and_a_cancelled_probe_lets_another_go() -> None:
     assert breaker.probe is None and breaker.delay() == 0.0 and changes == [BreakerState.HALF_OPEN]
 
 
+def test_a_5xx_counts_once_per_request_content_while_connection_failures_count_each_time() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown=10.0, clock=FakeClock())
+    for _ in range(10):
+        breaker.failure(cause="the same body")  # sent again and again, retried: that body's problem
+    assert breaker.state is BreakerState.CLOSED and breaker.failures == 1
+    breaker.failure(cause="another body")
+    assert breaker.state is BreakerState.CLOSED
+    breaker.failure()  # a connection error: the upstream itself
+    assert breaker.state is BreakerState.OPEN
+    fresh = CircuitBreaker(threshold=2, cooldown=10.0, clock=FakeClock())
+    fresh.failure(cause="x")
+    fresh.success()  # an answer in between: the run starts again, the same body counts again
+    fresh.failure(cause="x")
+    fresh.failure(cause="y")
+    assert fresh.state is BreakerState.OPEN
+
+
 def test_keys_file_yaml_and_json(tmp_path: Path) -> None:
     yaml_file = tmp_path / "keys.yaml"
     yaml_file.write_text(
