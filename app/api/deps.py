@@ -50,12 +50,6 @@ async def authenticate(request: Request) -> KeyAccount | None:
     return matched
 
 
-async def key_name(request: Request) -> str | None:
-    """The caller's key name ('key-N' for API_KEYS, the keys file's name otherwise); None with auth off."""
-    account = await authenticate(request)
-    return None if account is None else account.name
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refusing with 413 past `limit` bytes whether or not Content-Length says so."""
     declared = request.headers.get("content-length")
@@ -81,4 +75,5 @@ def request_id(request: Request) -> str:
 
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 BackendDep = Annotated[Backend[Any], Depends(get_backend)]
-KeyName = Annotated[str | None, Depends(key_name)]
+# The caller's key account ('key-N' for API_KEYS, the keys file's name otherwise); None with auth off.
+Caller = Annotated[KeyAccount | None, Depends(authenticate)]

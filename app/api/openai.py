@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.deps import BackendDep, KeyName, authenticate, read_body, request_id
+from app.api.deps import BackendDep, Caller, authenticate, read_body, request_id
 from app.api.disconnect import DisconnectWatcher
 from app.api.errors import as_gateway_error, error_response, sse_error_event
 from app.backends.base import BackendResponse
@@ -180,7 +180,7 @@ def completion_openapi() -> dict[str, Any]:
 
 
 @router.get("/models")
-async def models(_: KeyName, backend: BackendDep) -> Response:
+async def models(_: Caller, backend: BackendDep) -> Response:
     """The backend's models."""
     result = await backend.models()
     return Response(result.body, result.status, media_type=result.content_type)

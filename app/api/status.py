@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.limits.keys import KeyAccount
 from app.queue.job import Job
 from app.queue.scheduler import Scheduler
 from app.types import CompletionKind, JobState, Priority
@@ -75,8 +76,12 @@ class RequestStatus(BaseModel):
     finished_at: float | None
 
 
-def queue_status(scheduler: Scheduler) -> QueueStatus:
-    """The whole queue: sizes, totals by outcome, what holds dispatch back, and each slot."""
+def queue_status(scheduler: Scheduler, viewer: KeyAccount | None = None) -> QueueStatus:
+    """The whole queue: sizes, totals by outcome, what holds dispatch back, and each slot.
+
+    With keys on, a slot's request id is shown only to the key that sent it (and to admin keys): others see
+    that the slot is busy, not whose request it holds.
+    """
     gate = scheduler.gate
     limiter = gate.limiter if gate is not None else None
     breaker = gate.breaker if gate is not None else None
@@ -113,7 +118,7 @@ def queue_status(scheduler: Scheduler) -> QueueStatus:
             WorkerStatus(
                 id=slot.id,
                 busy=slot.job is not None,
-                current_request_id=slot.job.id if slot.job is not None else None,
+                current_request_id=slot.job.id if slot.job is not None and _sees(viewer, slot.job) else None,
                 processed=slot.processed,
                 errors=slot.errors,
             )
@@ -138,3 +143,8 @@ def request_status(scheduler: Scheduler, job: Job) -> RequestStatus:
         started_at=job.wall_time(job.started),
         finished_at=job.wall_time(job.finished),
     )
+
+
+def _sees(viewer: KeyAccount | None, job: Job) -> bool:
+    """Whether the caller may see this request's id."""
+    return viewer is None or viewer.admin or job.key_name == viewer.name

@@ -28,6 +28,7 @@ class KeyEntry(BaseModel):
     rpm: int | None = Field(default=None, ge=1, description="Requests per minute this key may send.")
     tpm: int | None = Field(default=None, ge=1, description="Tokens per minute (prompt + max_tokens) it may use.")
     max_queued: int | None = Field(default=None, ge=1, description="Most requests it may have waiting at once.")
+    admin: bool = Field(default=False, description="Sees and cancels every key's requests, not only its own.")
 
 
 class _KeysFile(BaseModel):
@@ -79,6 +80,7 @@ class KeyAccount:
     requests: TokenBucket | None
     tokens: TokenBucket | None
     waiting: int = 0
+    admin: bool = False  # sees and cancels every key's requests
 
     @classmethod
     def build(cls, entry: KeyEntry, clock: Callable[[], float] = time.monotonic) -> KeyAccount:
@@ -88,6 +90,7 @@ class KeyAccount:
             max_queued=entry.max_queued,
             requests=TokenBucket(entry.rpm, 60.0, clock) if entry.rpm else None,
             tokens=TokenBucket(entry.tpm, 60.0, clock) if entry.tpm else None,
+            admin=entry.admin,
         )
 
     @classmethod

@@ -64,8 +64,10 @@ class Scheduler:
         # QUEUE_FULL_BEHAVIOR=wait: requests that found the queue full, in the same order, waiting for a place.
         self._overflow: PriorityQueue[Job] = PriorityQueue(levels=len(Priority))
         self._slots = SlotPool(max_concurrent)
-        self._live: dict[str, Job] = {}
-        self._history: OrderedDict[str, Job] = OrderedDict()
+        # By (key name, request id): ids are the client's own, so each key has its own: another key's use of an
+        # id is neither refused nor seen, and never touches this key's record.
+        self._live: dict[tuple[str | None, str], Job] = {}
+        self._history: OrderedDict[tuple[str | None, str], Job] = OrderedDict()
         self._deadlines = Deadlines(clock, self._expire)
 
     # Admission and dispatch -----------------------------------------------------------------------------
@@ -85,7 +87,7 @@ class Scheduler:
         if refusal is not None:
             self.count_rejection(priority, "breaker_open")
             raise refusal
-        if request_id in self._live:
+        if (key.name if key is not None else None, request_id) in self._live:
             raise Conflict(
                 f"request id {request_id!r} belongs to a request that is still running",
                 code="duplicate_request_id",
@@ -110,7 +112,7 @@ class Scheduler:
 
         now = self._clock()
         job = Job(request_id, kind, priority, key, now, self._wall_clock(), now + self.request_timeout, cost)
-        self._live[request_id] = job
+        self._live[job.key_name, request_id] = job
         self.totals.queued += 1
         self._deadlines.add(job)
         if at_once:
@@ -260,11 +262,12 @@ class Scheduler:
         self._dispatch(now)
 
     def _remember(self, job: Job) -> None:
-        if self._live.get(job.id) is job:
-            del self._live[job.id]
+        name = job.key_name, job.id
+        if self._live.get(name) is job:
+            del self._live[name]
         if self._history_size:
-            self._history.pop(job.id, None)  # a reused id moves to the newest end
-            self._history[job.id] = job  # a small record by now: see Job.mark_finished
+            self._history.pop(name, None)  # a reused id moves to the newest end
+            self._history[name] = job  # a small record by now: see Job.mark_finished
             if len(self._history) > self._history_size:
                 self._history.popitem(last=False)
 
@@ -293,9 +296,18 @@ class Scheduler:
 
     # Reading ----------------------------------------------------------------------------------------------
 
-    def lookup(self, request_id: str) -> Job | None:
-        """A live or remembered request."""
-        return self._live.get(request_id) or self._history.get(request_id)
+    def lookup(self, request_id: str, key_name: str | None) -> Job | None:
+        """A live or remembered request of this key (None: authentication off)."""
+        name = key_name, request_id
+        return self._live.get(name) or self._history.get(name)
+
+    def lookup_any(self, request_id: str) -> Job | None:
+        """A live or remembered request of any key, the live first (for admin keys; it scans)."""
+        for jobs in (self._live, self._history):
+            for (_, known), job in reversed(jobs.items()):
+                if known == request_id:
+                    return job
+        return None
 
     def position(self, job: Job) -> int | None:
         """1-based place of a waiting request, counting the overflow after the queue proper."""

@@ -65,7 +65,10 @@ def test_a_bug_while_serving_answers_500_in_the_openai_shape_with_its_request_id
         assert response.status_code == 500
         assert response.headers["x-request-id"] == "bug"
         assert response.json()["error"]["type"] == "internal_error"
-        assert gateway.scheduler.lookup("bug") is not None and gateway.scheduler.lookup("bug").state == "failed"
+        assert (
+            gateway.scheduler.lookup("bug", None) is not None
+            and gateway.scheduler.lookup("bug", None).state == "failed"
+        )
     assert gateway.scheduler.totals.failed == 2 and gateway.scheduler.in_flight == 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import openai
@@ -61,4 +62,35 @@ def test_a_key_sees_and_cancels_only_its_own_requests(start_gateway: StartGatewa
     assert httpx.get(url, headers=ALICE).json()["status"] == "processing"
     assert httpx.delete(url, headers=ALICE).json()["status"] == "cancelled"
     assert running.result().status_code == 499
+    background.close()
+
+
+def test_request_ids_belong_to_their_key_and_status_shows_others_only_as_counts(
+    start_gateway: StartGateway, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {key: carol-key, name: carol, admin: true}\n")
+    gw = start_gateway(api_keys="alice-key,bob-key", api_keys_file=str(keys), max_concurrent_requests=2)
+    carol = {"Authorization": "Bearer carol-key"}
+    upstream.behavior.hang = True
+    background = Background()
+    alices = background.post(gw.url + "/v1/chat/completions", chat_body(), {**ALICE, "X-Request-ID": "shared-id"})
+    assert wait_until(lambda: upstream.active == 1)
+    # Bob reusing Alice's live id is simply a request of his own: no 409 that would confirm hers exists.
+    bobs = background.post(gw.url + "/v1/chat/completions", chat_body(), {**BOB, "X-Request-ID": "shared-id"})
+    assert wait_until(lambda: upstream.active == 2)
+    status = httpx.get(gw.url + "/v1/queue/status", headers=BOB).json()
+    assert sorted(w["current_request_id"] or "-" for w in status["workers"]) == ["-", "shared-id"]
+    assert status["processing_count"] == 2  # Alice's request counts, unnamed
+    seen_by_admin = httpx.get(gw.url + "/v1/queue/status", headers=carol).json()
+    assert [w["current_request_id"] for w in seen_by_admin["workers"]] == ["shared-id", "shared-id"]
+    url = gw.url + "/v1/queue/request/shared-id"
+    assert httpx.delete(url, headers=BOB).json()["status"] == "cancelled"  # his own
+    assert bobs.result().status_code == 499
+    assert httpx.get(url, headers=ALICE).json()["status"] == "processing"  # hers is untouched
+    assert httpx.delete(url, headers=carol).json()["status"] == "cancelled"  # an admin may cancel anyone's
+    assert alices.result().status_code == 499
+    # Bob's finished record does not replace Alice's: each key finds its own.
+    assert httpx.get(url, headers=ALICE).json()["status"] == "cancelled"
+    assert httpx.get(url, headers=BOB).json()["status"] == "cancelled"
     background.close()
