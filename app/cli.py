@@ -22,7 +22,22 @@ from app.__main__ import run
 from app.settings import Settings
 from app.types import Priority
 
-DEFAULT_URL = "http://127.0.0.1:8091"
+
+def default_url() -> str:
+    """The gateway this machine serves: on PORT, as `serve` reads it, else on the default port."""
+    port = os.environ.get("PORT", "")
+    return f"http://127.0.0.1:{port if port.isdigit() else 8091}"
+
+
+# Off a terminal (a pipe, a log file, CI) rich would fold tables to 80 columns and cut their cells.
+_WIDE = 200
+
+
+def _console() -> Console:
+    """A console that keeps tables whole: the terminal's width, or wide enough when output is not a terminal."""
+    return Console() if sys.stdout.isatty() else Console(width=_WIDE)
+
+
 API_KEY_ENV = "LLM_QUEUE_GATEWAY_API_KEY"
 
 
@@ -71,7 +86,7 @@ def _status(args: argparse.Namespace) -> None:
     if args.json:
         print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
         return
-    console = Console()
+    console = _console()
     running = "[green]running[/]" if status["is_running"] else "[yellow]draining[/]"
     console.print(
         f"[bold]llm-queue-gateway[/] at {args.url}: {running}, {status['processing_count']}/"
@@ -107,7 +122,23 @@ def _status(args: argparse.Namespace) -> None:
     console.print(workers)
     for section in ("rate_limits", "circuit_breaker"):
         if status.get(section):
-            console.print(f"[bold]{section}[/]: {orjson.dumps(status[section]).decode()}")
+            table = Table(title=section.replace("_", " "))
+            table.add_column("field")
+            table.add_column("value", justify="right")
+            for field, value in _flatten(status[section]):
+                table.add_row(field, value)
+            console.print(table)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Nested status fields as (dotted name, value) rows; unset ones as '-'."""
+    rows: list[tuple[str, str]] = []
+    for name, value in values.items():
+        if isinstance(value, dict):
+            rows += _flatten(value, f"{prefix}{name}.")
+        else:
+            rows.append((f"{prefix}{name}", "-" if value is None else str(value)))
+    return rows
 
 
 # loadtest ---------------------------------------------------------------------------------------------------
@@ -273,7 +304,7 @@ def _loadtest(args: argparse.Namespace) -> None:
         parse_mix(args.priority_mix)
     except ValueError as exc:
         raise SystemExit(f"llm-queue-gateway loadtest: {exc}") from None
-    console = Console()
+    console = _console()
     report = asyncio.run(run_loadtest(args, console))
     console.print(report_table(report, args.stream))
     ok = sum(1 for o in report.outcomes if o.status == 200)
@@ -301,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     def client_flags(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--url", default=DEFAULT_URL, help=f"the gateway's base URL [default: {DEFAULT_URL}]")
+        url = default_url()
+        sub.add_argument("--url", default=url, help=f"the gateway's base URL [default: {url}]")
         sub.add_argument(
             "--api-key", default=os.environ.get(API_KEY_ENV), help=f"a client key [default: ${API_KEY_ENV}]"
         )

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from app.cli import build_parser, main, parse_mix, spread
+from app.cli import build_parser, default_url, main, parse_mix, spread
 from app.logs import JsonFormatter, TextFormatter
 from app.types import Priority
 from testkit.gateway import RunningGateway, chat_body
@@ -40,16 +40,23 @@ def test_serve_help_lists_every_setting_with_its_variable_and_default() -> None:
 def test_loadtest_and_status_against_a_running_gateway(
     start_gateway: StartGateway, upstream: FakeUpstream, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gw = start_gateway(max_concurrent_requests=2)
+    gw = start_gateway(max_concurrent_requests=2, rate_limit_rpm=6000)
     main(["loadtest", "--url", gw.url, "--requests", "20", "--concurrency", "4", "--priority-mix", "high=1,low=1"])
     out = capsys.readouterr().out
     assert "20 requests in" in out and "200x10" in out and "200x20" in out
     assert "high" in out and "low" in out and "throughput" in out
     assert gw.scheduler.totals.completed == 20
     assert len(upstream.seen) == 20 and {s.body["max_tokens"] for s in upstream.seen} == {32}
+    # Not a terminal here: the table keeps every column and whole cells all the same.
+    header = next(line for line in out.splitlines() if "priority" in line and "statuses" in line)
+    for column in ("wait p50", "wait p95", "lat p50", "lat p95", "lat p99"):
+        assert column in header
     main(["status", "--url", gw.url])
     out = capsys.readouterr().out
     assert "0/2 slots busy" in out and "processed" in out
+    # The nested sections as rows of their own, not raw JSON.
+    assert "requests_per_minute.limit" in out and "6000" in out and "paused_seconds" in out
+    assert "{" not in out
     main(["status", "--url", gw.url, "--json"])
     assert json.loads(capsys.readouterr().out)["total_processed"] == 20
 
@@ -117,3 +124,12 @@ def test_a_forged_line_in_a_request_path_is_written_escaped(
 def test_json_lines_leave_out_uvicorns_terminal_colours() -> None:
     entry = json.loads(JsonFormatter().format(record(color_message="\x1b[32mPOST\x1b[0m")))
     assert "color_message" not in entry
+
+
+def test_status_defaults_to_the_port_serve_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "9123")
+    assert default_url() == "http://127.0.0.1:9123"
+    monkeypatch.setenv("PORT", "not-a-port")
+    assert default_url() == "http://127.0.0.1:8091"
+    monkeypatch.delenv("PORT")
+    assert default_url() == "http://127.0.0.1:8091"
