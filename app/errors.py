@@ -80,6 +80,25 @@ class BodyTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class HeadersTooLarge(GatewayError):
+    """The request's headers are over MAX_HEADER_BYTES."""
+
+    status_code = 431
+    error_type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+    def __init__(self, limit: int):
+        super().__init__(f"the request's headers are over {limit} bytes (MAX_HEADER_BYTES)")
+
+
+class ClientTooSlow(GatewayError):
+    """The client sent its headers or body slower than HEADER_TIMEOUT or BODY_TIMEOUT allow."""
+
+    status_code = 408
+    error_type = "timeout_error"
+    code = "client_timeout"
+
+
 class MethodNotAllowed(GatewayError):
     """The route exists but not for this method; `Allow` says which methods it takes."""
 
@@ -157,6 +176,17 @@ class ShuttingDown(GatewayError):
 
     def __init__(self, message: str = "the gateway is shutting down; retry on another instance"):
         super().__init__(message, headers=retry_after_headers(5.0))
+
+
+class TooManyConnections(RetryLater):
+    """MAX_CONNECTIONS client connections are already open."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "too_many_connections"
+
+    def __init__(self, limit: int):
+        super().__init__(f"the gateway already holds {limit} connections (MAX_CONNECTIONS)", retry_after=1.0)
 
 
 class BackendNotReady(GatewayError):

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from app import __version__
 from app.api import openai, ops
 from app.api import queue as queue_routes
+from app.api.connections import ConnectionGuard
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestIdMiddleware
 from app.backends import Backend, build_backend
@@ -96,6 +97,14 @@ def create_app(
     app.state.backend = backend
     app.state.scheduler = scheduler
     app.state.breaker = breaker
+    app.state.connections = ConnectionGuard(
+        max_connections=settings.max_connections,
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        metrics=metrics,
+    )
+    metrics.watch_connections(lambda: len(app.state.connections.connections))
     app.state.service = CompletionService(
         scheduler,
         backend,

@@ -21,6 +21,7 @@ from app.types import Priority
 OUTCOMES = ("completed", "failed", "rejected", "timeout", "cancelled")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "http_5xx", "protocol")
 REJECTION_REASONS = ("queue_full", "key_rate_limit", "key_queue_limit", "breaker_open", "shutting_down")
+CONNECTION_LIMITS = ("headers_too_large", "header_timeout", "body_timeout", "too_many_connections", "idle_evicted")
 RETRY_REASONS = ("http_429", "http_502", "http_503", "http_504", "connect", "timeout", "protocol")
 
 # Queue waits run from microseconds (idle) to minutes (saturated); durations likewise.
@@ -64,6 +65,8 @@ class Metrics:
         self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self.rejections = dict.fromkeys(REJECTION_REASONS, 0)
         self.retries = dict.fromkeys(RETRY_REASONS, 0)
+        self.connections_closed = dict.fromkeys(CONNECTION_LIMITS, 0)
+        self._open_connections: Callable[[], int] | None = None
         self.rate_limit_waits = Buckets(WAIT_BUCKETS)
         self.token_counts = {"prompt": 0, "completion": 0}
         self._queue_sizes: Callable[[], Mapping[str, int]] = dict
@@ -83,6 +86,14 @@ class Metrics:
         """Export the backend budgets' remainders and the breaker's state, read at each scrape."""
         self._budget_remaining = budget_remaining
         self._breaker_state = breaker_state
+
+    def watch_connections(self, open_connections: Callable[[], int]) -> None:
+        """Export the number of open client connections, read at each scrape."""
+        self._open_connections = open_connections
+
+    def connection_closed(self, reason: str) -> None:
+        """A connection limit closed a client connection, for one of CONNECTION_LIMITS."""
+        self.connections_closed[reason] += 1
 
     def rejected(self, reason: str) -> None:
         """A request was refused before it was queued, for one of REJECTION_REASONS."""
@@ -160,6 +171,16 @@ class _Exporter(Collector):
         yield _counter(
             "gateway_tokens", "Tokens of answered requests, as their usage reported them.", "kind", m.token_counts
         )
+        yield _counter(
+            "gateway_connections_closed",
+            "Client connections the gateway closed because a connection limit bit, by reason.",
+            "reason",
+            m.connections_closed,
+        )
+        if m._open_connections is not None:
+            yield GaugeMetricFamily(
+                "gateway_connections_open", "Client connections open now.", value=m._open_connections()
+            )
         yield _counter("gateway_upstream_retries", "Upstream attempts retried, by reason.", "reason", m.retries)
         yield _histogram(
             "gateway_rate_limit_wait_seconds",

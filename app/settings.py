@@ -211,6 +211,37 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body accepted (413 past it)."
     )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest request line and headers accepted, in bytes (431 past it, and the connection closes).",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds a client gets to send a request's headers, from the connection's start or its first byte "
+            "(408 past it, and the connection closes)."
+        ),
+    )
+    body_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client gets to send a request's whole body once its headers are in (408 past it).",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Client connections held open at most; past it a request is answered 503 `too_many_connections` "
+            "(`/health`, `/ready` and `/metrics` still answer). Lowered at startup to what the open-files limit "
+            "allows."
+        ),
+    )
     max_response_bytes: int = Field(
         default=64 * 1024 * 1024,
         ge=1024,

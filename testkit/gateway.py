@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 import uvloop
 from fastapi import FastAPI
 
 from app.backends.base import Backend
 from app.main import create_app
 from app.queue.scheduler import Scheduler
+from app.server import GatewayServer
 from app.settings import Settings, load_settings
 
 
@@ -33,16 +33,7 @@ class RunningGateway:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            access_log=False,
-            log_level="warning",
-            timeout_graceful_shutdown=settings.drain_timeout,
-        )
-        self.server = uvicorn.Server(config)
+        self.server = GatewayServer(self.app, freeze_heap=False)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
 

@@ -7,7 +7,9 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["proxy_bench", "local_bench", "limits_bench", "scheduler_bench", "bare_proxy"])
+@pytest.mark.parametrize(
+    "name", ["proxy_bench", "local_bench", "limits_bench", "scheduler_bench", "bare_proxy", "connections_bench"]
+)
 def test_a_benchmark_module_imports(name: str) -> None:
     module = importlib.import_module(f"bench.{name}")
     assert hasattr(module, "main") or hasattr(module, "app")
