@@ -16,7 +16,8 @@ from app.api import openai, ops
 from app.api import queue as queue_routes
 from app.api.connections import ConnectionGuard
 from app.api.errors import install_error_handlers
-from app.api.middleware import RequestIdMiddleware
+from app.api.middleware import RequestIdMiddleware, RequestIds
+from app.api.shedding import QueueFullShedder
 from app.backends import Backend, build_backend
 from app.limits.breaker import CircuitBreaker
 from app.limits.keys import KeyAccount, KeysFileError, load_keys_file
@@ -100,11 +101,13 @@ def create_app(
     app.state.connections = ConnectionGuard(
         max_connections=settings.max_connections,
         max_header_bytes=settings.max_header_bytes,
+        max_body_bytes=settings.max_body_bytes,
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
         metrics=metrics,
     )
     metrics.watch_connections(lambda: len(app.state.connections.connections))
+    ids = RequestIds()
     app.state.service = CompletionService(
         scheduler,
         backend,
@@ -112,12 +115,19 @@ def create_app(
         default_max_tokens=settings.rate_limit_default_max_tokens,
     )
     app.state.api_keys = _key_accounts(settings)
+    app.state.connections.shedder = QueueFullShedder(
+        scheduler,
+        app.state.api_keys,
+        ids,
+        frozenset(openai.COMPLETION_ROUTES),
+        settings.default_priority,
+    )
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(queue_routes.router)
     app.include_router(ops.router)
     app.add_middleware(openai.CompletionRoutes)  # the completion routes, ahead of FastAPI's stack
-    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every response carries its id
+    app.add_middleware(RequestIdMiddleware, ids=ids)  # added last: outermost, so every response carries its id
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -43,14 +43,22 @@ STREAM_BODY = '{"model":"bench","messages":[{"role":"user","content":"hello"}],"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(url: str, connections: int, duration: float, body: str) -> dict[str, float]:
-    """requests/s, p50 and p99 in ms, and the count of non-2xx answers and socket errors."""
+def wrk(
+    url: str, connections: int, duration: float, body: str, pause_ms: int = 0, reconnect: bool = False
+) -> dict[str, float]:
+    """requests/s, p50 and p99 in ms, and the count of non-2xx answers and socket errors.
+
+    `pause_ms`: each connection waits this long after an answer before its next request (a set offered load).
+    `reconnect`: every request on a connection of its own (`Connection: close`).
+    """
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{body}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n'
+        + ('wrk.headers["Connection"] = "close"\n' if reconnect else "")
+        + (f"function delay() return {pause_ms} end\n" if pause_ms else "")
     )
     threads = min(2, connections)
     out = subprocess.run(

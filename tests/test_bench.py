@@ -8,7 +8,16 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "name", ["proxy_bench", "local_bench", "limits_bench", "scheduler_bench", "bare_proxy", "connections_bench"]
+    "name",
+    [
+        "proxy_bench",
+        "local_bench",
+        "limits_bench",
+        "scheduler_bench",
+        "bare_proxy",
+        "connections_bench",
+        "overload_bench",
+    ],
 )
 def test_a_benchmark_module_imports(name: str) -> None:
     module = importlib.import_module(f"bench.{name}")

@@ -23,8 +23,10 @@ from typing import Any, ClassVar
 
 import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.api.errors import raw_error_response
+from app.api.shedding import QueueFullShedder, Shed
 from app.errors import ClientTooSlow, GatewayError, HeadersTooLarge, TooManyConnections
 from app.metrics import Metrics
 
@@ -53,7 +55,9 @@ class _Phase(enum.Enum):
 class ConnectionGuard:
     """The limits on client connections, their counts, and the sweep that closes the slow ones.
 
-    >>> guard = ConnectionGuard(max_connections=2048, max_header_bytes=32768, header_timeout=10, body_timeout=30)
+    >>> guard = ConnectionGuard(
+    ...     max_connections=2048, max_header_bytes=32768, max_body_bytes=4 << 20, header_timeout=10, body_timeout=30
+    ... )
     >>> config = uvicorn.Config(app, http=guard.protocol())  # doctest: +SKIP
     """
 
@@ -62,6 +66,7 @@ class ConnectionGuard:
         *,
         max_connections: int,
         max_header_bytes: int,
+        max_body_bytes: int,
         header_timeout: float,
         body_timeout: float,
         metrics: Metrics | None = None,
@@ -69,9 +74,12 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.reserve = reserve_for(max_connections)
         self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.metrics = metrics
+        # Refuses completions from their headers while the queue is full (create_app sets it).
+        self.shedder: QueueFullShedder | None = None
         self.connections: set[GuardedHttpProtocol] = set()
         # Connections within the limit that wait for a request, oldest first (a dict keeps insertion order).
         self.idle: dict[GuardedHttpProtocol, None] = {}
@@ -157,6 +165,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.deadline = math.inf
         self.over_limit = False
         self._header_bytes = 0
+        self._shed: Shed | None = None  # a completion being refused for a full queue, its body still coming
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -208,14 +217,57 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         if refusal is not None:
             self.app = _refusal_app(refusal)
+        elif self._begin_shed():
+            return  # answered by on_message_complete, without an ASGI task
         super().on_headers_complete()
         if (self.over_limit or refusal is not None) and self.cycle is not None:
             self.cycle.keep_alive = False  # one answer, then the connection (and its descriptor) goes
 
+    def on_body(self, body: bytes) -> None:
+        shed = self._shed
+        if shed is None:
+            super().on_body(body)
+        elif len(shed.body) + len(body) <= self.guard.max_body_bytes:
+            shed.body += body  # only for its `priority`; a body past the limit is refused all the same
+
     def on_message_complete(self) -> None:
         self.phase = _Phase.APP
         self.deadline = math.inf
-        super().on_message_complete()
+        shed = self._shed
+        if shed is None:
+            super().on_message_complete()
+            return
+        self._shed = None
+        assert self.guard.shedder is not None
+        raw, retry_after = self.guard.shedder.answer(shed)
+        self.transport.write(raw)
+        if not shed.keep_alive:
+            self.transport.close()
+            return
+        self.on_response_complete()
+        # Not read again before the Retry-After it was just given (see app/api/shedding.py); the keep-alive
+        # timeout waits too, or it would close the connection on a request that is there, unread.
+        self.transport.pause_reading()
+        self._unset_keepalive_if_required()
+        self.loop.call_later(retry_after, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        if self.phase is _Phase.IDLE and self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def _begin_shed(self) -> bool:
+        """Whether this request is refused for a full queue from its headers (only with no answer pending)."""
+        shedder = self.guard.shedder
+        if shedder is None or self.over_limit or not (self.cycle is None or self.cycle.response_complete):
+            return False
+        keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
+        self._shed = shedder.begin(self.parser.get_method(), self.url, self.headers, keep_alive)
+        return self._shed is not None
 
     def on_response_complete(self) -> None:
         if self.phase is _Phase.APP:
@@ -237,7 +289,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             timeout = self.guard.body_timeout
             self.guard.bit("body_timeout", f"request body not received within BODY_TIMEOUT={timeout:g}s")
             cycle = self.cycle
-            if cycle is not None and not cycle.response_started:
+            if self._shed is not None:
+                self._shed = None
+                self._refuse(ClientTooSlow(f"the request's body did not arrive within {timeout:g} seconds"))
+            elif cycle is not None and not cycle.response_started:
                 # The handler still waits for the body: it sees a disconnect, and the client gets the 408.
                 cycle.disconnected = True
                 cycle.message_event.set()
@@ -250,17 +305,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.phase = _Phase.APP
         self.deadline = math.inf
         if not self.transport.is_closing():
-            self.transport.write(_raw_response(error))
+            self.transport.write(raw_error_response(error))
             self.transport.close()
-
-
-def _raw_response(error: GatewayError) -> bytes:
-    body = orjson.dumps(error.body())
-    head = [STATUS_LINE[error.status_code]]
-    for name, value in error.headers.items():
-        head.append(f"{name}: {value}\r\n".encode("latin-1"))
-    head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
-    return b"".join(head) + body
 
 
 def _refusal_app(error: GatewayError) -> Any:

@@ -35,8 +35,14 @@ async def authenticate(request: Request) -> KeyAccount | None:
     keys: tuple[tuple[bytes, KeyAccount], ...] = request.app.state.api_keys
     if not keys:
         return None
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    matched = key_account(keys, request.headers.get("authorization", ""))
+    request.state.key = matched.name  # for the access line, on every route
+    return matched
+
+
+def key_account(keys: tuple[tuple[bytes, KeyAccount], ...], authorization: str) -> KeyAccount:
+    """The account whose key an Authorization header carries; 401 for a missing or wrong key."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     given = token.strip().encode()
@@ -46,7 +52,6 @@ async def authenticate(request: Request) -> KeyAccount | None:
             matched = account
     if matched is None:
         raise Unauthorized("the API key is not valid")
-    request.state.key = matched.name  # for the access line, on every route
     return matched
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 import orjson
 from fastapi import FastAPI, Request
@@ -31,6 +32,19 @@ def error_response(exc: GatewayError) -> Response:
     if isinstance(exc, UpstreamHTTPError):
         return Response(exc.raw_body, exc.status_code, headers=exc.headers, media_type=exc.content_type)
     return Response(orjson.dumps(exc.body()), exc.status_code, headers=exc.headers, media_type="application/json")
+
+
+def raw_error_response(
+    exc: GatewayError, extra_headers: tuple[tuple[bytes, bytes], ...] = (), *, close: bool = True
+) -> bytes:
+    """The error as the bytes of a whole HTTP/1.1 response, for answers written straight to a connection."""
+    body = orjson.dumps(exc.body())
+    head = [b"HTTP/1.1 %d %s\r\n" % (exc.status_code, HTTPStatus(exc.status_code).phrase.encode())]
+    head += [f"{name}: {value}\r\n".encode("latin-1") for name, value in exc.headers.items()]
+    head += [name + b": " + value + b"\r\n" for name, value in extra_headers]
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    head.append(b"connection: close\r\n\r\n" if close else b"\r\n")
+    return b"".join(head) + body
 
 
 def sse_error_event(exc: GatewayError) -> bytes:

@@ -20,18 +20,36 @@ _ACCESS = {path: logging.getLogger(f"app.access.{kind}") for path, kind in COMPL
 _OTHER_ACCESS = logging.getLogger("app.access")
 
 
+class RequestIds:
+    """Request ids: a random UUID prefix for this process and a counter in the last 12 hex digits.
+
+    Unique and UUID-shaped, without a system call for randomness on every request.
+    """
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = str(uuid.uuid4())[:24]
+        self._counter = itertools.count(1)
+
+    def new(self) -> bytes:
+        return f"{self._prefix}{next(self._counter):012x}".encode()
+
+    @staticmethod
+    def valid(given: bytes) -> bool:
+        """Whether a client's X-Request-ID may be used as it is."""
+        return _VALID_ID.fullmatch(given) is not None
+
+
 class RequestIdMiddleware:
     """Gives every request an id (the client's X-Request-ID if well formed) and echoes it on the response.
 
     The id is put at scope["state"]["request_id"], where Request.state.request_id finds it.
     """
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, ids: RequestIds):
         self.app = app
-        # Ids are a random UUID prefix for this process and a counter in the last 12 hex digits: unique and
-        # UUID-shaped, without a system call for randomness on every request.
-        self._prefix = str(uuid.uuid4())[:24]
-        self._counter = itertools.count(1)
+        self._ids = ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,8 +61,8 @@ class RequestIdMiddleware:
                 given = value
                 break
         if given is None:
-            raw_id = f"{self._prefix}{next(self._counter):012x}".encode()
-        elif _VALID_ID.fullmatch(given):
+            raw_id = self._ids.new()
+        elif self._ids.valid(given):
             raw_id = given
         else:
             response = error_response(
@@ -60,9 +78,7 @@ class RequestIdMiddleware:
         state["request_id"] = raw_id.decode()
         header = (b"x-request-id", raw_id)
         path: str = scope["path"]
-        access = _ACCESS.get(path) or (_OTHER_ACCESS if path.startswith("/v1/") else None)
-        if access is None or not access.isEnabledFor(logging.INFO):
-            access = None
+        access = access_logger(path)
         started = time.monotonic()
         status = 0
 
@@ -97,17 +113,31 @@ def _log_access(log: logging.Logger, scope: Scope, state: dict[str, Any], status
         outcome = "rejected" if status in (429, 503) else "error" if status >= 400 or not status else "ok"
         priority = None
         wait = None
-    fields = {
-        "request_id": state["request_id"],
-        "method": scope["method"],
-        "path": scope["path"],
-        "key": state.get("key"),
-        "priority": priority,
-        "outcome": outcome,
-        "status": status or 499,  # no response started: the client left first
-        "queue_wait_ms": None if wait is None else round(wait * 1000, 1),
-        "duration_ms": round(duration * 1000, 1),
-    }
+    write_access_line(
+        log,
+        {
+            "request_id": state["request_id"],
+            "method": scope["method"],
+            "path": scope["path"],
+            "key": state.get("key"),
+            "priority": priority,
+            "outcome": outcome,
+            "status": status or 499,  # no response started: the client left first
+            "queue_wait_ms": None if wait is None else round(wait * 1000, 1),
+            "duration_ms": round(duration * 1000, 1),
+        },
+    )
+
+
+def access_logger(path: str) -> logging.Logger | None:
+    """The logger of a path's access lines, None if it writes none (or they are silenced)."""
+    access = _ACCESS.get(path) or (_OTHER_ACCESS if path.startswith("/v1/") else None)
+    return access if access is not None and access.isEnabledFor(logging.INFO) else None
+
+
+def write_access_line(log: logging.Logger, fields: dict[str, Any]) -> None:
+    """The access line of one request, in text and in the JSON log's fields."""
+    priority = fields["priority"]
     log.info(
         "%s %s %s id=%s key=%s priority=%s outcome=%s wait_ms=%s duration_ms=%s",
         fields["method"],
@@ -116,7 +146,7 @@ def _log_access(log: logging.Logger, scope: Scope, state: dict[str, Any], status
         fields["request_id"],
         fields["key"] or "-",
         priority or "-",
-        outcome,
+        fields["outcome"],
         "-" if fields["queue_wait_ms"] is None else fields["queue_wait_ms"],
         fields["duration_ms"],
         extra=fields,

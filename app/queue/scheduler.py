@@ -96,12 +96,7 @@ class Scheduler:
         waiting = self._queue.size
         full = waiting >= self.max_queue_size
         if full and self.full_behavior is QueueFullBehavior.REJECT:
-            self.count_rejection(priority, "queue_full")
-            retry_after = self.service.appointment(self._clock())
-            raise QueueFull(
-                f"the queue is full ({waiting} requests waiting); retry in {retry_after:.1f}s",
-                retry_after=retry_after,
-            )
+            raise self.refuse_full(priority)
         at_once = self._slots.idle and not waiting and (self.gate is None or self.gate.idle())
         if key is not None and not at_once:
             try:
@@ -127,6 +122,28 @@ class Scheduler:
             if self._slots.idle:
                 self._dispatch(now)  # only the gate holds a request back from a free slot: it arms its timer
         return job
+
+    def sheds(self) -> bool:
+        """Whether a new request would now be refused for a full queue, and for nothing that comes first.
+
+        The HTTP layer asks this before it does any work for a completion: under a flood of requests past
+        capacity, refusing each must cost little, or the flood starves the requests being served.
+        """
+        return (
+            self._queue.size >= self.max_queue_size
+            and self.full_behavior is QueueFullBehavior.REJECT
+            and not self.draining
+            and (self.gate is None or self.gate.refusal() is None)
+        )
+
+    def refuse_full(self, priority: Priority) -> QueueFull:
+        """Count a request refused for a full queue, and the error that tells it when to come back."""
+        self.count_rejection(priority, "queue_full")
+        retry_after = self.service.appointment(self._clock())
+        return QueueFull(
+            f"the queue is full ({self._queue.size} requests waiting); retry in {retry_after:.1f}s",
+            retry_after=retry_after,
+        )
 
     def count_rejection(self, priority: Priority, reason: str) -> None:
         """A request was refused before queueing, for one of metrics.REJECTION_REASONS."""

@@ -6,6 +6,7 @@ import random
 
 _EWMA_WEIGHT = 0.2  # how fast the estimate follows change: about the last 5 requests
 _UNMEASURED_SECONDS = 1.0  # a place's time before the first request has ended: the honest floor
+LONGEST_APPOINTMENT_SECONDS = 60.0  # the longest Retry-After given (the openai SDK honours up to 60 s)
 
 
 class ServiceTime:
@@ -36,8 +37,10 @@ class ServiceTime:
         """Seconds until a refused request should come back: when a place frees for it.
 
         Refused requests get successive appointments, one place apart, plus up to half a place of jitter:
-        told the same Retry-After, they would all come back at once and all but one be refused again.
+        told the same Retry-After, they would all come back at once and all but one be refused again. Under a
+        sustained flood the appointments would grow for as long as it lasts; they stop at a minute, past which
+        the openai SDK ignores Retry-After anyway.
         """
         place = self.wait(1)
-        self._next_appointment = max(self._next_appointment, now) + place
+        self._next_appointment = min(max(self._next_appointment, now) + place, now + LONGEST_APPOINTMENT_SECONDS)
         return self._next_appointment - now + random.uniform(0.0, place / 2)

@@ -169,7 +169,9 @@ def test_max_connections_is_lowered_to_what_the_open_files_limit_allows(
 ) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 1024))
     monkeypatch.setattr(resource, "setrlimit", lambda *_: None)
-    guard = ConnectionGuard(max_connections=2048, max_header_bytes=32768, header_timeout=10, body_timeout=30)
+    guard = ConnectionGuard(
+        max_connections=2048, max_header_bytes=32768, max_body_bytes=4 << 20, header_timeout=10, body_timeout=30
+    )
     with caplog.at_level(logging.WARNING, logger="app.connections"):
         fit_open_files(guard, upstream_connections=64)
     assert guard.max_connections + guard.reserve <= 1024 - 128 - 64
