@@ -57,6 +57,7 @@ def create_app(
         history_size=settings.request_history_size,
         metrics=metrics,
         aging_seconds=settings.queue_aging_seconds,
+        dispatch_margin=settings.dispatch_margin,
         gate=DispatchGate(limiter, breaker, metrics) if limiter is not None or breaker is not None else None,
     )
     if breaker is not None:

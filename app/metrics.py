@@ -66,6 +66,7 @@ class Metrics:
         self.rejections = dict.fromkeys(REJECTION_REASONS, 0)
         self.retries = dict.fromkeys(RETRY_REASONS, 0)
         self.connections_closed = dict.fromkeys(CONNECTION_LIMITS, 0)
+        self.too_late = 0
         self._open_connections: Callable[[], int] | None = None
         self.rate_limit_waits = Buckets(WAIT_BUCKETS)
         self.token_counts = {"prompt": 0, "completion": 0}
@@ -94,6 +95,10 @@ class Metrics:
     def connection_closed(self, reason: str) -> None:
         """A connection limit closed a client connection, for one of CONNECTION_LIMITS."""
         self.connections_closed[reason] += 1
+
+    def timed_out_before_dispatch(self) -> None:
+        """A waiting request was answered 408 instead of dispatched: too little of its time was left."""
+        self.too_late += 1
 
     def rejected(self, reason: str) -> None:
         """A request was refused before it was queued, for one of REJECTION_REASONS."""
@@ -181,6 +186,11 @@ class _Exporter(Collector):
             yield GaugeMetricFamily(
                 "gateway_connections_open", "Client connections open now.", value=m._open_connections()
             )
+        yield CounterMetricFamily(
+            "gateway_timeouts_before_dispatch",
+            "Waiting requests answered 408 instead of dispatched, with too little time left (DISPATCH_MARGIN).",
+            value=m.too_late,
+        )
         yield _counter("gateway_upstream_retries", "Upstream attempts retried, by reason.", "reason", m.retries)
         yield _histogram(
             "gateway_rate_limit_wait_seconds",

@@ -189,6 +189,16 @@ class Settings(BaseSettings):
             "YAML or JSON file of keys with a per-key policy (see docs/configuration.md); used besides `API_KEYS`."
         ),
     )
+    dispatch_margin: float = Field(
+        default=1.0,
+        ge=0,
+        le=100,
+        description=(
+            "A waiting request is answered `408` instead of dispatched when its remaining time is under this many "
+            "times the average time a request holds a slot (it would most likely be cut off, its upstream work "
+            "wasted); `0` dispatches whatever time is left."
+        ),
+    )
     queue_aging_seconds: float | None = Field(
         default=None,
         gt=0,

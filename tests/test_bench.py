@@ -17,6 +17,7 @@ import pytest
         "bare_proxy",
         "connections_bench",
         "overload_bench",
+        "deadline_bench",
     ],
 )
 def test_a_benchmark_module_imports(name: str) -> None:

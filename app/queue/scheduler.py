@@ -44,6 +44,7 @@ class Scheduler:
         metrics: Metrics,
         aging_seconds: float | None = None,
         gate: DispatchGate | None = None,
+        dispatch_margin: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ):
@@ -52,6 +53,9 @@ class Scheduler:
         self.request_timeout = request_timeout
         self.full_behavior = full_behavior
         self.gate = gate
+        # A waiting request whose remaining time is under this many average service times is answered 408
+        # instead of dispatched: it would most likely be cut off at its timeout, its upstream work wasted.
+        self.dispatch_margin = dispatch_margin
         self.aging = Aging(aging_seconds, len(Priority)) if aging_seconds else None
         self.totals = Totals()
         self.draining = False
@@ -192,6 +196,8 @@ class Scheduler:
                     if gate is not None:
                         gate.release(now)
                     break
+                if self._too_late(job, now):
+                    continue
                 if gate is not None and not gate.admits(job, now, self.dispatch):
                     break
                 queue.pop()
@@ -206,6 +212,24 @@ class Scheduler:
                 moved = True
             if not moved or not self._slots.idle or (gate is not None and gate.held_by is not None):
                 return
+
+    def _too_late(self, job: Job, now: float) -> bool:
+        """Answer 408 now, and True, if the job's remaining time is too short for a likely service time."""
+        expected = self.service.average
+        if not self.dispatch_margin or expected is None:
+            return False
+        left = job.deadline - now
+        if left >= self.dispatch_margin * expected:
+            return False
+        self._metrics.timed_out_before_dispatch()
+        self.abort(
+            job,
+            RequestTimeout(
+                f"request timed out after {self.request_timeout:g}s (in the queue): {max(left, 0):.2f}s were left, "
+                f"and a request takes about {expected:.2f}s at the backend"
+            ),
+        )
+        return True
 
     def breaker_changed(self, state: BreakerState) -> None:
         """The breaker opened (answer what waits 503 now) or let traffic go again (dispatch)."""

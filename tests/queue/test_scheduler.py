@@ -247,3 +247,47 @@ async def test_deadlines_compact_instead_of_growing() -> None:
         s.retire(s.submit(f"r{i}", "chat", Priority.NORMAL, None), None, None)
     assert len(s._deadlines) == 0
     assert len(s._deadlines._jobs) <= 2 * 256
+
+
+async def test_a_request_with_too_little_time_left_is_answered_408_instead_of_dispatched() -> None:
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    s = Scheduler(
+        max_concurrent=1,
+        max_queue_size=5,
+        request_timeout=10,
+        full_behavior=QueueFullBehavior.REJECT,
+        history_size=10,
+        metrics=Metrics(registry),
+        dispatch_margin=1.0,
+        clock=clock,
+    )
+    first = s.submit("first", "chat", Priority.NORMAL, None)
+    clock.now += 4.0
+    s.retire(first, None, None)  # measured: a request holds the slot for 4 s
+    a = s.submit("a", "chat", Priority.NORMAL, None)  # takes the slot at once, whatever the estimate
+    late = s.submit("late", "chat", Priority.NORMAL, None)
+    clock.now += 3.0
+    fresh = s.submit("fresh", "chat", Priority.NORMAL, None)
+    clock.now += 4.0  # `late` has 3 s left, under the 4 s a request takes; `fresh` has 6 s
+    s.retire(a, None, None)
+    with pytest.raises(RequestTimeout, match=r"3\.00s were left"):
+        await late.dispatched()
+    s.retire(late, late.error, None)
+    assert fresh.state is JobState.PROCESSING  # the slot went to the one that can make it
+    assert late.state is JobState.TIMEOUT and late.started is None
+    assert s.totals.timeout == 1
+    assert sample(registry, "gateway_timeouts_before_dispatch_total") == 1
+    assert sample(registry, "gateway_requests_total", priority="normal", outcome="timeout") == 1
+
+
+async def test_a_zero_dispatch_margin_dispatches_whatever_time_is_left() -> None:
+    s, clock, _ = make(concurrency=1, queue=5)
+    first = s.submit("first", "chat", Priority.NORMAL, None)
+    clock.now += 50.0
+    s.retire(first, None, None)
+    a = s.submit("a", "chat", Priority.NORMAL, None)
+    b = s.submit("b", "chat", Priority.NORMAL, None)
+    clock.now += 55.0  # b has 5 s left of 60, a tenth of the 50 s a request takes
+    s.retire(a, None, None)
+    assert b.state is JobState.PROCESSING
