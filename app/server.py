@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import signal
 import socket
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -41,6 +43,14 @@ class GatewayServer(uvicorn.Server):
         await super().startup(sockets)
         if self._freeze_heap:
             freeze_startup_heap()  # the app and the backend are loaded: what is alive now stays
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            # uvicorn re-raises the signals it caught once it has stopped, so the process dies by SIGTERM after
+            # a clean drain (`make serve` then prints "Terminated"). A drain is how the gateway is meant to
+            # stop: it exits 0. Ctrl-C still ends as an interrupt does, for the shell.
+            self._captured_signals.remove(sig)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._scheduler.drain()

@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,25 @@ def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck() -> None:
     assert re.search(r"^EXPOSE 8091$", runtime, re.MULTILINE)
     assert 'CMD ["llm-queue-gateway", "serve"]' in runtime
     assert "ARG CMAKE_ARGS" in text  # the CUDA build passes -DGGML_CUDA=on
+
+
+def test_dockerfile_builds_dependencies_in_a_layer_of_their_own_for_any_cpu() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    builder, runtime = text.split("AS runtime", 1)
+    # pyproject.toml alone, then the dependencies (llama.cpp's compile), and only then the code.
+    assert builder.index("COPY pyproject.toml ./") < builder.index("pip install -r") < builder.index("COPY app")
+    assert "pip install --no-deps ." in builder
+    extract = re.search(r'python -c "(import tomllib.*?)"\s*\\\n\s*> /tmp/requirements.txt', builder, re.DOTALL)
+    assert extract is not None
+    listed = subprocess.run(
+        [sys.executable, "-c", extract.group(1)], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert listed == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF ${CMAKE_ARGS}"' in builder  # portable, not the build machine's CPU
+    assert "CMAKE_CUDA_ARCHITECTURES" in text  # the documented CUDA build works without a GPU at build time
+    # The python images have their Python: the distribution's is installed only where none is.
+    assert re.search(r"if command -v python3 >/dev/null; then python=\"\"", runtime)
+    assert not re.search(r"install -y[^\n]*\bpython3\b", runtime)
 
 
 def test_prometheus_config_passes_promtool() -> None:
