@@ -6,8 +6,9 @@ parsed, the backend's prepare, two socket writes) cost about 300 µs a request h
 the whole event loop, and the requests being served waited behind the refusals (served throughput fell to a
 quarter of capacity). `QueueFullShedder` lets the connection protocol answer such a request itself, from its
 headers, in one write. It refuses exactly what the queue would: the same error and Retry-After, counted the
-same way, with the same access line; a request it cannot judge from its headers (a wrong key, a malformed
-X-Request-ID or X-Priority, `Expect: 100-continue`) goes the normal way and gets its own answer.
+same way, with the same access line; a request it cannot judge from its headers (a wrong key, a key with an
+RPM or TPM budget of its own, a malformed X-Request-ID or X-Priority, `Expect: 100-continue`) goes the normal
+way and gets its own answer.
 
 A kept-alive connection refused this way is then not read again until the Retry-After it was given has passed:
 a client that comes back at once (wrk, a retry loop that ignores the header) waits as it was told, with its
@@ -97,6 +98,8 @@ class QueueFullShedder:
                 key = key_account(self._keys, (authorization or b"").decode("latin-1"))
             except GatewayError:
                 return None
+            if key.requests is not None or key.tokens is not None:
+                return None  # its own budget speaks first (a 429 of its own), and only the normal path knows it
         return Shed(path.decode(), given_id or self._ids.new(), key, priority, keep_alive)
 
     def answer(self, shed: Shed) -> tuple[bytes, float]:

@@ -7,12 +7,13 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-from testkit.gateway import CHAT, Background, RunningGateway
+from testkit.gateway import CHAT, Background, RunningGateway, wait_until
 from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
@@ -128,3 +129,25 @@ def test_a_refusal_to_a_client_that_closes_closes_the_connection(
         status, headers, _ = read_answer(sock)
         assert status == 503 and headers["connection"] == "close"
         assert sock.recv(1) == b""
+
+
+def test_a_key_with_a_budget_of_its_own_is_told_its_own_429_on_a_full_queue(
+    start_gateway: StartGateway, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {key: k-1, name: one}\n  - {key: k-rpm, name: metered, rpm: 1}\n")
+    upstream.behavior.latency = 3.0
+    gw = start_gateway(api_keys_file=str(keys), max_concurrent_requests=1, max_queue_size=1)
+    url = gw.url + "/v1/chat/completions"
+    background = Background()
+    try:
+        background.post(url, CHAT, headers={"Authorization": "Bearer k-rpm"})  # its one request this minute
+        assert upstream.wait_for(lambda: upstream.active == 1)
+        background.post(url, CHAT, headers={"Authorization": "Bearer k-1"})
+        assert wait_until(lambda: gw.call(gw.scheduler.sheds))
+        again = httpx.post(url, json=CHAT, headers={"Authorization": "Bearer k-rpm"})
+        assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limit_exceeded"
+        other = httpx.post(url, json=CHAT, headers={"Authorization": "Bearer k-1"})
+        assert other.status_code == 503 and other.json()["error"]["code"] == "queue_full"
+    finally:
+        background.close()
