@@ -13,7 +13,7 @@ import pytest
 from app.cli import build_parser, default_url, main, parse_mix, spread
 from app.logs import JsonFormatter, TextFormatter
 from app.types import Priority
-from testkit.gateway import RunningGateway, chat_body
+from testkit.gateway import RunningGateway, chat_body, wait_until
 from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
@@ -82,6 +82,10 @@ def test_log_formats() -> None:
     assert "WARNING [RequestQueue] draining" in TextFormatter().format(queue)
 
 
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("app.access")]
+
+
 def test_one_access_line_per_request_with_the_key_name_never_the_key(
     start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -90,7 +94,9 @@ def test_one_access_line_per_request_with_the_key_name_never_the_key(
     with caplog.at_level(logging.INFO, logger="app.access"):
         assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=headers).status_code == 200
         assert httpx.post(gw.url + "/v1/chat/completions", content=b"{", headers=headers).status_code == 400
-    lines = [r for r in caplog.records if r.name.startswith("app.access")]
+        # The line is written once the response has gone out: the client may read it a moment before.
+        assert wait_until(lambda: len(access_lines(caplog)) >= 2)
+    lines = access_lines(caplog)
     assert len(lines) == 2
     done, bad = lines
     assert (done.request_id, done.key, done.priority, done.outcome, done.status) == (  # type: ignore[attr-defined]
@@ -112,7 +118,8 @@ def test_a_forged_line_in_a_request_path_is_written_escaped(
     forged = "/v1/x%0d%0a2026-11-23T16:00:00.000Z%20INFO%20[RequestQueue]%20forged%00%1b[31m"
     with caplog.at_level(logging.INFO, logger="app.access"):
         assert httpx.get(gw.url + forged).status_code == 404
-    (access,) = [r for r in caplog.records if r.name.startswith("app.access")]
+        assert wait_until(lambda: access_lines(caplog))
+    (access,) = access_lines(caplog)
     assert "\r\n" in access.getMessage()  # the decoded path, as the record holds it
     line = TextFormatter().format(access)
     assert "\n" not in line and "\r" not in line and "\x00" not in line and "\x1b" not in line

@@ -105,12 +105,12 @@ class ConnectionGuard:
 
     def admit(self, connection: GuardedHttpProtocol) -> bool | None:
         """Count a new connection: True within the limit, False in the reserve past it, None refused."""
-        if len(self.connections) - self.overflow >= self.max_connections and self.idle:
+        if self.normal >= self.max_connections and self.idle:
             oldest = next(iter(self.idle))
             self.release(oldest)
             oldest.transport.close()
             self.bit("idle_evicted", f"MAX_CONNECTIONS={self.max_connections}: closed the oldest idle connection")
-        if len(self.connections) - self.overflow < self.max_connections:
+        if self.normal < self.max_connections:
             self.connections.add(connection)
             self._arm()
             return True

@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from testkit.gateway import CHAT, RunningGateway
+from testkit.gateway import CHAT, RunningGateway, wait_until
 
 StartGateway = Callable[..., RunningGateway]
 
@@ -54,5 +54,7 @@ def test_the_access_line_names_the_key_on_queue_routes_too(
     gw = start_gateway(api_keys="k-1")
     with caplog.at_level(logging.INFO, logger="app.access"):
         assert httpx.get(gw.url + "/v1/queue/status", headers={"Authorization": "Bearer k-1"}).status_code == 200
+        # The line is written once the response has gone out: the client may read it a moment before.
+        assert wait_until(lambda: any(r.name.startswith("app.access") for r in caplog.records))
     (line,) = [r for r in caplog.records if r.name.startswith("app.access")]
     assert line.key == "key-1"  # type: ignore[attr-defined]

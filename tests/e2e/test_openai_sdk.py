@@ -118,5 +118,7 @@ def test_clients_refused_together_are_told_different_times_and_all_get_through(
         with ThreadPoolExecutor(10) as pool:
             replies = list(pool.map(ask, [sdk] * 10))  # raises if any ran out of retries
         assert len(replies) == 10
-        assert gw.scheduler.totals.completed == 11 and gw.scheduler.totals.rejected >= 8
+        # Most were refused at first (8 when all ten land within one 0.1 s service time; a loaded machine
+        # staggers them a little), and every one got through on its retries.
+        assert gw.scheduler.totals.completed == 11 and gw.scheduler.totals.rejected >= 5
         gw.stop()
