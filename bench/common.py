@@ -7,9 +7,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from testkit.gateway import free_port, gateway_process_cwd, gateway_process_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = ROOT / "bench" / ".envs"
@@ -77,6 +80,40 @@ class Contender:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+def gateway_process(
+    root: Path, log_name: str, preexec: Callable[[], None] | None = None, **settings: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The gateway of the checkout at `root` in a process of its own, with `settings`, once /health answers.
+
+    Its URL comes with it; its output goes to bench/results/LOG_NAME.log. The process starts in an empty
+    directory with no setting inherited, so neither a .env nor the shell changes what is measured.
+    """
+    port = free_port()
+    env = gateway_process_env(PORT=str(port), **settings)
+    env["PYTHONPATH"] = str(root)  # the checkout under test, ahead of this one
+    log_path = ROOT / "bench" / "results" / f"{log_name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app"],
+            env=env,
+            cwd=gateway_process_cwd(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,  # noqa: PLW1509 (the benchmarks start their gateways before any thread)
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"the gateway did not start; see {log_path}")
 
 
 def percentile(values: list[float], q: float) -> float:

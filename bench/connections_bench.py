@@ -21,8 +21,6 @@ import contextlib
 import os
 import resource
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,39 +28,10 @@ from typing import Any
 
 import httpx
 
-from testkit.gateway import free_port, gateway_process_cwd, gateway_process_env
+from bench.common import gateway_process
 from testkit.upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_gateway(root: Path, upstream: FakeUpstream, nofile: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = gateway_process_env(BACKEND="proxy", UPSTREAM_BASE_URL=upstream.base_url, PORT=str(port), LOG_LEVEL="warning")
-    env["PYTHONPATH"] = str(root)
-
-    def limit_files() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    log = open(ROOT / "bench" / "results" / "connections_gateway.log", "ab")  # noqa: SIM115 (the child owns it)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app"],
-        env=env,
-        cwd=gateway_process_cwd(),
-        stdout=log,
-        stderr=log,
-        preexec_fn=limit_files,  # noqa: PLW1509 (a single-threaded parent at this point)
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the gateway did not start; see bench/results/connections_gateway.log")
 
 
 def rss_mb(pid: int) -> float:
@@ -214,7 +183,14 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     upstream = FakeUpstream().start()
-    process, url = start_gateway(args.root, upstream, args.nofile)
+    process, url = gateway_process(
+        args.root,
+        "connections_gateway",
+        lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, args.nofile)),
+        BACKEND="proxy",
+        UPSTREAM_BASE_URL=upstream.base_url,
+        LOG_LEVEL="warning",
+    )
     try:
         print(f"gateway: {args.root} (open-files limit {args.nofile})", flush=True)
         print("big header    ", big_header(url), flush=True)

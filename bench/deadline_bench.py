@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
-import httpx
 
-from testkit.gateway import free_port, gateway_process_cwd, gateway_process_env
+from bench.common import gateway_process
 from testkit.upstream import Behavior, FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,33 +47,18 @@ async def clients(url: str, count: int, seconds: float) -> Counter[int]:
 
 def run(root: Path, margin: float, args: argparse.Namespace) -> dict[str, float]:
     upstream = FakeUpstream(behavior=Behavior(latency=args.latency)).start()
-    port = free_port()
-    env = gateway_process_env(
+    process, url = gateway_process(
+        root,
+        "deadline_gateway",
         BACKEND="proxy",
         UPSTREAM_BASE_URL=upstream.base_url,
-        PORT=str(port),
         LOG_LEVEL="warning",
         MAX_CONCURRENT_REQUESTS="2",
         MAX_QUEUE_SIZE="1000",
         REQUEST_TIMEOUT=str(args.timeout),
         DISPATCH_MARGIN=str(margin),
     )
-    start = f"import sys; sys.path.insert(0, {str(root)!r}); from app.__main__ import main; main()"
-    process = subprocess.Popen(
-        [sys.executable, "-c", start], env=env, cwd=gateway_process_cwd(), stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.1)
         statuses = asyncio.run(clients(url, 20, args.seconds))
         time.sleep(args.latency + 0.2)  # the last calls end
         calls = len(upstream.seen)

@@ -263,8 +263,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _begin_shed(self) -> bool:
         """Whether this request is refused for a full queue from its headers (only with no answer pending)."""
         shedder = self.guard.shedder
-        if shedder is None or self.over_limit or not (self.cycle is None or self.cycle.response_complete):
-            return False
+        if shedder is None or not shedder.active() or self.over_limit:
+            return False  # the common case, a queue with room, costs one comparison
+        if not (self.cycle is None or self.cycle.response_complete):
+            return False  # an answer is still due on this connection: answers go out in order
         keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
         self._shed = shedder.begin(self.parser.get_method(), self.url, self.headers, keep_alive)
         return self._shed is not None

@@ -68,9 +68,13 @@ class QueueFullShedder:
         self._paths = frozenset(path.encode() for path in paths)
         self._default = default_priority
 
+    def active(self) -> bool:
+        """Whether the queue refuses new requests now (asked first, for every request)."""
+        return self._scheduler.sheds()
+
     def begin(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> Shed | None:
-        """A Shed if this request is to be refused for a full queue; None to serve it the normal way."""
-        if method != b"POST" or not self._scheduler.sheds():
+        """A Shed if this request, met while `active()`, is to be refused; None to serve it the normal way."""
+        if method != b"POST":
             return None
         path = httptools.parse_url(url).path
         if path not in self._paths:
