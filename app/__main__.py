@@ -7,6 +7,7 @@ import sys
 
 from fastapi import FastAPI
 
+from app.fleet.config import BackendsFileError
 from app.limits.keys import KeysFileError
 from app.logs import configure_logging
 from app.main import create_app
@@ -26,7 +27,7 @@ def run(**overrides: object) -> None:
     try:
         settings = load_settings(**overrides)
         app = create_app(settings)
-    except (SettingsError, KeysFileError) as exc:
+    except (SettingsError, KeysFileError, BackendsFileError) as exc:
         print(f"llm-queue-gateway: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)

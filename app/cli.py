@@ -120,6 +120,24 @@ def _status(args: argparse.Namespace) -> None:
             str(worker["errors"]),
         )
     console.print(workers)
+    backends = Table(title="backends")
+    for column in ("name", "type", "models", "health", "in flight", "latency", "base url"):
+        backends.add_column(column)
+    for backend in status.get("backends", []):
+        health = "[green]up[/]" if backend["healthy"] else "[red]down[/]"
+        if backend["retiring"]:
+            health += " (retiring)"
+        latency = backend["latency_seconds"]
+        backends.add_row(
+            backend["name"],
+            backend["type"],
+            ", ".join(backend["models"]) if backend["models"] is not None else "any",
+            health,
+            f"{backend['in_flight']}/{backend['max_concurrent']}",
+            _ms(latency),
+            backend["base_url"] or "-",
+        )
+    console.print(backends)
     for section in ("rate_limits", "circuit_breaker"):
         if status.get(section):
             table = Table(title=section.replace("_", " "))

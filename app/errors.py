@@ -60,6 +60,18 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class ModelNotFound(GatewayError):
+    """No backend of the fleet serves the model asked for (OpenAI's own answer to an unknown model)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        # Only the name asked for: the models other keys use are not this caller's business (/v1/models lists them).
+        super().__init__(f"The model {model!r} does not exist or you do not have access to it.", param="model")
+
+
 class Conflict(GatewayError):
     """The request id is already live, or the request has already finished."""
 
@@ -159,12 +171,17 @@ class KeyQueueLimit(RetryLater):
     code = "too_many_queued_requests"
 
 
-class BreakerOpen(RetryLater):
-    """The upstream failed too often in a row; requests fail fast until a probe gets through."""
+class UpstreamUnavailable(RetryLater):
+    """No backend is up to serve the request's model."""
 
     status_code = 503
     error_type = "server_error"
     code = "upstream_unavailable"
+
+
+class BreakerOpen(UpstreamUnavailable):
+    """The upstream (every member of the model's pool) failed too often in a row; requests fail fast until a
+    probe gets through."""
 
 
 class ShuttingDown(GatewayError):

@@ -18,12 +18,12 @@ from app.api.connections import ConnectionGuard
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestIdMiddleware, RequestIds
 from app.api.shedding import QueueFullShedder
-from app.backends import Backend, build_backend
-from app.limits.breaker import CircuitBreaker
+from app.backends import Backend
+from app.fleet.config import fleet_of_one, load_backends_file
+from app.fleet.fleet import Fleet
 from app.limits.keys import KeyAccount, KeysFileError, load_keys_file
-from app.limits.limiter import UpstreamLimiter
 from app.metrics import Metrics
-from app.queue.gate import DispatchGate
+from app.queue.pool import Routing
 from app.queue.scheduler import Scheduler
 from app.queue.service import CompletionService
 from app.settings import Settings
@@ -34,46 +34,41 @@ log = logging.getLogger("app.queue")
 def create_app(
     settings: Settings, backend: Backend[Any] | None = None, registry: CollectorRegistry | None = None
 ) -> FastAPI:
-    """The gateway as an ASGI app; pass a backend or a registry to replace the configured ones (tests)."""
+    """The gateway as an ASGI app; pass a backend or a registry to replace the configured ones (tests).
+
+    Raises BackendsFileError or KeysFileError for a bad BACKENDS_FILE or API_KEYS_FILE.
+    """
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    proxy = settings.backend == "proxy"
-    # A proxy always learns the upstream's budgets from its headers; a local model only has the ones set here.
-    limiter = (
-        UpstreamLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
-        if proxy or settings.rate_limit_rpm or settings.rate_limit_tpm
-        else None
-    )
-    breaker = (
-        CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown)
-        if proxy and settings.breaker_failure_threshold
-        else None
-    )
-    backend = backend if backend is not None else build_backend(settings, metrics, limiter, breaker)
+    config = load_backends_file(settings.backends_file) if settings.backends_file else fleet_of_one(settings)
+    fleet = Fleet(config, settings, metrics, backend)
     scheduler = Scheduler(
-        max_concurrent=settings.max_concurrent_requests,
         max_queue_size=settings.max_queue_size,
         request_timeout=settings.request_timeout,
         full_behavior=settings.queue_full_behavior,
         history_size=settings.request_history_size,
         metrics=metrics,
+        members=[],  # the fleet's, once attached
+        routing=Routing(settings.routing),
         aging_seconds=settings.queue_aging_seconds,
         dispatch_margin=settings.dispatch_margin,
-        gate=DispatchGate(limiter, breaker, metrics) if limiter is not None or breaker is not None else None,
     )
-    if breaker is not None:
-        breaker.on_change = scheduler.breaker_changed
-    metrics.watch_queue(scheduler.queue_sizes, lambda: scheduler.in_flight)
+    fleet.attach(scheduler)
+    metrics.watch_queue(scheduler.queue_sizes_by_model, lambda: scheduler.in_flight, scheduler.backends_in_flight)
+    single = fleet.single
+    gate = single.gate if single is not None else None
+    limiter = gate.limiter if gate is not None else None
+    breaker = gate.breaker if gate is not None else None
     metrics.watch_limits(
         limiter.remaining if limiter is not None else dict, (lambda: breaker.gauge) if breaker is not None else None
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await backend.start()
+        await fleet.start()
         log.info(
-            "ready: backend=%s max_concurrent=%d max_queue_size=%d request_timeout=%gs",
-            settings.backend,
-            settings.max_concurrent_requests,
+            "ready: backends=%s max_concurrent=%d max_queue_size=%d request_timeout=%gs",
+            ",".join(f"{m.name}({m.kind})" for m in fleet.members),
+            scheduler.max_concurrent,
             settings.max_queue_size,
             settings.request_timeout,
         )
@@ -81,7 +76,7 @@ def create_app(
             yield
         finally:
             scheduler.close()
-            await backend.aclose()
+            await fleet.aclose()
 
     app = FastAPI(
         title="llm-queue-gateway",
@@ -96,9 +91,8 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.backend = backend
+    app.state.fleet = fleet
     app.state.scheduler = scheduler
-    app.state.breaker = breaker
     app.state.connections = ConnectionGuard(
         max_connections=settings.max_connections,
         max_header_bytes=settings.max_header_bytes,
@@ -111,9 +105,10 @@ def create_app(
     ids = RequestIds()
     app.state.service = CompletionService(
         scheduler,
-        backend,
-        counts_tokens=limiter is not None and limiter.counts_tokens,
         default_max_tokens=settings.rate_limit_default_max_tokens,
+        # A fleet of one retries on its own upstream (inside the proxy); a pool of several on another member.
+        failovers=settings.upstream_max_retries,
+        retry_on_timeout=settings.upstream_retry_on_timeout,
     )
     app.state.api_keys = _key_accounts(settings)
     app.state.connections.shedder = QueueFullShedder(

@@ -54,12 +54,25 @@ class Buckets:
         return pairs
 
 
+class BackendSeries:
+    """One backend's counters and latency, kept by name: a member replaced by a reload goes on counting."""
+
+    __slots__ = ("dispatched", "errors", "failovers", "latency")
+
+    def __init__(self) -> None:
+        self.dispatched = 0
+        self.errors = 0  # requests that failed there
+        self.failovers = 0  # of those, the ones tried again on another member
+        self.latency = Buckets(DURATION_BUCKETS)  # seconds a completed request held a slot there
+
+
 class Metrics:
     """The gateway's metrics, all named gateway_<noun>_<unit>; see the README's table."""
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self.waits = {p: Buckets(WAIT_BUCKETS) for p in Priority}
+        self.waits: dict[tuple[str, Priority], Buckets] = {}  # by (model pool, priority), made on first use
+        self.backends: dict[str, BackendSeries] = {}
         self.durations = {(p, o): Buckets(DURATION_BUCKETS) for p in Priority for o in OUTCOMES}
         self.requests = {(p, o): 0 for p in Priority for o in OUTCOMES}
         self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
@@ -70,16 +83,30 @@ class Metrics:
         self._open_connections: Callable[[], int] | None = None
         self.rate_limit_waits = Buckets(WAIT_BUCKETS)
         self.token_counts = {"prompt": 0, "completion": 0}
-        self._queue_sizes: Callable[[], Mapping[str, int]] = dict
+        self._queue_sizes: Callable[[], Mapping[tuple[str, str], int]] = dict
         self._in_flight: Callable[[], int] = int
+        self._backends_in_flight: Callable[[], Mapping[str, int]] = dict
         self._budget_remaining: Callable[[], Mapping[str, float]] = dict
         self._breaker_state: Callable[[], int] | None = None
         registry.register(_Exporter(self))
 
-    def watch_queue(self, queue_sizes: Callable[[], Mapping[str, int]], in_flight: Callable[[], int]) -> None:
-        """Export the queue's live sizes, read at each scrape."""
+    def watch_queue(
+        self,
+        queue_sizes: Callable[[], Mapping[tuple[str, str], int]],
+        in_flight: Callable[[], int],
+        backends_in_flight: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
+        """Export the queue's live sizes by (model, priority), and what runs at each backend, read at each scrape."""
         self._queue_sizes = queue_sizes
         self._in_flight = in_flight
+        self._backends_in_flight = backends_in_flight
+
+    def backend(self, name: str) -> BackendSeries:
+        """The series of the backend called `name` (names come from the configuration: the label is bounded)."""
+        series = self.backends.get(name)
+        if series is None:
+            series = self.backends[name] = BackendSeries()
+        return series
 
     def watch_limits(
         self, budget_remaining: Callable[[], Mapping[str, float]], breaker_state: Callable[[], int] | None
@@ -117,9 +144,12 @@ class Metrics:
         """An upstream attempt failed for one of RETRY_REASONS and is tried again."""
         self.retries[reason] += 1
 
-    def dispatched(self, priority: Priority, waited: float) -> None:
-        """A request left the queue for the backend after waiting `waited` seconds."""
-        self.waits[priority].observe(waited)
+    def dispatched(self, model: str, priority: Priority, waited: float) -> None:
+        """A request of `model`'s pool left the queue for a backend after waiting `waited` seconds."""
+        series = self.waits.get((model, priority))
+        if series is None:
+            series = self.waits[model, priority] = Buckets(WAIT_BUCKETS)
+        series.observe(waited)
 
     def finished(self, priority: Priority, outcome: str, duration: float | None) -> None:
         """A request ended; rejected ones have no duration."""
@@ -141,18 +171,38 @@ class _Exporter(Collector):
     def collect(self) -> Iterable[Metric]:
         m = self._m
         sizes = GaugeMetricFamily(
-            "gateway_queue_size", "Requests waiting in the queue, by priority.", labels=["priority"]
+            "gateway_queue_size",
+            "Requests waiting in the queue, by model pool ('*': any model) and priority.",
+            labels=["model", "priority"],
         )
-        for priority, size in m._queue_sizes().items():
-            sizes.add_metric([priority], size)
+        for (model, priority), size in m._queue_sizes().items():
+            sizes.add_metric([model, priority], size)
         yield sizes
-        yield GaugeMetricFamily("gateway_requests_in_flight", "Requests at the backend now.", value=m._in_flight())
+        yield GaugeMetricFamily("gateway_requests_in_flight", "Requests at the backends now.", value=m._in_flight())
 
         yield _histogram(
             "gateway_queue_wait_seconds",
-            "Time from arrival to dispatch to the backend, by priority.",
-            ["priority"],
-            {(p.value,): series for p, series in m.waits.items()},
+            "Time from arrival to dispatch to a backend, by model pool and priority.",
+            ["model", "priority"],
+            {(model, p.value): series for (model, p), series in m.waits.items()},
+        )
+        in_flight = GaugeMetricFamily(
+            "gateway_backend_in_flight", "Requests running at each backend now.", labels=["backend"]
+        )
+        for name, count in m._backends_in_flight().items():
+            in_flight.add_metric([name], count)
+        yield in_flight
+        for attribute, name, documentation in (
+            ("dispatched", "gateway_backend_dispatched", "Requests dispatched to each backend."),
+            ("errors", "gateway_backend_errors", "Requests that failed at each backend."),
+            ("failovers", "gateway_backend_retries", "Requests that failed at a backend and went on to another."),
+        ):
+            yield _counter(name, documentation, "backend", {b: getattr(s, attribute) for b, s in m.backends.items()})
+        yield _histogram(
+            "gateway_backend_latency_seconds",
+            "Seconds a completed request held its slot at each backend.",
+            ["backend"],
+            {(b,): s.latency for b, s in m.backends.items()},
         )
         yield _histogram(
             "gateway_request_duration_seconds",

@@ -6,6 +6,7 @@ client's bytes untouched, so new OpenAI parameters keep working and the proxy pa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,11 @@ class CompletionRequest:
     stream: bool
     max_tokens: int | None
     body_priority: Priority | None
+
+    def for_model(self, model: str) -> CompletionRequest:
+        """The same request for `model`, the name its backend serves (an alias resolved)."""
+        payload = {**self.payload, "model": model}
+        return dataclasses.replace(self, body=orjson.dumps(payload), payload=payload, model=model)
 
     @property
     def path(self) -> str:

@@ -1,4 +1,4 @@
-"""The HTTP server around the app: uvicorn as the gateway configures it, and its drain at shutdown."""
+"""The HTTP server around the app: uvicorn as the gateway configures it, its drain at shutdown, and SIGHUP."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import logging
 import resource
 import signal
 import socket
+import threading
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from app.api.connections import ConnectionGuard, reserve_for
+from app.fleet.config import BackendsFileError, load_backends_file
+from app.fleet.fleet import Fleet
 from app.heap import freeze_startup_heap
 from app.queue.scheduler import Scheduler
 
 log = logging.getLogger("app.connections")
+log_fleet = logging.getLogger("app.fleet")
 
 # How long stopped requests get to send their 503 or their last event before uvicorn would cancel them.
 _ANSWER_GRACE_SECONDS = 2.0
@@ -38,11 +42,39 @@ class GatewayServer(uvicorn.Server):
         self._scheduler: Scheduler = app.state.scheduler
         self._drain_timeout: float = app.state.settings.drain_timeout
         self._freeze_heap = freeze_heap
+        self._fleet: Fleet = app.state.fleet
+        self._backends_file: str | None = app.state.settings.backends_file
+        self._reloads: set[asyncio.Task[list[str]]] = set()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self._freeze_heap:
             freeze_startup_heap()  # the app and the backend are loaded: what is alive now stays
+        if self._backends_file is not None and threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload)
+
+    def _reload(self) -> None:
+        """SIGHUP: read BACKENDS_FILE again and apply it; a bad file changes nothing (and says why)."""
+        assert self._backends_file is not None
+        try:
+            config = load_backends_file(self._backends_file)
+        except BackendsFileError as exc:
+            log_fleet.error("SIGHUP: not reloaded, the fleet stays as it was: %s", exc)
+            return
+        task = asyncio.get_running_loop().create_task(self._fleet.reload(config))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloaded)
+
+    def _reloaded(self, task: asyncio.Task[list[str]]) -> None:
+        self._reloads.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log_fleet.error("SIGHUP: reload failed: %s", error, exc_info=error)
+            return
+        changes = task.result()
+        log_fleet.info("SIGHUP: %s reloaded: %s", self._backends_file, "; ".join(changes) or "nothing changed")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -65,7 +97,7 @@ def server_config(app: FastAPI) -> uvicorn.Config:
     """uvicorn's configuration for the app: uvloop, httptools behind the connection guard, no access log."""
     settings = app.state.settings
     guard: ConnectionGuard = app.state.connections
-    fit_open_files(guard, settings.max_concurrent_requests)
+    fit_open_files(guard, app.state.scheduler.max_concurrent)
     return uvicorn.Config(
         app,
         host=settings.host,

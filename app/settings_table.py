@@ -31,6 +31,7 @@ MAIN_SETTINGS = (
     "default_priority",
     "api_keys",
     "api_keys_file",
+    "backends_file",
 )
 DOCUMENTS = {"README.md": MAIN_SETTINGS, "docs/configuration.md": tuple(Settings.model_fields)}
 _BLOCK = re.compile(r"(<!-- settings-table:begin -->\n).*?(<!-- settings-table:end -->)", re.DOTALL)

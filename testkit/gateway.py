@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -117,6 +119,21 @@ def gateway_process_cwd() -> str:
     path.mkdir(exist_ok=True)
     (path / ".env").unlink(missing_ok=True)
     return str(path)
+
+
+def refused_startup(**settings: str) -> list[str]:
+    """Start `python -m app` with these settings, expecting it to refuse them: its stderr lines (exit 2 checked)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        env=gateway_process_env(**settings),
+        cwd=gateway_process_cwd(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    return result.stderr.strip().splitlines()
 
 
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.005) -> bool:

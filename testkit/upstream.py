@@ -48,6 +48,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass
@@ -57,6 +58,13 @@ class FakeUpstream:
     behavior: Behavior = field(default_factory=Behavior)
     seen: list[Seen] = field(default_factory=list)
     active: int = 0  # completions being answered now
+    peak: int = 0  # the most completions answered at once
+    models: tuple[str, ...] = ("fake-model",)  # what GET /v1/models lists
+    # Prompt cache stand-in: the conversation openings (the messages up to the first user message) this
+    # upstream has answered; each answer says (`prefix_cache` in its JSON, and the `x-prefix-cache` header)
+    # whether it had seen the opening before.
+    prefixes: set[bytes] = field(default_factory=set)
+    cache_hits: int = 0
     abandoned: int = 0  # completions whose client hung up before the answer ended
     refused: int = 0  # completions refused 429 by the rate limit
     _level: float | None = None  # the rate limit's bucket
@@ -78,14 +86,28 @@ class FakeUpstream:
         return app
 
     async def _models(self, _: web.Request) -> web.Response:
-        body = {"object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": "tests"}]}
-        return web.json_response(body)
+        data = [{"id": model, "object": "model", "owned_by": "tests"} for model in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    def _seen_before(self, body: dict[str, Any]) -> bool:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return False
+        opening = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"), 0)
+        key = orjson.dumps(messages[: opening + 1])
+        seen = key in self.prefixes
+        self.prefixes.add(key)
+        if seen:
+            self.cache_hits += 1
+        return seen
 
     async def _completion(self, request: web.Request) -> web.StreamResponse:
         body = await request.json(loads=orjson.loads)
         self.seen.append(Seen(request.path, dict(request.headers), body))
         b = self.behavior
         self.active += 1
+        self.peak = max(self.peak, self.active)
+        cached = "hit" if self._seen_before(body) else "miss"
         try:
             if b.hang or (b.hang_mid_event and not body.get("stream")):
                 await asyncio.Event().wait()
@@ -100,9 +122,10 @@ class FakeUpstream:
                     b.fail_times -= 1
                 headers = {"Retry-After": b.retry_after} if b.retry_after else {}
                 return _error(b.status, f"injected {b.status}", headers)
-            headers = {}
+            headers = {"x-prefix-cache": cached}
             if b.rate_limit is not None:
-                allowed, headers = self._rate_check(b)
+                allowed, limits = self._rate_check(b)
+                headers.update(limits)
                 if not allowed:
                     self.refused += 1
                     return _error(429, "rate limit reached", headers)
@@ -110,9 +133,8 @@ class FakeUpstream:
                 return await self._stream(request, body, headers)
             if b.raw_body is not None:
                 return web.Response(body=b.raw_body, content_type="application/json", headers=headers)
-            return web.Response(
-                body=orjson.dumps(_answer(request.path, body)), content_type="application/json", headers=headers
-            )
+            answer = {**_answer(request.path, body), "prefix_cache": cached}
+            return web.Response(body=orjson.dumps(answer), content_type="application/json", headers=headers)
         except (asyncio.CancelledError, ConnectionResetError):
             self.abandoned += 1
             raise
@@ -167,7 +189,9 @@ class FakeUpstream:
     # Running in a thread ---------------------------------------------------------------------------------
 
     def start(self) -> FakeUpstream:
+        """Serve on `port` (a free one the first time; the same one again after stop(), to come back)."""
         sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
         ready = threading.Event()
@@ -193,6 +217,24 @@ class FakeUpstream:
         if self._loop is not None and self._thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+
+    def kill(self) -> None:
+        """Die as a crashed server does: every connection reset at once, the port closed (start() revives)."""
+        loop, runner = self._loop, self._runner
+        if loop is None or runner is None or self._thread is None:
+            return
+
+        def abort() -> None:
+            server = runner.server
+            for handler in list(server.connections if server is not None else ()):
+                if handler.transport is not None:
+                    handler.transport.abort()
+            loop.stop()
+
+        loop.call_soon_threadsafe(abort)
+        self._thread.join(10)
+        self._loop = self._thread = self._runner = None
+        self.active = 0
 
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
         """Poll a condition on this upstream's state from a test thread."""

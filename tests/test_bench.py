@@ -18,6 +18,7 @@ import pytest
         "connections_bench",
         "overload_bench",
         "deadline_bench",
+        "fleet_bench",
     ],
 )
 def test_a_benchmark_module_imports(name: str) -> None:

@@ -54,6 +54,8 @@ def test_loadtest_and_status_against_a_running_gateway(
     main(["status", "--url", gw.url])
     out = capsys.readouterr().out
     assert "0/2 slots busy" in out and "processed" in out
+    backends_row = next(line for line in out.splitlines() if "upstream" in line and "proxy" in line)
+    assert "any" in backends_row and "up" in backends_row and "0/2" in backends_row and upstream.base_url in out
     # The nested sections as rows of their own, not raw JSON.
     assert "requests_per_minute.limit" in out and "6000" in out and "paused_seconds" in out
     assert "{" not in out

@@ -10,7 +10,7 @@ import pytest
 
 from app.settings import QueueFullBehavior, Settings, SettingsError, load_settings, unknown_variables
 from app.types import Priority
-from testkit.gateway import gateway_process_cwd, gateway_process_env
+from testkit.gateway import gateway_process_cwd, gateway_process_env, refused_startup
 
 
 def test_defaults_follow_the_seed() -> None:
@@ -62,17 +62,7 @@ def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: s
 
 
 def test_startup_stops_with_one_line_on_a_bad_value() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "app"],
-        env=gateway_process_env(MAX_QUEUE_SIZE="zero"),
-        cwd=gateway_process_cwd(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    lines = refused_startup(MAX_QUEUE_SIZE="zero")
     assert len(lines) == 1 and "MAX_QUEUE_SIZE" in lines[0]
 
 

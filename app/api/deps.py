@@ -7,12 +7,12 @@ round trip per dependency per request (measured: it cut proxy throughput by two 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.backends.base import Backend
 from app.errors import BodyTooLarge, Unauthorized
+from app.fleet.fleet import Fleet
 from app.limits.keys import KeyAccount
 from app.queue.scheduler import Scheduler
 
@@ -22,9 +22,9 @@ async def get_scheduler(request: Request) -> Scheduler:
     return scheduler
 
 
-async def get_backend(request: Request) -> Backend[Any]:
-    backend: Backend[Any] = request.app.state.backend
-    return backend
+async def get_fleet(request: Request) -> Fleet:
+    fleet: Fleet = request.app.state.fleet
+    return fleet
 
 
 async def authenticate(request: Request) -> KeyAccount | None:
@@ -79,6 +79,6 @@ def request_id(request: Request) -> str:
 
 
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
-BackendDep = Annotated[Backend[Any], Depends(get_backend)]
+FleetDep = Annotated[Fleet, Depends(get_fleet)]
 # The caller's key account ('key-N' for API_KEYS, the keys file's name otherwise); None with auth off.
 Caller = Annotated[KeyAccount | None, Depends(authenticate)]

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.deps import BackendDep, Caller, authenticate, read_body, request_id
+from app.api.deps import Caller, FleetDep, authenticate, read_body, request_id
 from app.api.disconnect import DisconnectWatcher
 from app.api.errors import as_gateway_error, error_response, sse_error_event
 from app.backends.base import BackendResponse
@@ -84,7 +84,9 @@ class CompletionEndpoint:
         body = await read_body(request, settings.max_body_bytes)
         completion = parse_completion_request(body, self.kind, settings.max_tokens_limit)
         priority = _priority(request, completion, settings.default_priority, key)
-        admitted = await service.accept(completion, request_id(request), priority, key)
+        admitted = await service.accept(
+            completion, request_id(request), priority, key, request.headers.get("x-session-id")
+        )
         job = admitted.job
         request.state.job = job
         watcher = DisconnectWatcher(receive, lambda: service.abort(job, ClientDisconnected("client left")))
@@ -180,7 +182,7 @@ def completion_openapi() -> dict[str, Any]:
 
 
 @router.get("/models")
-async def models(_: Caller, backend: BackendDep) -> Response:
-    """The backend's models."""
-    result = await backend.models()
+async def models(_: Caller, fleet: FleetDep) -> Response:
+    """The fleet's models (a fleet of one: its backend's own list)."""
+    result = await fleet.models()
     return Response(result.body, result.status, media_type=result.content_type)

@@ -6,9 +6,8 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from app.api.deps import BackendDep, SchedulerDep
-from app.errors import BreakerOpen, ShuttingDown
-from app.limits.breaker import BreakerState, CircuitBreaker
+from app.api.deps import FleetDep, SchedulerDep
+from app.errors import ShuttingDown
 
 router = APIRouter(tags=["operations"])
 
@@ -22,17 +21,11 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 @router.head("/ready", include_in_schema=False)
-async def ready(request: Request, backend: BackendDep, scheduler: SchedulerDep) -> dict[str, str]:
-    """Readiness: 503 while draining or until the backend answers."""
+async def ready(fleet: FleetDep, scheduler: SchedulerDep) -> dict[str, str]:
+    """Readiness: 503 while draining, while the breaker is open, or until a backend answers."""
     if scheduler.draining:
         raise ShuttingDown()
-    breaker: CircuitBreaker | None = request.app.state.breaker
-    if breaker is not None and breaker.state is BreakerState.OPEN:
-        raise BreakerOpen(
-            f"the circuit breaker is open after {breaker.failures} upstream failures in a row",
-            retry_after=breaker.retry_after(),
-        )
-    await backend.health()  # raises BackendNotReady, answered 503
+    await fleet.health()  # raises BreakerOpen or BackendNotReady, answered 503
     return {"status": "ready"}
 
 

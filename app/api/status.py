@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from app.limits.keys import KeyAccount
 from app.queue.job import Job
+from app.queue.member import Member
 from app.queue.scheduler import Scheduler
 from app.types import CompletionKind, JobState, Priority
 
@@ -20,6 +21,31 @@ class WorkerStatus(BaseModel):
     current_request_id: str | None
     processed: int
     errors: int
+
+
+class BackendStatus(BaseModel):
+    """One member of the fleet."""
+
+    name: str
+    type: str
+    base_url: str | None = Field(description="A proxy's base URL, without credentials.")
+    models: list[str] | None = Field(description="The models it serves; None: any model name.")
+    healthy: bool = Field(description="False while its circuit breaker is open.")
+    breaker_state: str | None = Field(description="'closed', 'open' or 'half_open'; None without a breaker.")
+    in_flight: int
+    max_concurrent: int
+    latency_seconds: float | None = Field(description="Moving average of its completed requests' time.")
+    retiring: bool = Field(description="Removed by a reload: it finishes what it runs and takes nothing new.")
+    rate_limits: dict[str, Any] | None = Field(description="Its budgets and what its upstream reported left.")
+
+
+class PoolStatus(BaseModel):
+    """The requests waiting for one model, and the backends that serve it."""
+
+    model: str = Field(description="The model name; '*' for a backend that serves any name.")
+    waiting: int
+    waiting_by_priority: dict[str, int]
+    members: list[str]
 
 
 class QueueStatus(BaseModel):
@@ -54,6 +80,8 @@ class QueueStatus(BaseModel):
     )
     circuit_breaker: dict[str, Any] | None = Field(description="The upstream circuit breaker (proxy backend).")
     workers: list[WorkerStatus]
+    backends: list[BackendStatus]
+    pools: list[PoolStatus]
 
 
 class RequestStatus(BaseModel):
@@ -74,6 +102,8 @@ class RequestStatus(BaseModel):
     queued_at: float
     started_at: float | None
     finished_at: float | None
+    model: str | None = Field(description="The model asked for, after aliases.")
+    backend: str | None = Field(description="The backend it was dispatched to, once it was.")
 
 
 def queue_status(scheduler: Scheduler, viewer: KeyAccount | None = None) -> QueueStatus:
@@ -114,16 +144,45 @@ def queue_status(scheduler: Scheduler, viewer: KeyAccount | None = None) -> Queu
             "retry_after_seconds": round(breaker.retry_after(), 3),
         },
         estimated_service_seconds=scheduler.service.average,
+        backends=[_backend_status(member) for member in [*scheduler.members.values(), *scheduler.retiring]],
+        pools=[
+            PoolStatus(
+                model=pool.model,
+                waiting=sum(sizes.values()),
+                waiting_by_priority=sizes,
+                members=[member.name for member in pool.members],
+            )
+            for pool in scheduler.pools.values()
+            for sizes in (scheduler.pool_sizes(pool),)
+        ],
         workers=[
             WorkerStatus(
-                id=slot.id,
+                id=number,
                 busy=slot.job is not None,
                 current_request_id=slot.job.id if slot.job is not None and _sees(viewer, slot.job) else None,
                 processed=slot.processed,
                 errors=slot.errors,
             )
-            for slot in scheduler.slots
+            for number, slot in enumerate(scheduler.slots)
         ],
+    )
+
+
+def _backend_status(member: Member) -> BackendStatus:
+    gate = member.gate
+    breaker = gate.breaker if gate is not None else None
+    return BackendStatus(
+        name=member.name,
+        type=member.kind,
+        base_url=member.base_url,
+        models=list(member.models) if member.models is not None else None,
+        healthy=not member.down,
+        breaker_state=breaker.state.value if breaker is not None else None,
+        in_flight=member.in_flight,
+        max_concurrent=member.max_concurrent,
+        latency_seconds=round(member.latency, 4) if member.latency is not None else None,
+        retiring=member.retiring,
+        rate_limits=gate.limiter.status() if gate is not None and gate.limiter is not None else None,
     )
 
 
@@ -142,6 +201,8 @@ def request_status(scheduler: Scheduler, job: Job) -> RequestStatus:
         queued_at=job.arrived_wall,
         started_at=job.wall_time(job.started),
         finished_at=job.wall_time(job.finished),
+        model=job.model,
+        backend=job.member.name if job.member is not None else None,
     )
 
 

@@ -54,6 +54,14 @@ def _may_have_arrived(exc: BaseException) -> bool:
     return not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
 
 
+def _stale_connection(exc: BaseException) -> bool:
+    """Whether a POST met a connection the upstream had closed before its body could be written.
+
+    (A hang-up after the body went out is not one: the upstream may have the request, see _may_have_arrived.)
+    """
+    return isinstance(exc, aiohttp.ClientOSError) and "Can not write request body" in str(exc)
+
+
 def _passed_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
     return {
         k: v
@@ -165,12 +173,20 @@ class ProxyBackend:
         has reached the client yet: a stream's headers go out only once this returns.
         """
         attempt = 0
+        resent = False
         while True:
             try:
                 response = await self.session.post(
                     self._base_url + request.path, data=request.body, headers=self._headers
                 )
             except (TimeoutError, aiohttp.ClientError) as exc:
+                if not resent and _stale_connection(exc):
+                    # The upstream had closed this kept-alive connection (llama-server closes one after each
+                    # stream) before the request could be written: it never arrived, so it is sent again at
+                    # once on a fresh connection, and it is no failure of the upstream's.
+                    resent = True
+                    log.debug("upstream %s had closed a pooled connection; sending again", self._shown_url)
+                    continue
                 error = self._failure(exc, request.path)
                 # A POST that may have reached the upstream is not sent again unless the operator says so: it
                 # may be generating already, and a second one would do the work twice.

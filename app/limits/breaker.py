@@ -95,6 +95,24 @@ class CircuitBreaker:
             self.probe = None
             self.on_change(BreakerState.CLOSED)
 
+    def trip(self) -> None:
+        """Open now, whatever the count: the server is unreachable (a member of a fleet, whose work can go
+        to the others)."""
+        self.failures += 1
+        if self.state is not BreakerState.OPEN:
+            self._state = BreakerState.OPEN
+            self._opened_at = self._clock()
+            self.probe = None
+            self.on_change(BreakerState.OPEN)
+
+    def answered(self) -> None:
+        """A background probe got an answer while open: let one real request through now (half open)
+        instead of waiting out the cooldown."""
+        if self.state is BreakerState.OPEN:
+            self._state = BreakerState.HALF_OPEN
+            self.probe = None
+            self.on_change(BreakerState.HALF_OPEN)
+
     def failure(self, cause: object = None) -> None:
         """The upstream failed once: open when the threshold is reached, or at once when a probe fails.
 

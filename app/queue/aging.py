@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -36,8 +36,8 @@ class Aging:
         if job.rank > 0:
             self._groups[job.priority.rank, job.rank].append(job)
 
-    def due(self, now: float, queue: object) -> Iterator[Job]:
-        """Jobs waiting in `queue` whose next promotion time has come, earliest first (ties: first arrived).
+    def due(self, now: float, queues: Container[object]) -> Iterator[Job]:
+        """Jobs waiting in one of `queues` whose next promotion time has come, earliest first (ties: first arrived).
 
         The caller moves each up one level and tracks it again before asking for the next, so a job due
         twice over climbs both steps in one pass, after those that earned their step before it.
@@ -47,7 +47,7 @@ class Aging:
             for (asked, level), entries in self._groups.items():
                 while entries:
                     job = entries[0]
-                    if job.waiting_in is queue and job.rank == level:
+                    if job.waiting_in in queues and job.rank == level:
                         break
                     entries.popleft()
                 else:

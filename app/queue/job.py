@@ -18,6 +18,8 @@ from app.types import CompletionKind, JobState, Priority
 
 if TYPE_CHECKING:
     from app.limits.keys import KeyAccount
+    from app.queue.member import Member
+    from app.queue.pool import Pool
     from app.queue.slots import Slot
 
 
@@ -62,8 +64,10 @@ class Job:
         "_dispatched",
         "_finished_waiters",
         "_scope",
+        "affinity",
         "arrived",
         "arrived_wall",
+        "avoid",
         "cost",
         "deadline",
         "error",
@@ -72,6 +76,9 @@ class Job:
         "id",
         "key",
         "kind",
+        "member",
+        "model",
+        "pool",
         "priority",
         "rank",
         "slot",
@@ -93,6 +100,8 @@ class Job:
         arrived_wall: float,
         deadline: float,
         cost: int = 0,
+        model: str | None = None,
+        affinity: int | None = None,
     ):
         self.id = id
         self.kind = kind
@@ -112,6 +121,11 @@ class Job:
         self.waiting_level: object | None = None  # and the level there (the queue's own bookkeeping)
         self.turn_key: object = None  # whose turn it takes in the queue's round robin
         self.cost = cost  # tokens charged to the budgets: estimated prompt + max_tokens (0 when none counts tokens)
+        self.model = model  # the model asked for, after aliases
+        self.affinity = affinity  # the conversation it belongs to (see app.queue.affinity), if its pool cares
+        self.pool: Pool | None = None  # the pool it waits in or was dispatched from
+        self.member: Member | None = None  # the member it runs at, while it does
+        self.avoid: Member | None = None  # the member it just failed at: not to be tried again next
         self.watched = False  # whether the scheduler's Deadlines still watch this job
         self._dispatched: asyncio.Future[None] | None = None
         self._scope: AbortScope | None = None
@@ -162,6 +176,11 @@ class Job:
         self.state = JobState.PROCESSING
         if self._dispatched is not None and not self._dispatched.done():
             self._dispatched.set_result(None)
+
+    def mark_requeued(self) -> None:
+        """It failed at its member before its client saw a byte, and waits again, for another member."""
+        self.state = JobState.QUEUED
+        self._dispatched = None
 
     def interrupt(self, error: GatewayError) -> None:
         """Make the handler raise `error`: at once if it waits for a slot, else inside its abort scope."""

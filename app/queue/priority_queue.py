@@ -69,19 +69,34 @@ class PriorityQueue(Generic[T]):
 
     def push(self, item: T, rank: int, key: object = None) -> None:
         """Queue `item` behind everything of its key at its level; a new key takes the last turn."""
+        level, entries = self._place(item, rank, key)
+        if entries is None:
+            entries = level.queues[key] = deque()
+            level.turns.append(key)
+        entries.append(item)
+
+    def push_first(self, item: T, rank: int, key: object = None) -> None:
+        """Queue `item` ahead of everything at its level, its key's turn next (a request that comes back
+        after its backend failed it, before its client saw a byte: it was first already)."""
+        level, entries = self._place(item, rank, key)
+        if entries is None:
+            entries = level.queues[key] = deque()
+        else:
+            level.turns.remove(key)
+        level.turns.appendleft(key)
+        entries.appendleft(item)
+
+    def _place(self, item: T, rank: int, key: object) -> tuple[_Level[T], deque[T] | None]:
+        """Mark `item` as waiting at `rank` and count it; its level, and its key's deque there if it has one."""
         level = self._levels[rank]
         if item.waiting_level is level:  # removed from this very level before: its dead entry goes first
             self._compact(level)
         item.waiting_in = self
         item.waiting_level = level
         item.turn_key = key
-        entries = level.queues.get(key)
-        if entries is None:
-            entries = level.queues[key] = deque()
-            level.turns.append(key)
-        entries.append(item)
         level.count += 1
         self.size += 1
+        return level, level.queues.get(key)
 
     def _head(self, level: _Level[T]) -> deque[T] | None:
         """The deque of the key whose turn it is, its head live; dead heads and emptied keys are dropped."""

@@ -1,4 +1,8 @@
-"""The bounded priority queue in front of the backend: admission, order, dispatch, and each request's end.
+"""The bounded priority queue in front of the backends: admission, order, dispatch, and each request's end.
+
+Requests wait in the pool of their model (app.queue.pool), one priority queue per pool, so a model whose
+backends are busy never delays another; MAX_QUEUE_SIZE bounds them all together. A freed slot goes to the
+best head among the pools its member serves.
 
 The event loop is the one owner of this state: every method runs to completion without awaiting, so no
 lock is needed and nothing polls. Dispatch happens the moment a slot frees or a request arrives.
@@ -10,10 +14,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from app.backends.base import Usage
-from app.errors import BreakerOpen, Conflict, GatewayError, QueueFull, RequestTimeout, ShuttingDown
+from app.errors import (
+    BreakerOpen,
+    Conflict,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    QueueFull,
+    RequestTimeout,
+    ShuttingDown,
+    UpstreamUnavailable,
+)
 from app.limits.breaker import BreakerState
 from app.limits.keys import KeyAccount
 from app.metrics import Metrics
@@ -21,73 +35,166 @@ from app.queue.aging import Aging
 from app.queue.deadlines import Deadlines
 from app.queue.gate import DispatchGate
 from app.queue.job import Job, Totals, terminal_state
+from app.queue.member import Member
+from app.queue.pool import Pool, Routing
 from app.queue.priority_queue import PriorityQueue
 from app.queue.service_time import ServiceTime
-from app.queue.slots import Slot, SlotPool
+from app.queue.slots import Slot
 from app.settings import QueueFullBehavior
 from app.types import CompletionKind, JobState, Priority
 
 log = logging.getLogger("app.queue")
 
+ANY_MODEL = "*"  # the pool of members that serve any model name (the fleet of one the settings describe)
+
 
 class Scheduler:
-    """Admits, orders, dispatches and retires requests; see the module docstring."""
+    """Admits, orders, dispatches and retires requests; see the module docstring.
+
+    `members` are the fleet's backends (see set_members); without them, one member of `max_concurrent`
+    slots behind `gate` serves any model (the scheduler alone, as its tests and benchmarks use it).
+    """
 
     def __init__(
         self,
         *,
-        max_concurrent: int,
         max_queue_size: int,
         request_timeout: float,
         full_behavior: QueueFullBehavior,
         history_size: int,
         metrics: Metrics,
-        aging_seconds: float | None = None,
+        members: list[Member] | None = None,
+        max_concurrent: int = 1,
         gate: DispatchGate | None = None,
+        aliases: Mapping[str, str] | None = None,
+        routing: Routing = Routing.AFFINITY,
+        aging_seconds: float | None = None,
         dispatch_margin: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ):
-        self.max_concurrent = max_concurrent
         self.max_queue_size = max_queue_size
         self.request_timeout = request_timeout
         self.full_behavior = full_behavior
-        self.gate = gate
+        self.routing = routing
         # A waiting request whose remaining time is under this many average service times is answered 408
         # instead of dispatched: it would most likely be cut off at its timeout, its upstream work wasted.
         self.dispatch_margin = dispatch_margin
         self.aging = Aging(aging_seconds, len(Priority)) if aging_seconds else None
         self.totals = Totals()
         self.draining = False
-        self.service = ServiceTime(max_concurrent)  # how long a request holds a slot, and the waits it implies
+        self.service = ServiceTime(1)  # how long a request holds a slot, and the waits it implies
         self._history_size = history_size
         self._metrics = metrics
         self._clock = clock
         self._wall_clock = wall_clock
-        self._queue: PriorityQueue[Job] = PriorityQueue(levels=len(Priority))
+        self.members: dict[str, Member] = {}
+        self.retiring: list[Member] = []  # removed by a reload, still running requests
+        self.aliases: dict[str, str] = {}
+        self.pools: dict[str, Pool] = {}  # by model name, ANY_MODEL included
+        self._pools: tuple[Pool, ...] = ()
+        self._queues: frozenset[PriorityQueue[Job]] = frozenset()
+        self._member_pools: dict[Member, tuple[Pool, ...]] = {}
         # QUEUE_FULL_BEHAVIOR=wait: requests that found the queue full, in the same order, waiting for a place.
         self._overflow: PriorityQueue[Job] = PriorityQueue(levels=len(Priority))
-        self._slots = SlotPool(max_concurrent)
         # By (key name, request id): ids are the client's own, so each key has its own: another key's use of an
         # id is neither refused nor seen, and never touches this key's record.
         self._live: dict[tuple[str | None, str], Job] = {}
         self._history: OrderedDict[tuple[str | None, str], Job] = OrderedDict()
         self._deadlines = Deadlines(clock, self._expire)
+        self.on_retired: Callable[[Member], object] = lambda _: None  # a removed member's last request ended
+        self.set_members(members if members is not None else [Member("default", max_concurrent, gate=gate)], aliases)
+
+    # The fleet ------------------------------------------------------------------------------------------
+
+    def set_members(self, members: list[Member], aliases: Mapping[str, str] | None = None) -> None:
+        """Serve with these members from now on (at start, and at each reload); requests waiting stay.
+
+        Pools are rebuilt around the members' models, a pool keeping its queue; a pool no member serves any
+        more answers what waits in it 503. A member left out takes no new work, and on_retired is called once
+        its last request has ended.
+        """
+        levels = len(Priority)
+        kept = {member.name: member for member in members}
+        for member in [*self.members.values(), *self.retiring]:
+            if kept.get(member.name) is not member and member not in self.retiring:
+                member.retiring = True
+                self.retiring.append(member)
+        self.members = kept
+        self.aliases = dict(aliases or {})
+        pools: dict[str, Pool] = {}
+        for member in members:
+            for model in member.models if member.models is not None else (ANY_MODEL,):
+                pool = pools.get(model)
+                if pool is None:
+                    pool = pools[model] = self.pools.get(model) or Pool(model, levels, self.routing)
+                    pool.members = []
+                pool.members.append(member)
+        for model, pool in self.pools.items():
+            if model not in pools:
+                self._close_pool(pool)
+            else:
+                for gone in (m for m in pool.members if m not in pools[model].members):
+                    pool.forget(gone)
+        self.pools = pools
+        self._pools = tuple(pools.values())
+        self._queues = frozenset(pool.queue for pool in self._pools) | {self._overflow}
+        self._member_pools = {m: tuple(p for p in self._pools if m in p.members) for m in members}
+        self.service.slots = max(1, sum(member.max_concurrent for member in members))
+        for member in list(self.retiring):
+            if not member.slots.busy:
+                self._retired(member)
+        self.dispatch()
+
+    def _close_pool(self, pool: Pool) -> None:
+        waiting = [job for job in self._waiting_jobs() if job.pool is pool]
+        for job in waiting:
+            self.abort(job, UpstreamUnavailable(f"no backend serves {pool.model!r} any more", retry_after=5.0))
+        if waiting:
+            log.warning("no backend serves %r any more: %d waiting requests answered 503", pool.model, len(waiting))
+
+    def _retired(self, member: Member) -> None:
+        self.retiring.remove(member)
+        if member.gate is not None:
+            member.gate.close()
+        self.on_retired(member)
+
+    def pool_for(self, model: str | None) -> Pool:
+        """The pool that serves `model` (after aliases): 404 model_not_found if none does."""
+        pools = self.pools
+        if len(pools) == 1 and ANY_MODEL in pools:  # a fleet of one that declares no models: any name
+            return pools[ANY_MODEL]
+        if model is None:
+            if len(pools) == 1:
+                return self._pools[0]
+            raise InvalidRequest("model is required: this gateway serves several models", param="model")
+        pool = pools.get(self.aliases.get(model, model)) or pools.get(ANY_MODEL)
+        if pool is None:
+            raise ModelNotFound(model)
+        return pool
 
     # Admission and dispatch -----------------------------------------------------------------------------
 
     def submit(
-        self, request_id: str, kind: CompletionKind, priority: Priority, key: KeyAccount | None, cost: int = 0
+        self,
+        request_id: str,
+        kind: CompletionKind,
+        priority: Priority,
+        key: KeyAccount | None,
+        cost: int = 0,
+        model: str | None = None,
+        affinity: int | None = None,
     ) -> Job:
-        """Accept a request: dispatch it now if a slot is free, else queue it; raise if it cannot wait.
+        """Accept a request for `model`: dispatch it now if a member is free, else queue it; raise if it cannot wait.
 
         `cost` is what the request is charged in tokens when it is dispatched; `key` is its client key's
-        account, whose waiting count it joins while it waits.
+        account, whose waiting count it joins while it waits; `affinity` names its conversation.
         """
         if self.draining:
             self.count_rejection(priority, "shutting_down")
             raise ShuttingDown()
-        refusal = self.gate.refusal() if self.gate is not None else None
+        pool = self.pool_for(model)
+        refusal = self._refusal(pool)
         if refusal is not None:
             self.count_rejection(priority, "breaker_open")
             raise refusal
@@ -97,11 +204,10 @@ class Scheduler:
                 code="duplicate_request_id",
                 param="X-Request-ID",
             )
-        waiting = self._queue.size
-        full = waiting >= self.max_queue_size
+        full = self.waiting_in_queue >= self.max_queue_size
         if full and self.full_behavior is QueueFullBehavior.REJECT:
             raise self.refuse_full(priority)
-        at_once = self._slots.idle and not waiting and (self.gate is None or self.gate.idle())
+        at_once = not pool.queue.size and pool.has_room()
         if key is not None and not at_once:
             try:
                 key.check_queue()
@@ -110,22 +216,42 @@ class Scheduler:
                 raise
 
         now = self._clock()
-        job = Job(request_id, kind, priority, key, now, self._wall_clock(), now + self.request_timeout, cost)
+        job = Job(
+            request_id, kind, priority, key, now, self._wall_clock(), now + self.request_timeout, cost, model, affinity
+        )
+        job.pool = pool
         self._live[job.key_name, request_id] = job
         self.totals.queued += 1
         self._deadlines.add(job)
         if at_once:
-            self._start(job, now)
-            return job
+            # A fleet of one: has_room() found its slot free and its gate idle. Several: routing picks.
+            member = pool.members[0] if len(pool.members) == 1 else pool.choose(job, now, self.dispatch)
+            if member is not None:
+                self._start(job, member, now)
+                return job
         if key is not None:
             key.joined()
         if full:
             self._overflow.push(job, job.rank, job.key_name)
         else:
             self._enqueue(job, now)
-            if self._slots.idle:
-                self._dispatch(now)  # only the gate holds a request back from a free slot: it arms its timer
+            if pool.has_free_slot():
+                self._dispatch(now)  # only a gate holds a request back from a free slot: it arms its timer
         return job
+
+    def _refusal(self, pool: Pool) -> BreakerOpen | None:
+        """The 503 a new request for `pool` meets while every member is down, else None."""
+        members = pool.members
+        if len(members) == 1:
+            gate = members[0].gate
+            return gate.refusal() if gate is not None else None
+        refusals = []
+        for member in members:
+            refusal = member.gate.refusal() if member.gate is not None else None
+            if refusal is None:
+                return None
+            refusals.append(refusal)
+        return min(refusals, key=lambda r: r.retry_after) if refusals else None
 
     def sheds(self) -> bool:
         """Whether a new request would now be refused for a full queue, and for nothing that comes first.
@@ -134,10 +260,10 @@ class Scheduler:
         capacity, refusing each must cost little, or the flood starves the requests being served.
         """
         return (
-            self._queue.size >= self.max_queue_size
+            self.waiting_in_queue >= self.max_queue_size
             and self.full_behavior is QueueFullBehavior.REJECT
             and not self.draining
-            and (self.gate is None or self.gate.refusal() is None)
+            and all(self._refusal(pool) is None for pool in self._pools)
         )
 
     def refuse_full(self, priority: Priority) -> QueueFull:
@@ -145,7 +271,7 @@ class Scheduler:
         self.count_rejection(priority, "queue_full")
         retry_after = self.service.appointment(self._clock())
         return QueueFull(
-            f"the queue is full ({self._queue.size} requests waiting); retry in {retry_after:.1f}s",
+            f"the queue is full ({self.waiting_in_queue} requests waiting); retry in {retry_after:.1f}s",
             retry_after=retry_after,
         )
 
@@ -155,63 +281,102 @@ class Scheduler:
         self._metrics.finished(priority, "rejected", None)
         self._metrics.rejected(reason)
 
-    def _enqueue(self, job: Job, now: float) -> None:
+    def _enqueue(self, job: Job, now: float, first: bool = False) -> None:
         if self.aging is not None:
             self._promote(now)  # those who earned a level go ahead of this newcomer
             job.rank = self.aging.level_for(job, now)
-        self._queue.push(job, job.rank, job.key_name)
+        assert job.pool is not None
+        if first:
+            job.pool.queue.push_first(job, job.rank, job.key_name)
+        else:
+            job.pool.queue.push(job, job.rank, job.key_name)
         if self.aging is not None:
             self.aging.track(job)
 
     def _promote(self, now: float) -> None:
         """Move every job whose wait has earned it a level up that level (QUEUE_AGING_SECONDS)."""
         assert self.aging is not None
-        for job in self.aging.due(now, self._queue):
-            self._queue.remove(job, job.rank)
+        for job in self.aging.due(now, self._queues):
+            queue = job.waiting_in
+            assert isinstance(queue, PriorityQueue)
+            queue.remove(job, job.rank)
             job.rank -= 1
-            self._queue.push(job, job.rank, job.key_name)
+            queue.push(job, job.rank, job.key_name)
             self.aging.track(job)
 
-    def _start(self, job: Job, now: float) -> None:
-        job.slot = self._slots.take(job)
+    def _start(self, job: Job, member: Member, now: float) -> None:
+        job.slot = member.slots.take(job)
+        job.member = member
         job.started = now
         job.mark_dispatched()
-        self._metrics.dispatched(job.priority, now - job.arrived)
-        if self.gate is not None:
-            self.gate.dispatched(job)
+        member.series.dispatched += 1
+        assert job.pool is not None
+        self._metrics.dispatched(job.pool.model, job.priority, now - job.arrived)
+        if member.gate is not None:
+            member.gate.dispatched(job)
 
     def dispatch(self) -> None:
-        """Dispatch what the slots and the gate allow now (the gate's hold timer calls this)."""
+        """Dispatch what the slots and the gates allow now (a gate's hold timer calls this)."""
         self._dispatch(self._clock())
 
     def _dispatch(self, now: float) -> None:
-        """Fill idle slots from the queue as far as the gate allows, refilling the queue from the overflow."""
+        """Fill idle slots from the pools as far as the gates allow, refilling the queue from the overflow."""
         if self.aging is not None:
             self._promote(now)
-        queue, overflow, gate = self._queue, self._overflow, self.gate
+        overflow = self._overflow
         while True:
-            while self._slots.idle:
-                job = queue.peek()
-                if job is None:
-                    if gate is not None:
-                        gate.release(now)
-                    break
-                if self._too_late(job, now):
-                    continue
-                if gate is not None and not gate.admits(job, now, self.dispatch):
-                    break
-                queue.pop()
-                if job.key is not None:
-                    job.key.left()
-                self._start(job, now)
+            self._fill(now)
             moved = False
-            while overflow.size and queue.size < self.max_queue_size:
+            while overflow.size and self.waiting_in_queue < self.max_queue_size:
                 job = overflow.pop()
                 assert job is not None
                 self._enqueue(job, now)
                 moved = True
-            if not moved or not self._slots.idle or (gate is not None and gate.held_by is not None):
+            if not moved:
                 return
+
+    def _fill(self, now: float) -> None:
+        pools = self._pools
+        if len(pools) == 1:
+            pool = pools[0]
+            members = pool.members
+            if len(members) == 1:  # a fleet of one: the hot path, which asks no more once its slots are taken
+                idle = members[0].slots.idle
+                while idle and self._dispatch_head(pool, now):
+                    pass
+            else:
+                while self._dispatch_head(pool, now):
+                    pass
+            if not pool.queue.size:
+                for member in pool.members:
+                    if member.gate is not None:
+                        member.gate.release(now)
+            return
+        # Pools that share a member compete for its slots: the best head of all goes first, as in one queue.
+        waiting = [pool for pool in pools if pool.queue.size]
+        while waiting:
+            pool = min(waiting, key=_head_order)
+            if not self._dispatch_head(pool, now) or not pool.queue.size:
+                waiting.remove(pool)
+        for member, served in self._member_pools.items():
+            if member.gate is not None and member.gate.held_by is not None and not any(p.queue.size for p in served):
+                member.gate.release(now)
+
+    def _dispatch_head(self, pool: Pool, now: float) -> bool:
+        """Dispatch (or answer 408) the head of `pool`; False if it stays where it is."""
+        job = pool.queue.peek()
+        if job is None:
+            return False
+        if self._too_late(job, now):
+            return True
+        member = pool.choose(job, now, self.dispatch)
+        if member is None:
+            return False
+        pool.queue.pop()
+        if job.key is not None:
+            job.key.left()
+        self._start(job, member, now)
+        return True
 
     def _too_late(self, job: Job, now: float) -> bool:
         """Answer 408 now, and True, if the job's remaining time is too short for a likely service time."""
@@ -231,21 +396,63 @@ class Scheduler:
         )
         return True
 
+    def reroute(self, job: Job, error: GatewayError, retry: bool = True) -> bool:
+        """A request failed at its member before its client saw a byte: send it back to wait for another.
+
+        In a pool of several, the member learns of the failure (a server that cannot be reached is marked
+        down at once). False, and the request stays where it is, when `retry` is False or no other member of
+        its pool is up to take it: the failure is then its answer. Otherwise it goes first in its pool, and
+        never to the same member next.
+        """
+        member, pool = job.member, job.pool
+        if job.is_terminal or member is None or pool is None or job.slot is None or len(pool.members) < 2:
+            return False
+        member.failed(error)
+        if not retry or not any(other is not member and not other.down for other in pool.members):
+            return False
+        member.series.errors += 1
+        member.series.failovers += 1
+        now = self._clock()
+        member.slots.give(job.slot, False)
+        job.slot = None
+        if member.gate is not None:
+            member.gate.ended(job, None)
+        job.avoid = member
+        job.member = None
+        job.started = None
+        job.mark_requeued()
+        if job.key is not None:
+            job.key.joined()
+        self._enqueue(job, now, first=True)
+        if member.retiring and not member.slots.busy:
+            self._retired(member)
+        self._dispatch(now)
+        return True
+
     def breaker_changed(self, state: BreakerState) -> None:
-        """The breaker opened (answer what waits 503 now) or let traffic go again (dispatch)."""
-        if state is BreakerState.OPEN:
-            # Nothing that waits can run before the cooldown ends: tell it now rather than at its timeout.
-            assert self.gate is not None and self.gate.breaker is not None
-            retry_after = self.gate.breaker.retry_after()
-            waiting = self._queue.items() + self._overflow.items()
+        """The breaker of the one member changed (the scheduler alone, as its tests use it)."""
+        self.member_changed(next(iter(self.members.values())), state)
+
+    def member_changed(self, member: Member, state: BreakerState) -> None:
+        """A member's breaker opened (what waits for a pool it leaves without members is answered 503 now),
+        or it lets traffic go again (dispatch)."""
+        if state is not BreakerState.OPEN:
+            self.dispatch()
+            return
+        for pool in self._member_pools.get(member, ()):
+            if not pool.all_down():
+                continue
+            # Nothing that waits can run before a cooldown ends: tell it now rather than at its timeout.
+            refusal = self._refusal(pool)
+            retry_after = refusal.retry_after if refusal is not None else 1.0
+            waiting = [job for job in self._waiting_jobs() if job.pool is pool]
             for job in waiting:
                 self.abort(
-                    job, BreakerOpen(f"the upstream is failing; retry in {retry_after:.1f}s", retry_after=retry_after)
+                    job,
+                    BreakerOpen(f"the upstream is failing; retry in {retry_after:.1f}s", retry_after=retry_after),
                 )
             if waiting:
                 log.warning("circuit breaker open: %d waiting requests answered 503", len(waiting))
-        else:
-            self.dispatch()
 
     # Ending -----------------------------------------------------------------------------------------------
 
@@ -264,7 +471,8 @@ class Scheduler:
     def _unqueue(self, job: Job) -> None:
         if job.waiting_in is None:
             return
-        self._queue.remove(job, job.rank) or self._overflow.remove(job, job.rank)
+        if job.pool is None or not job.pool.queue.remove(job, job.rank):
+            self._overflow.remove(job, job.rank)
         if job.key is not None:
             job.key.left()
 
@@ -284,16 +492,26 @@ class Scheduler:
             spent = 0 if job.started is None else used
             if spent is not None:  # else the backend did not say, and the estimate stands
                 job.key.settle(job.cost, spent)
-        if self.gate is not None:
-            self.gate.ended(job, used)
+        member = job.member
+        if member is not None and member.gate is not None:
+            member.gate.ended(job, used)
         if usage is not None:
             self._metrics.tokens(usage.prompt_tokens, usage.completion_tokens)
         slot = job.slot
         if slot is not None:
-            self._slots.give(slot, state is JobState.COMPLETED)
+            assert member is not None and job.started is not None
+            completed = state is JobState.COMPLETED
+            member.slots.give(slot, completed)
             job.slot = None
-            assert job.started is not None
-            self.service.observe(now - job.started)
+            held = now - job.started
+            self.service.observe(held)
+            if completed:
+                member.observe(held)
+                member.series.latency.observe(held)
+            elif state is JobState.FAILED:
+                member.series.errors += 1
+            if member.retiring and not member.slots.busy:
+                self._retired(member)
         if error is not None and job.error is None:
             job.error = error
         job.mark_finished(state, now)
@@ -316,15 +534,18 @@ class Scheduler:
         where = "in the queue" if job.state is JobState.QUEUED else "at the backend"
         self.abort(job, RequestTimeout(f"request timed out after {self.request_timeout:g}s ({where})"))
 
+    def _waiting_jobs(self) -> list[Job]:
+        return [job for pool in self._pools for job in pool.queue.items()] + self._overflow.items()
+
     def drain(self) -> None:
         """Stop taking work and answer every waiting request 503; running ones go on to the end."""
         if self.draining:
             return
         self.draining = True
-        waiting = self._queue.items() + self._overflow.items()
+        waiting = self._waiting_jobs()
         for job in waiting:
             self.abort(job, ShuttingDown())
-        log.info("draining: %d waiting requests answered 503, %d running", len(waiting), self._slots.busy)
+        log.info("draining: %d waiting requests answered 503, %d running", len(waiting), self.in_flight)
 
     def close(self) -> None:
         """Stop everything still running (the drain grace period is over)."""
@@ -332,8 +553,9 @@ class Scheduler:
         for job in list(self._live.values()):
             self.abort(job, ShuttingDown("the gateway stopped before this request finished"))
         self._deadlines.close()
-        if self.gate is not None:
-            self.gate.close()
+        for member in [*self.members.values(), *self.retiring]:
+            if member.gate is not None:
+                member.gate.close()
 
     # Reading ----------------------------------------------------------------------------------------------
 
@@ -351,29 +573,76 @@ class Scheduler:
         return None
 
     def position(self, job: Job) -> int | None:
-        """1-based place of a waiting request, counting the overflow after the queue proper."""
+        """1-based place of a waiting request in its pool, counting the overflow after the queue proper."""
         rank = job.rank
-        place = self._queue.position(job, rank)
+        pool = job.pool
+        if pool is None:
+            return None
+        place = pool.queue.position(job, rank)
         if place is not None:
             return place
         place = self._overflow.position(job, rank)
-        return None if place is None else len(self._queue) + place
+        return None if place is None else len(pool.queue) + place
 
     def queue_sizes(self) -> dict[str, int]:
         """Waiting requests by the level they wait at (aging may have raised them), overflow included."""
         if self.aging is not None:
             self._promote(self._clock())
-        return {p.value: self._queue.count(p.rank) + self._overflow.count(p.rank) for p in Priority}
+        return {
+            p.value: sum(pool.queue.count(p.rank) for pool in self._pools) + self._overflow.count(p.rank)
+            for p in Priority
+        }
+
+    def pool_sizes(self, pool: Pool) -> dict[str, int]:
+        """Requests waiting for `pool`'s model by level, those waiting for queue space included."""
+        sizes = {p.value: pool.queue.count(p.rank) for p in Priority}
+        if self._overflow.size:
+            for job in self._overflow.items():
+                if job.pool is pool:
+                    sizes[Priority.at(job.rank).value] += 1
+        return sizes
+
+    def queue_sizes_by_model(self) -> dict[tuple[str, str], int]:
+        """Waiting requests by (model pool, level), for the metrics."""
+        if self.aging is not None:
+            self._promote(self._clock())
+        return {(pool.model, p): n for pool in self._pools for p, n in self.pool_sizes(pool).items()}
+
+    def backends_in_flight(self) -> dict[str, int]:
+        """Requests running at each backend, by name (a member being replaced counts with its successor)."""
+        counts: dict[str, int] = {}
+        for member in [*self.members.values(), *self.retiring]:
+            counts[member.name] = counts.get(member.name, 0) + member.slots.busy
+        return counts
+
+    @property
+    def gate(self) -> DispatchGate | None:
+        """The gate of a fleet of one; None with several members (each has its own)."""
+        members = self.members
+        return next(iter(members.values())).gate if len(members) == 1 else None
+
+    @property
+    def max_concurrent(self) -> int:
+        """Requests the fleet runs at once."""
+        return sum(member.max_concurrent for member in self.members.values())
 
     @property
     def in_flight(self) -> int:
-        """Requests at the backend now."""
-        return self._slots.busy
+        """Requests at the backends now."""
+        return sum(member.slots.busy for member in [*self.members.values(), *self.retiring])
+
+    @property
+    def waiting_in_queue(self) -> int:
+        """Requests in the queue proper (what MAX_QUEUE_SIZE bounds)."""
+        pools = self._pools
+        if len(pools) == 1:
+            return pools[0].queue.size
+        return sum(pool.queue.size for pool in pools)
 
     @property
     def waiting(self) -> int:
         """Requests waiting, overflow included."""
-        return len(self._queue) + len(self._overflow)
+        return self.waiting_in_queue + len(self._overflow)
 
     @property
     def waiting_for_space(self) -> int:
@@ -382,8 +651,8 @@ class Scheduler:
 
     @property
     def slots(self) -> list[Slot]:
-        """The backend's slots, busy or not."""
-        return self._slots.slots
+        """The backends' slots, busy or not, member by member."""
+        return [slot for member in self.members.values() for slot in member.slots.slots]
 
     def estimate_wait(self, places: int) -> float:
         """Seconds until `places` more requests could be taken, those waiting for queue space first."""
@@ -395,5 +664,13 @@ class Scheduler:
             return None
         if job.waiting_in is self._overflow:
             return "queue_space"
-        held_by = self.gate.held_by if self.gate is not None else None
-        return held_by or "backend_slot"
+        for member in job.pool.members if job.pool is not None else ():
+            if member.gate is not None and member.gate.held_by is not None:
+                return member.gate.held_by
+        return "backend_slot"
+
+
+def _head_order(pool: Pool) -> tuple[int, float]:
+    head = pool.queue.peek()
+    assert head is not None
+    return head.rank, head.arrived

@@ -1,4 +1,5 @@
-"""Runs completions through the queue: prepare, accept, wait for a slot, call the backend, retire once."""
+"""Runs completions through the queue: prepare, accept, wait for a slot, call a backend (another one if it
+fails first), retire once."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from app.backends.base import Backend, BackendResponse, BackendStream, Usage
-from app.errors import ClientDisconnected, GatewayError
+from app.errors import BackendNotReady, ClientDisconnected, GatewayError, UpstreamError, UpstreamHTTPError
 from app.limits.keys import KeyAccount
+from app.queue.affinity import conversation
 from app.queue.job import Job
 from app.queue.scheduler import Scheduler
 from app.schemas import CompletionRequest
@@ -30,21 +32,36 @@ def _as_gateway_error(exc: BaseException) -> GatewayError:
 
 
 class Admitted:
-    """A request the queue accepted: its job, and what the backend prepared from it."""
+    """A request the queue accepted: its job, the request, and what a backend prepared from it."""
 
-    __slots__ = ("job", "prepared", "stream")
+    __slots__ = ("job", "prepared", "request", "stream")
 
-    def __init__(self, job: Job, prepared: object, stream: bool):
+    def __init__(self, job: Job, request: CompletionRequest, backend: Backend[Any], prepared: object):
         self.job = job
-        self.prepared = prepared
-        self.stream = stream
+        self.request = request
+        self.stream = request.stream
+        # By id(backend): prepared once per backend that gets it (a pool may mix local models and proxies).
+        self.prepared: dict[int, object] = {id(backend): prepared}
+
+
+_MISSING = object()
+
+
+def _worth_another_member(error: GatewayError, retry_on_timeout: bool) -> bool:
+    """Whether another member may well answer what this one failed: it could not be reached, broke off, is
+    not ready, refused for its own load (429), or, with UPSTREAM_RETRY_ON_TIMEOUT, did not answer in time."""
+    if isinstance(error, UpstreamError):
+        return error.kind != "timeout" or retry_on_timeout
+    if isinstance(error, UpstreamHTTPError):
+        return error.status_code == 429
+    return isinstance(error, BackendNotReady)
 
 
 class CompletionService:
-    """The one way completions reach the backend. Errors are raised as GatewayError.
+    """The one way completions reach the backends. Errors are raised as GatewayError.
 
     Use: `admitted = await service.accept(...)`, then `async with service.run(admitted) as answer:`. The
-    body of `run` is entered once the request is dispatched and the backend has accepted it (so status
+    body of `run` is entered once the request is dispatched and a backend has accepted it (so status
     codes for a refusal, a timeout in the queue or a cancel are still real statuses), and its exit retires
     the request, whatever happened: the one place a request ends.
     """
@@ -52,41 +69,54 @@ class CompletionService:
     def __init__(
         self,
         scheduler: Scheduler,
-        backend: Backend[Any],
         *,
-        counts_tokens: bool = False,
         default_max_tokens: int = 512,
+        failovers: int = 0,
+        retry_on_timeout: bool = False,
     ):
         self.scheduler = scheduler
-        self.backend = backend
-        self._counts_tokens = counts_tokens  # the backend has a token budget (RATE_LIMIT_TPM)
         self._default_max_tokens = default_max_tokens
+        self._failovers = failovers  # UPSTREAM_MAX_RETRIES: attempts on other members after a failure
+        self._retry_on_timeout = retry_on_timeout
 
     async def accept(
-        self, request: CompletionRequest, request_id: str, priority: Priority, key: KeyAccount | None
+        self,
+        request: CompletionRequest,
+        request_id: str,
+        priority: Priority,
+        key: KeyAccount | None,
+        session: str | None = None,
     ) -> Admitted:
-        """Prepare the request and queue it (or dispatch it at once) at `priority`.
+        """Prepare the request and queue it (or dispatch it at once) at `priority`, in its model's pool.
 
-        Raises InvalidRequest (400) for what the backend cannot serve, KeyRateLimited or KeyQueueLimit (429),
-        QueueFull, BreakerOpen or ShuttingDown (503), Conflict (409).
+        `session` is the X-Session-ID header, which names the conversation for affinity. Raises
+        InvalidRequest (400) for what the backend cannot serve, ModelNotFound (404), KeyRateLimited or
+        KeyQueueLimit (429), QueueFull, BreakerOpen or ShuttingDown (503), Conflict (409).
         """
-        prepared = await self.backend.prepare(request)
+        scheduler = self.scheduler
+        pool = scheduler.pool_for(request.model)
+        if request.model is not None and request.model in scheduler.aliases:
+            request = request.for_model(scheduler.aliases[request.model])
+        members = pool.members
+        backend = members[0].backend
+        prepared = await backend.prepare(request)
         cost = 0
-        if self._counts_tokens or (key is not None and key.counts_tokens):
-            cost = self.backend.prompt_tokens(prepared) + (request.max_tokens or self._default_max_tokens)
+        if (key is not None and key.counts_tokens) or any(m.counts_tokens for m in members):
+            cost = backend.prompt_tokens(prepared) + (request.max_tokens or self._default_max_tokens)
         if key is not None:
             try:
                 key.spend(cost)
             except GatewayError:
-                self.scheduler.count_rejection(priority, "key_rate_limit")
+                scheduler.count_rejection(priority, "key_rate_limit")
                 raise
+        affinity = conversation(request, session) if len(members) > 1 else None
         try:
-            job = self.scheduler.submit(request_id, request.kind, priority, key, cost)
+            job = scheduler.submit(request_id, request.kind, priority, key, cost, request.model, affinity)
         except GatewayError:
             if key is not None:
                 key.refund(cost)
             raise
-        return Admitted(job, prepared, request.stream)
+        return Admitted(job, request, backend, prepared)
 
     def abort(self, job: Job, error: GatewayError) -> bool:
         """Stop a request wherever it is; False if it had already ended."""
@@ -105,17 +135,16 @@ class CompletionService:
         try:
             await job.dispatched()
             async with job.abortable():
-                if admitted.stream:
-                    stream = await self.backend.stream(admitted.prepared, job.deadline)
+                answer = await self._open(admitted)
+                if isinstance(answer, BackendStream):
                     try:
-                        yield stream
+                        yield answer
                     finally:
-                        await stream.aclose()
-                        usage = stream.usage
+                        await answer.aclose()
+                        usage = answer.usage
                 else:
-                    response = await self.backend.complete(admitted.prepared, job.deadline)
-                    usage = response.usage
-                    yield response
+                    usage = answer.usage
+                    yield answer
         except BaseException as exc:
             error = _as_gateway_error(exc)
             if isinstance(exc, Exception) and not isinstance(exc, GatewayError | OSError):
@@ -123,3 +152,28 @@ class CompletionService:
             raise
         finally:
             self.scheduler.retire(job, error, usage)
+
+    async def _open(self, admitted: Admitted) -> BackendResponse | BackendStream:
+        """Ask the job's member for the answer; what fails before the client saw a byte goes on to another
+        member of the pool (UPSTREAM_MAX_RETRIES times at most, never to the same one twice in a row)."""
+        job = admitted.job
+        failovers = 0
+        while True:
+            member = job.member
+            assert member is not None
+            backend: Backend[Any] = member.backend
+            try:
+                prepared = admitted.prepared.get(id(backend), _MISSING)
+                if prepared is _MISSING:
+                    prepared = admitted.prepared[id(backend)] = await backend.prepare(admitted.request)
+                if admitted.stream:
+                    return await backend.stream(prepared, job.deadline)
+                return await backend.complete(prepared, job.deadline)
+            except GatewayError as exc:
+                if not _worth_another_member(exc, self._retry_on_timeout) or not self.scheduler.reroute(
+                    job, exc, retry=failovers < self._failovers
+                ):
+                    raise
+                failovers += 1
+                log.info("request %s failed at backend %s (%s); trying another", job.id, member.name, exc.message)
+            await job.dispatched()

@@ -15,10 +15,10 @@ class ServiceTime:
     With every slot busy, a place frees about every average / slots seconds.
     """
 
-    __slots__ = ("_next_appointment", "_slots", "average")
+    __slots__ = ("_next_appointment", "average", "slots")
 
     def __init__(self, slots: int):
-        self._slots = slots
+        self.slots = slots  # how many requests run at once (the fleet's slots: a reload changes it)
         self.average: float | None = None  # seconds a request holds a slot; None before the first has ended
         self._next_appointment = 0.0  # when the last refused request was told to come back (monotonic)
 
@@ -31,7 +31,7 @@ class ServiceTime:
         """Seconds until `places` more requests could be taken (a second a place until one has been measured)."""
         if self.average is None:
             return places * _UNMEASURED_SECONDS
-        return max(places * self.average / self._slots, 0.001)
+        return max(places * self.average / self.slots, 0.001)
 
     def appointment(self, now: float) -> float:
         """Seconds until a refused request should come back: when a place frees for it.

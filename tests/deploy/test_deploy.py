@@ -12,11 +12,13 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import yaml
 
+from app.fleet.config import load_backends_file
 from testkit.gateway import RunningGateway, chat_body
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +57,20 @@ def test_compose_file_parses_and_references_files_that_exist() -> None:
     assert gateway["restart"] == "unless-stopped" and "/health" in " ".join(gateway["healthcheck"]["test"])
     assert services["gateway-proxy"]["profiles"] == ["proxy"] == services["llama-server"]["profiles"]
     assert services["gateway-proxy"]["environment"]["UPSTREAM_BASE_URL"] == "http://llama-server:8080/v1"
+    fleet = services["gateway-fleet"]
+    assert (
+        fleet["profiles"]
+        == ["fleet"]
+        == services["llama-server-1"]["profiles"]
+        == services["llama-server-2"]["profiles"]
+    )
+    assert "./deploy/fleet/backends.yaml:/config/backends.yaml:ro" in fleet["volumes"]
+    config = load_backends_file(str(ROOT / "deploy/fleet/backends.yaml"))
+    assert [urlsplit(b.base_url).hostname for b in config.backends if b.type == "proxy"] == [
+        "llama-server-1",
+        "llama-server-2",
+    ]
+    assert fleet["environment"]["BACKENDS_FILE"] == "/config/backends.yaml"
 
 
 def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck() -> None:
@@ -100,6 +116,11 @@ def test_prometheus_config_passes_promtool() -> None:
     assert "gateway:8091" in jobs[0]["static_configs"][0]["targets"]
     # The proxy gateway runs only with its profile: found by DNS, so it is no target that is down for good.
     assert "static_configs" not in jobs[1] and jobs[1]["dns_sd_configs"][0]["names"] == ["gateway-proxy"]
+    assert jobs[2]["dns_sd_configs"][0]["names"] == ["gateway-fleet"]
+    # No target label may take a name the gateway's own series carry: Prometheus would rename the series' one.
+    target_labels = {rule["target_label"] for job in jobs for rule in job.get("relabel_configs", [])}
+    target_labels |= {name for job in jobs for config in job.get("static_configs", []) for name in config["labels"]}
+    assert not target_labels & {"backend", "model", "priority", "outcome", "reason", "kind"}
 
 
 def live_metrics(start_gateway: StartGateway, tmp_path: Path) -> str:

@@ -254,8 +254,8 @@ def test_metrics_move_as_requests_pass(start_gateway: StartGateway, upstream: Fa
     assert 'gateway_requests_total{outcome="completed",priority="low"} 2.0' in text
     assert 'gateway_requests_total{outcome="completed",priority="high"} 1.0' in text
     assert 'gateway_requests_total{outcome="failed",priority="normal"} 1.0' in text
-    assert 'gateway_queue_wait_seconds_count{priority="low"} 2.0' in text
+    assert 'gateway_queue_wait_seconds_count{model="*",priority="low"} 2.0' in text
     assert 'gateway_request_duration_seconds_count{outcome="completed",priority="low"} 2.0' in text
     assert 'gateway_upstream_errors_total{kind="http_5xx"} 1.0' in text
-    assert 'gateway_queue_size{priority="high"} 0.0' in text
+    assert 'gateway_queue_size{model="*",priority="high"} 0.0' in text
     assert "gateway_requests_in_flight 0.0" in text

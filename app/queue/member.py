@@ -1,0 +1,100 @@
+"""A member of the fleet as the queue sees it: a backend with its own slots, budgets, breaker and latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.errors import UpstreamError
+from app.limits.breaker import BreakerState
+from app.metrics import BackendSeries
+from app.queue.gate import DispatchGate
+from app.queue.slots import SlotPool
+
+# Weight of the newest request in a member's latency average: about the last ten count.
+_LATENCY_WEIGHT = 0.1
+
+
+class Member:
+    """One backend behind the queue. The scheduler changes its slots; the fleet its health and models.
+
+    `models` is None for a member that serves any model name (the fleet of one the settings describe), else
+    the names it serves; `retiring` is set once a reload removed it: it takes no new work and is closed when
+    its last request ends.
+    """
+
+    __slots__ = (
+        "backend",
+        "base_url",
+        "gate",
+        "kind",
+        "latency",
+        "max_concurrent",
+        "models",
+        "name",
+        "retiring",
+        "series",
+        "slots",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        max_concurrent: int,
+        *,
+        backend: Any = None,
+        kind: str = "proxy",
+        models: tuple[str, ...] | None = None,
+        gate: DispatchGate | None = None,
+        base_url: str | None = None,
+        series: BackendSeries | None = None,
+    ):
+        self.name = name
+        self.kind = kind  # 'proxy' or 'local'
+        self.backend = backend
+        self.base_url = base_url  # without credentials, for status
+        self.max_concurrent = max_concurrent
+        self.models = models
+        self.gate = gate
+        self.slots = SlotPool(max_concurrent)
+        self.latency: float | None = None  # moving average of completed requests' seconds at this member
+        self.retiring = False
+        self.series = series if series is not None else BackendSeries()  # its metrics, kept by name
+
+    @property
+    def in_flight(self) -> int:
+        return self.slots.busy
+
+    @property
+    def load(self) -> float:
+        """In flight ÷ max_concurrent: what least-loaded routing compares."""
+        return self.slots.busy / self.max_concurrent
+
+    @property
+    def down(self) -> bool:
+        """Whether its breaker is open: it takes nothing until a probe or its cooldown lets it back."""
+        gate = self.gate
+        return gate is not None and gate.breaker is not None and gate.breaker.state is BreakerState.OPEN
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether it has a token budget (TPM), for which requests need a token estimate."""
+        gate = self.gate
+        return gate is not None and gate.limiter is not None and gate.limiter.counts_tokens
+
+    def observe(self, seconds: float) -> None:
+        """A request completed here after `seconds`."""
+        latency = self.latency
+        self.latency = seconds if latency is None else latency + _LATENCY_WEIGHT * (seconds - latency)
+
+    def failed(self, error: Exception) -> None:
+        """A request failed here before its client saw a byte, and its pool has other members.
+
+        A connection that cannot be made means the server is gone: the member is marked down at once rather
+        than after a run of failures, and its work goes to the others. (A connection that broke off counts as a
+        failure only: servers close kept-alive connections of their own accord.)
+        """
+        gate = self.gate
+        if gate is None or gate.breaker is None or not isinstance(error, UpstreamError):
+            return
+        if error.kind == "connect":
+            gate.breaker.trip()
