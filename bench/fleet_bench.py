@@ -6,13 +6,15 @@
   scaling    fake upstreams with a fixed --latency and max_concurrent 4 each, offered twice what the fleet can
              take: completions per second with 1, 2 and 4 members; each against members x the one-member figure
              (>= 0.95 wanted)
-  failover   3 members, the second SIGKILLed a third of the way through a --seconds run of whole answers and
-             streams: errors of requests that had not begun streaming (0 wanted), and the streams cut
+  failover   3 members, the busiest SIGKILLed a third of the way through a --failover-seconds run of whole
+             answers and streams: errors of requests that had not begun streaming (0 wanted), and the streams cut
   affinity   30 conversations of 5 turns over 3 fake members that report whether they had seen the
              conversation's opening before (a prompt cache): hit rate of follow-up turns, ROUTING=affinity
              against round_robin (>= 90% wanted)
-  llama      two real llama-server processes on the bundled model: time to first token of follow-up turns,
-             affinity against round_robin (their prompt caches are the real thing)
+  llama      two real llama-server processes on the bundled model (-np 2 each, so a pool always has a choice
+             of free slots), conversations with a long opening of their own, two at a time: time to first token
+             of follow-up turns and the share of their prompt the server had cached, affinity against
+             round_robin (the servers' prompt caches are the real thing)
 
 Every gateway and upstream is a process of its own, started in an empty directory with no setting inherited.
 """
@@ -147,8 +149,11 @@ class Tally:
     streams_refused: list[int] = field(default_factory=list)  # errors before a stream began
 
 
-async def mixed_load(url: str, seconds: float, kill_at: float, victim: Contender) -> Tally:
+async def mixed_load(url: str, seconds: float, kill_at: float, members: dict[str, Contender]) -> tuple[Tally, str]:
+    """Whole answers and streams for `seconds`; at `kill_at` the member with the most requests in flight (streams
+    last longest, so most of them are streams) is SIGKILLed. The tally, and the name of the member killed."""
     tally = Tally()
+    killed = ""
     end = time.monotonic() + seconds
     whole = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     streamed = {**whole, "stream": True}
@@ -175,34 +180,41 @@ async def mixed_load(url: str, seconds: float, kill_at: float, victim: Contender
                         tally.streams_ok += 1
 
         async def killer() -> None:
+            nonlocal killed
             await asyncio.sleep(kill_at)
-            assert victim.process is not None
-            victim.process.kill()  # SIGKILL: connections reset, nothing answered
+            async with session.get(url + "/v1/queue/status") as response:
+                backends = (await response.json())["backends"]
+            killed = max(backends, key=lambda backend: backend["in_flight"])["name"]
+            victim = members[killed].process
+            assert victim is not None
+            victim.kill()  # SIGKILL: connections reset, nothing answered
 
-        await asyncio.gather(killer(), *(whole_client() for _ in range(6)), *(stream_client() for _ in range(4)))
-    return tally
+        await asyncio.gather(killer(), *(whole_client() for _ in range(6)), *(stream_client() for _ in range(6)))
+    return tally, killed
 
 
 def failover(args: argparse.Namespace) -> dict[str, Any]:
-    upstreams = [fake_upstream(args.latency, pace=0.05) for _ in range(3)]
+    upstreams = [fake_upstream(args.latency, pace=0.1) for _ in range(3)]  # streams of about half a second
     members = [(f"m{i}", u.url + "/v1", 4) for i, u in enumerate(upstreams)]
     process, url = gateway_process(
         ROOT, "fleet-gateway", BACKENDS_FILE=backends_file(members, probe_interval=0.5), LOG_LEVEL="warning"
     )
     try:
-        tally = asyncio.run(mixed_load(url, args.failover_seconds, args.failover_seconds / 3, upstreams[1]))
+        by_name = {f"m{i}": upstream for i, upstream in enumerate(upstreams)}
+        tally, killed = asyncio.run(mixed_load(url, args.failover_seconds, args.failover_seconds / 3, by_name))
         backends = httpx.get(url + "/v1/queue/status").json()["backends"]
     finally:
         stop(process)
         for upstream in upstreams:
             upstream.stop()
     errors = len(tally.whole_errors) + len(tally.streams_refused)
-    print(f"\nfailover: 3 members, m1 killed at {args.failover_seconds / 3:.0f}s of {args.failover_seconds:.0f}s")
+    at, seconds = args.failover_seconds / 3, args.failover_seconds
+    print(f"\nfailover: 3 members, {killed} (the busiest) killed at {at:.0f}s of {seconds:.0f}s")
     print(f"  whole answers: {tally.whole_ok} ok, {len(tally.whole_errors)} errors {sorted(set(tally.whole_errors))}")
     print(f"  streams: {tally.streams_ok} whole, {tally.streams_cut} cut by the kill (ended with their error event),")
     print(f"           {len(tally.streams_refused)} refused before they began")
     print(f"  client errors of requests that had not begun streaming: {errors}")
-    print(f"  m1 healthy at the end: {next(b['healthy'] for b in backends if b['name'] == 'm1')}")
+    print(f"  {killed} healthy at the end: {next(b['healthy'] for b in backends if b['name'] == killed)}")
     return {
         "whole_ok": tally.whole_ok,
         "errors_before_streaming": errors,
@@ -316,7 +328,7 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
     servers = []
     for _ in range(2):
         port = free_port()
-        argv = [binary, "-m", default_model_path(), "-t", "1", "-tb", "1", "-c", "4096", "-np", "1"]
+        argv = [binary, "-m", default_model_path(), "-t", "1", "-tb", "1", "-c", "8192", "-np", "2"]
         argv += ["--port", str(port)]
         servers.append(Contender(f"llama-server-{port}", argv, port, ready_path="/health"))
     ttft: dict[str, list[float]] = {}
@@ -327,7 +339,7 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
                 server.start()
                 warm = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
                 httpx.post(server.url + "/v1/chat/completions", json=warm, timeout=120)
-            members = [(f"l{i}", s.url + "/v1", 1) for i, s in enumerate(servers)]
+            members = [(f"l{i}", s.url + "/v1", 2) for i, s in enumerate(servers)]
             process, url = gateway_process(
                 ROOT, "fleet-gateway", BACKENDS_FILE=backends_file(members), ROUTING=routing, LOG_LEVEL="warning"
             )
@@ -347,7 +359,7 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
         for server in servers:
             server.stop()
     count, workers = args.llama_conversations, args.llama_workers
-    print(f"\nllama-server x2 (bundled model, -np 1 each): {count} conversations x 4 turns, {workers} at a time")
+    print(f"\nllama-server x2 (bundled model, -np 2 each): {count} conversations x 4 turns, {workers} at a time")
     result: dict[str, Any] = {}
     for routing, values in ttft.items():
         p50, p90, mean = (
