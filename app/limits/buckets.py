@@ -59,6 +59,11 @@ class TokenBucket:
         elif used > charged:
             self.take(used - charged)
 
+    def set_level(self, level: float) -> None:
+        """Make the level what an authority (the upstream's headers) says it is now."""
+        self.level()
+        self._level = min(self.limit, level)
+
     def cap(self, remaining: float) -> None:
         """Lower the level to what an authority (the upstream's headers) says is left."""
         self._level = min(self.level(), remaining)
@@ -70,3 +75,74 @@ class TokenBucket:
     def remaining(self) -> int:
         """Whole units available now, never below zero."""
         return max(0, math.floor(self.level()))
+
+
+class LearnedBudget:
+    """One of the upstream's budgets as its x-ratelimit-* headers describe it: what is left now, and how it comes
+    back.
+
+    OpenAI and Groq refill continuously, and `reset` is the time until the budget is full again: so it refills
+    (limit - remaining) / reset units a second. With the limit known, the budget is a TokenBucket at that
+    rate, and one unit goes as each one refills; without it, what is left holds until the reset, all at once.
+    """
+
+    __slots__ = ("_clock", "_remaining", "_reset_at", "bucket")
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self.bucket: TokenBucket | None = None
+        self._remaining = 0.0
+        self._reset_at = 0.0
+
+    def learn(self, remaining: float, reset: float | None, limit: int | None) -> None:
+        """The upstream says `remaining` is left, full again in `reset` seconds, of `limit` (each may be None)."""
+        now = self._clock()
+        self._remaining, self._reset_at = remaining, now + (reset or 0.0)
+        if limit is None or limit <= 0:
+            self.bucket = None
+            return
+        rate = None
+        if reset and limit > remaining:
+            rate = (limit - remaining) / reset
+        elif self.bucket is not None and self.bucket.limit == limit:
+            rate = self.bucket.rate  # full again: the rate learned before still holds
+        if rate is None:
+            rate = limit / 60.0  # full, and nothing said yet of its pace: per minute, as RPM and TPM are
+        if self.bucket is None or self.bucket.limit != limit or abs(self.bucket.rate - rate) > rate * 0.05:
+            self.bucket = TokenBucket(limit, limit / rate, self._clock)
+        self.bucket.set_level(remaining)
+
+    def wait(self, amount: float) -> float:
+        """Seconds until `amount` units are there (0: now)."""
+        if self.bucket is not None:
+            return self.bucket.wait(amount)
+        now = self._clock()
+        if now >= self._reset_at or self._remaining >= amount:
+            return 0.0
+        return self._reset_at - now
+
+    def take(self, amount: float) -> None:
+        """`amount` units went out."""
+        if self.bucket is not None:
+            self.bucket.take(amount)
+        elif self._clock() < self._reset_at:
+            self._remaining -= amount
+
+    def active(self) -> bool:
+        """Whether it could hold a request back now (spent in part, and not yet full again)."""
+        if self.bucket is not None:
+            return self.bucket.level() < self.bucket.limit
+        return self._clock() < self._reset_at
+
+    def status(self) -> dict[str, float] | None:
+        """For /v1/queue/status: what is left and when it is full; None once nothing holds."""
+        if not self.active():
+            return None
+        if self.bucket is not None:
+            return {
+                "remaining": self.bucket.remaining(),
+                "reset_seconds": round(self.bucket.reset_in(), 3),
+                "limit": int(self.bucket.limit),
+                "refill_per_second": round(self.bucket.rate, 4),
+            }
+        return {"remaining": int(self._remaining), "reset_seconds": round(self._reset_at - self._clock(), 3)}

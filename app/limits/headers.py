@@ -67,12 +67,15 @@ def _seconds(value: str | None) -> float | None:
 
 @dataclass(slots=True, frozen=True)
 class UpstreamBudget:
-    """What the upstream said is left of its budgets, and in how many seconds each refills."""
+    """What the upstream said of its budgets: what is left, in how many seconds each is full again, and the
+    limits themselves (which tell how fast they refill)."""
 
     remaining_requests: int | None = None
     remaining_tokens: int | None = None
     reset_requests: float | None = None
     reset_tokens: float | None = None
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
 
     @property
     def empty(self) -> bool:
@@ -81,10 +84,12 @@ class UpstreamBudget:
 
 
 def parse_budget(headers: Mapping[str, str]) -> UpstreamBudget:
-    """The x-ratelimit-remaining-* and x-ratelimit-reset-* headers; missing or unreadable ones are None."""
+    """The x-ratelimit-remaining-*, -reset-* and -limit-* headers; missing or unreadable ones are None."""
     return UpstreamBudget(
         remaining_requests=_int(headers.get("x-ratelimit-remaining-requests")),
         remaining_tokens=_int(headers.get("x-ratelimit-remaining-tokens")),
         reset_requests=_seconds(headers.get("x-ratelimit-reset-requests")),
         reset_tokens=_seconds(headers.get("x-ratelimit-reset-tokens")),
+        limit_requests=_int(headers.get("x-ratelimit-limit-requests")),
+        limit_tokens=_int(headers.get("x-ratelimit-limit-tokens")),
     )

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.limits.buckets import TokenBucket
+from app.limits.buckets import LearnedBudget, TokenBucket
 from app.limits.headers import UpstreamBudget
 
 # Requests reach the upstream a little later than they leave, and not all equally late: one that was held
@@ -28,9 +28,7 @@ class UpstreamLimiter:
         "_in_flight",
         "_paused_until",
         "_upstream_requests",
-        "_upstream_requests_reset",
         "_upstream_tokens",
-        "_upstream_tokens_reset",
         "requests",
         "tokens",
     )
@@ -41,10 +39,8 @@ class UpstreamLimiter:
         self.tokens = TokenBucket(tpm, 60.0, clock) if tpm else None
         self._paused_until = 0.0
         self._in_flight = 0
-        self._upstream_requests: int | None = None
-        self._upstream_requests_reset = 0.0
-        self._upstream_tokens: int | None = None
-        self._upstream_tokens_reset = 0.0
+        self._upstream_requests = LearnedBudget(clock)  # what the upstream's headers say of its budgets
+        self._upstream_tokens = LearnedBudget(clock)
 
     @property
     def counts_tokens(self) -> bool:
@@ -58,12 +54,13 @@ class UpstreamLimiter:
         reason = None
         if now < self._paused_until:
             wait, reason = self._paused_until - now, "upstream_retry_after"
-        # What the upstream said is left holds until the reset it announced; a spent budget waits for it.
-        requests_left, tokens_left = self._upstream_requests, self._upstream_tokens
-        if requests_left is not None and requests_left < 1 and self._upstream_requests_reset - now > wait:
-            wait, reason = self._upstream_requests_reset - now, "upstream_requests"
-        if tokens_left is not None and tokens_left < cost and self._upstream_tokens_reset - now > wait:
-            wait, reason = self._upstream_tokens_reset - now, "upstream_tokens"
+        # What the upstream said is left, refilling at the pace its limit and reset imply (see LearnedBudget).
+        needed = self._upstream_requests.wait(1)
+        if needed > wait:
+            wait, reason = needed, "upstream_requests"
+        needed = self._upstream_tokens.wait(cost)
+        if needed > wait:
+            wait, reason = needed, "upstream_tokens"
         if self.requests is not None:
             needed = self.requests.wait(1)
             if needed > wait:
@@ -81,11 +78,8 @@ class UpstreamLimiter:
             self.requests.take(1)
         if self.tokens is not None:
             self.tokens.take(cost)
-        now = self._clock()
-        if self._upstream_requests is not None and now < self._upstream_requests_reset:
-            self._upstream_requests -= 1
-        if self._upstream_tokens is not None and now < self._upstream_tokens_reset:
-            self._upstream_tokens -= cost
+        self._upstream_requests.take(1)
+        self._upstream_tokens.take(cost)
 
     def done(self, charged: int, used: int | None) -> None:
         """A dispatched request ended; with its real usage known, return what the estimate over-charged."""
@@ -94,22 +88,19 @@ class UpstreamLimiter:
             self.tokens.settle(charged, used)
 
     def learn(self, budget: UpstreamBudget) -> None:
-        """Trust what the upstream says is left until the reset it announced.
+        """Trust what the upstream says is left, refilling as its limit and reset say (see LearnedBudget).
 
         Requests still in flight may not have been counted when the upstream wrote its answer: they are
         taken off what it says is left, so the estimate errs on the side of waiting.
         """
-        now = self._clock()
         others = max(0, self._in_flight - 1)
         if budget.remaining_requests is not None:
             remaining = budget.remaining_requests - others
-            self._upstream_requests = remaining
-            self._upstream_requests_reset = now + (budget.reset_requests or 0.0)
+            self._upstream_requests.learn(remaining, budget.reset_requests, budget.limit_requests)
             if self.requests is not None:
                 self.requests.cap(remaining)
         if budget.remaining_tokens is not None:
-            self._upstream_tokens = budget.remaining_tokens
-            self._upstream_tokens_reset = now + (budget.reset_tokens or 0.0)
+            self._upstream_tokens.learn(budget.remaining_tokens, budget.reset_tokens, budget.limit_tokens)
             if self.tokens is not None:
                 self.tokens.cap(budget.remaining_tokens)
 
@@ -121,11 +112,10 @@ class UpstreamLimiter:
         """Nothing can hold dispatch back now: no budget set, no pause or learned budget in force."""
         if self.requests is not None or self.tokens is not None:
             return False
-        now = self._clock()
         return (
-            now >= self._paused_until
-            and (self._upstream_requests is None or now >= self._upstream_requests_reset)
-            and (self._upstream_tokens is None or now >= self._upstream_tokens_reset)
+            self._clock() >= self._paused_until
+            and not self._upstream_requests.active()
+            and not self._upstream_tokens.active()
         )
 
     def remaining(self) -> dict[str, float]:
@@ -142,15 +132,10 @@ class UpstreamLimiter:
                 return None
             return {"limit": int(b.limit), "remaining": b.remaining(), "reset_seconds": round(b.reset_in(), 3)}
 
-        def learned(remaining: int | None, reset: float) -> dict[str, Any] | None:
-            if remaining is None or now >= reset:
-                return None
-            return {"remaining": remaining, "reset_seconds": round(reset - now, 3)}
-
         return {
             "requests_per_minute": bucket(self.requests),
             "tokens_per_minute": bucket(self.tokens),
-            "upstream_requests": learned(self._upstream_requests, self._upstream_requests_reset),
-            "upstream_tokens": learned(self._upstream_tokens, self._upstream_tokens_reset),
+            "upstream_requests": self._upstream_requests.status(),
+            "upstream_tokens": self._upstream_tokens.status(),
             "paused_seconds": round(max(0.0, self._paused_until - now), 3),
         }

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from testkit.gateway import Background, RunningGateway, chat_body, wait_until
 from testkit.upstream import FakeUpstream
@@ -94,6 +95,25 @@ def test_upstream_reset_headers_pace_dispatch_with_no_refusal(
     assert [r.status_code for r in responses] == [200] * 15
     assert upstream.refused == 0
     assert time.monotonic() - started >= 1.5  # 5 at once, then 5 a second as the upstream refills
+
+
+def test_a_learned_budget_refills_as_the_upstream_does_instead_of_waiting_for_the_full_reset(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    # 30 RPM refilled continuously, with OpenAI's headers: x-ratelimit-reset-requests is the time until the
+    # budget is full again (a minute once spent), but one request comes back every 2 s.
+    upstream.behavior.rate_limit = 30
+    upstream.behavior.rate_period = 60.0
+    upstream.behavior.rate_headers = True
+    gw = start_gateway(max_concurrent_requests=4, upstream_max_retries=0, max_queue_size=100)
+    started = time.monotonic()
+    responses = post_all(gw.url + "/v1/chat/completions", 36)
+    elapsed = time.monotonic() - started
+    assert [r.status_code for r in responses] == [200] * 36
+    assert upstream.refused == 0
+    assert 10.0 <= elapsed <= 20.0  # 30 at once, then 6 at one per 2 s: about 12 s, not the minute to full
+    learned = httpx.get(gw.url + "/v1/queue/status").json()["rate_limits"]["upstream_requests"]
+    assert learned["limit"] == 30 and learned["refill_per_second"] == pytest.approx(0.5, rel=0.1)
 
 
 def test_limiter_on_versus_off_at_the_same_offered_load(start_gateway: StartGateway, upstream: FakeUpstream) -> None:

@@ -140,3 +140,38 @@ def test_learned_budget_discounts_requests_still_in_flight() -> None:
     # The upstream says 2 left, but two other requests of ours may not have reached it yet.
     limiter.learn(parse_budget({"x-ratelimit-remaining-requests": "2", "x-ratelimit-reset-requests": "1s"}))
     assert limiter.delay(1) == (1.0 + GUARD, "upstream_requests")
+
+
+def test_a_learned_budget_with_its_limit_refills_continuously() -> None:
+    clock = FakeClock()
+    limiter = UpstreamLimiter(rpm=None, tpm=None, clock=clock)
+    headers = {"x-ratelimit-limit-requests": "30", "x-ratelimit-remaining-requests": "0"}
+    limiter.charge(0)
+    # Spent, full again in 60 s: 30 back in a minute, one every 2 s, not all 30 at the end of the minute.
+    limiter.learn(parse_budget({**headers, "x-ratelimit-reset-requests": "1m"}))
+    assert limiter.delay(1) == (pytest.approx(2.0 + GUARD), "upstream_requests")
+    clock.advance(2.0)
+    assert limiter.delay(1) == (0.0, None)
+    limiter.charge(0)
+    assert limiter.delay(1) == (pytest.approx(2.0 + GUARD), "upstream_requests")
+    assert not limiter.idle()
+    status = limiter.status()["upstream_requests"]
+    assert status["limit"] == 30 and status["refill_per_second"] == pytest.approx(0.5)
+    clock.advance(60)
+    assert limiter.idle() and limiter.status()["upstream_requests"] is None  # full again: nothing holds
+    # Tokens the same way, from their own headers.
+    limiter.learn(
+        parse_budget(
+            {
+                "x-ratelimit-limit-tokens": "6000",
+                "x-ratelimit-remaining-tokens": "100",
+                "x-ratelimit-reset-tokens": "59s",
+            }
+        )
+    )
+    assert limiter.delay(200) == (pytest.approx(1.0 + GUARD), "upstream_tokens")  # 100 a second come back
+
+
+def test_parse_budget_reads_the_limits() -> None:
+    budget = parse_budget({"x-ratelimit-limit-requests": "500", "x-ratelimit-limit-tokens": "30000"})
+    assert budget.limit_requests == 500 and budget.limit_tokens == 30000 and budget.empty
