@@ -188,7 +188,13 @@ class Fleet:
         changes += [f"backend {name} removed" for name in old if name not in {e.name for e in config.backends}]
         if config.aliases != self.config.aliases:
             changes.append("aliases changed")
-        await asyncio.gather(*(self._open(member) for member in opened))
+        try:
+            await asyncio.gather(*(self._open(member) for member in opened))
+        except BaseException:
+            # A new backend could not start (a model that does not load): the fleet stays as it was.
+            self._entries = old_entries
+            await asyncio.gather(*(member.backend.aclose() for member in opened), return_exceptions=True)
+            raise
         self.config = config
         self.members = members
         self._entries = {entry.name: entry for entry in config.backends}

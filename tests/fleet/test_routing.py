@@ -193,3 +193,18 @@ def test_affinity_never_makes_a_request_wait_while_another_member_is_free(
     assert all(f.result().status_code == 200 for f in futures)
     assert time.monotonic() - started < 0.9  # both ran at once: one on alice's member, one on the other
     assert len(home.seen) == 2
+
+
+def test_a_proxy_down_at_start_joins_once_it_lists_its_models(
+    start_fleet: StartFleet, upstreams: list[FakeUpstream]
+) -> None:
+    late = upstreams[0]
+    late.kill()
+    gw = start_fleet([{"name": "late", "type": "proxy", "base_url": late.base_url, "probe_interval": 0.1}])
+    url = gw.url + "/v1/chat/completions"
+    assert httpx.post(url, json=chat_body("x", model="fake-model")).status_code == 404  # nothing known yet
+    assert httpx.get(gw.url + "/v1/models").json()["data"] == []
+    assert httpx.get(gw.url + "/ready").status_code == 503
+    late.start()
+    assert wait_until(lambda: httpx.post(url, json=chat_body("x", model="fake-model")).status_code == 200, timeout=5)
+    assert httpx.get(gw.url + "/ready").status_code == 200
