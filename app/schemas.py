@@ -27,6 +27,12 @@ class CompletionRequest:
     stream: bool
     max_tokens: int | None
     body_priority: Priority | None
+    service_tier: str | None = None  # OpenAI's field as the client sent it (see SERVICE_TIERS)
+    priority: Priority | None = None  # the priority it is served at, once the API layer has decided it
+
+    def served_at(self, priority: Priority) -> CompletionRequest:
+        """The same request, with the priority it is served at (the local model reports it as its tier)."""
+        return dataclasses.replace(self, priority=priority)
 
     def for_model(self, model: str) -> CompletionRequest:
         """The same request for `model`, the name its backend serves (an alias resolved)."""
@@ -37,6 +43,24 @@ class CompletionRequest:
     def path(self) -> str:
         """The OpenAI path this request goes to, below /v1."""
         return "/chat/completions" if self.kind == "chat" else "/completions"
+
+
+# OpenAI's `service_tier` as the queue's priorities (None: DEFAULT_PRIORITY), and the tier each priority reports.
+SERVICE_TIERS: dict[str, Priority | None] = {
+    "priority": Priority.HIGH,
+    "scale": Priority.NORMAL,
+    "default": None,
+    "auto": None,
+    "flex": Priority.LOW,
+}
+SERVED_TIERS = {Priority.HIGH: "priority", Priority.NORMAL: "default", Priority.LOW: "flex"}
+
+
+def _service_tier(value: object) -> str:
+    if isinstance(value, str) and value in SERVICE_TIERS:
+        return value
+    allowed = ", ".join(f"'{tier}'" for tier in SERVICE_TIERS)
+    raise InvalidRequest(f"service_tier must be one of {allowed}, not {value!r}", param="service_tier")
 
 
 def parse_priority(value: object, param: str) -> Priority:
@@ -105,11 +129,12 @@ def _check_prompt(payload: dict[str, Any]) -> None:
 
 
 def parse_completion_request(
-    raw: bytes, kind: CompletionKind, max_tokens_limit: int | None = None
+    raw: bytes, kind: CompletionKind, max_tokens_limit: int | None = None, forward_service_tier: bool = False
 ) -> CompletionRequest:
     """Check the fields the gateway relies on; any other field is the backend's business.
 
-    `max_tokens_limit` (MAX_TOKENS_LIMIT) bounds max_tokens and max_completion_tokens.
+    `max_tokens_limit` (MAX_TOKENS_LIMIT) bounds max_tokens and max_completion_tokens. `service_tier` is read
+    for the queue, and taken out of what goes upstream unless `forward_service_tier` (FORWARD_SERVICE_TIER).
     """
     try:
         payload = orjson.loads(raw)
@@ -138,9 +163,18 @@ def parse_completion_request(
 
     body_priority = None
     body = raw
+    service_tier = None
+    rewritten = False
     if "priority" in payload:
         body_priority = parse_priority(payload.pop("priority"), "priority")
-        body = orjson.dumps(payload)  # the upstream must not see a field it does not know
+        rewritten = True  # the upstream must not see a field it does not know
+    if "service_tier" in payload:
+        service_tier = _service_tier(payload["service_tier"])
+        if not forward_service_tier:
+            del payload["service_tier"]
+            rewritten = True
+    if rewritten:
+        body = orjson.dumps(payload)
     return CompletionRequest(
         kind=kind,
         body=body,
@@ -149,4 +183,5 @@ def parse_completion_request(
         stream=stream,
         max_tokens=completion_tokens if completion_tokens is not None else max_tokens,
         body_priority=body_priority,
+        service_tier=service_tier,
     )

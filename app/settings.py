@@ -257,6 +257,14 @@ class Settings(BaseSettings):
     default_priority: Priority = Field(
         default=Priority.NORMAL, description="Priority of a request that names none: `high`, `normal` or `low`."
     )
+    forward_service_tier: bool = Field(
+        default=False,
+        description=(
+            "Pass a request's OpenAI `service_tier` on to the upstream (for OpenAI itself, where it picks the "
+            "processing tier and its price). Off: the gateway reads it as a priority (`priority` high, `scale` "
+            "normal, `default`/`auto` `DEFAULT_PRIORITY`, `flex` low) and takes it out of the body."
+        ),
+    )
     queue_full_behavior: QueueFullBehavior = Field(
         default=QueueFullBehavior.REJECT,
         description=(

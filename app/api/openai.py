@@ -21,7 +21,7 @@ from app.errors import ClientDisconnected, MethodNotAllowed
 from app.limits.keys import KeyAccount
 from app.queue.job import Job
 from app.queue.service import Admitted, CompletionService
-from app.schemas import CompletionRequest, parse_completion_request, parse_priority
+from app.schemas import SERVICE_TIERS, CompletionRequest, parse_completion_request, parse_priority
 from app.settings import Settings
 from app.types import CompletionKind, Priority
 
@@ -82,8 +82,9 @@ class CompletionEndpoint:
         settings: Settings = state.settings
         key = await authenticate(request)
         body = await read_body(request, settings.max_body_bytes)
-        completion = parse_completion_request(body, self.kind, settings.max_tokens_limit)
+        completion = parse_completion_request(body, self.kind, settings.max_tokens_limit, settings.forward_service_tier)
         priority = _priority(request, completion, settings.default_priority, key)
+        completion = completion.served_at(priority)
         admitted = await service.accept(
             completion, request_id(request), priority, key, request.headers.get("x-session-id")
         )
@@ -149,9 +150,14 @@ async def _answer(
 
 
 def _priority(request: Request, completion: CompletionRequest, default: Priority, key: KeyAccount | None) -> Priority:
-    """X-Priority, else the body's `priority`, else DEFAULT_PRIORITY; lowered to what the key allows."""
+    """X-Priority, else the body's `priority`, else its `service_tier`, else DEFAULT_PRIORITY; lowered to what the
+    key allows."""
     header = request.headers.get("x-priority")
-    asked = parse_priority(header, "X-Priority") if header is not None else completion.body_priority or default
+    if header is not None:
+        asked = parse_priority(header, "X-Priority")
+    else:
+        tier = SERVICE_TIERS[completion.service_tier] if completion.service_tier is not None else None
+        asked = completion.body_priority or tier or default
     return asked if key is None else key.allowed_priority(asked)
 
 

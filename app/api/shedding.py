@@ -29,6 +29,7 @@ from app.api.middleware import RequestIds, access_logger, write_access_line
 from app.errors import GatewayError
 from app.limits.keys import KeyAccount
 from app.queue.scheduler import Scheduler
+from app.schemas import SERVICE_TIERS
 from app.types import Priority
 
 _PRIORITIES = {p.value: p for p in Priority}
@@ -133,12 +134,17 @@ class QueueFullShedder:
 
 
 def _body_priority(body: bytearray) -> Priority | None:
-    """The body's `priority`, if it is a JSON object naming a valid one (a malformed body is refused anyway)."""
-    if b'"priority"' not in body:
+    """The body's `priority`, else its `service_tier`'s, if it is a JSON object naming a valid one (a malformed
+    body is refused anyway)."""
+    if b'"priority"' not in body and b'"service_tier"' not in body:
         return None
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    value = payload.get("priority") if isinstance(payload, dict) else None
-    return _PRIORITIES.get(value.strip().lower()) if isinstance(value, str) else None
+    if not isinstance(payload, dict):
+        return None
+    value, tier = payload.get("priority"), payload.get("service_tier")
+    if isinstance(value, str) and value.strip().lower() in _PRIORITIES:
+        return _PRIORITIES[value.strip().lower()]
+    return SERVICE_TIERS.get(tier) if isinstance(tier, str) else None

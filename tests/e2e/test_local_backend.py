@@ -241,3 +241,19 @@ def test_a_request_without_max_tokens_stops_at_default_max_tokens(start_local: S
     assert reply.choices[0].finish_reason == "length"
     longer = ask(gw, "Write a very long story about a dragon.", max_tokens=9)
     assert longer.usage is not None and longer.usage.completion_tokens == 9
+
+
+def test_the_tier_served_is_reported_as_openai_does(start_local: StartLocal) -> None:
+    gw = start_local(max_concurrent_requests=1)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused")
+    messages: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    plain = client.chat.completions.create(model="m", messages=messages, max_tokens=2)
+    assert plain.service_tier == "default"
+    flex = client.chat.completions.create(model="m", messages=messages, max_tokens=2, service_tier="flex")
+    assert flex.service_tier == "flex"
+    urgent = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=2, extra_headers={"X-Priority": "high"}
+    )
+    assert urgent.service_tier == "priority"
+    chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=2, stream=True))
+    assert {chunk.service_tier for chunk in chunks} == {"default"}

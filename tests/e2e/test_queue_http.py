@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -259,3 +260,37 @@ def test_metrics_move_as_requests_pass(start_gateway: StartGateway, upstream: Fa
     assert 'gateway_upstream_errors_total{kind="http_5xx"} 1.0' in text
     assert 'gateway_queue_size{model="*",priority="high"} 0.0' in text
     assert "gateway_requests_in_flight 0.0" in text
+
+
+def test_service_tier_is_read_as_a_priority_and_kept_from_the_upstream(
+    start_gateway: StartGateway, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    gw = start_gateway()
+    url = gw.url + "/v1/chat/completions"
+    for tier, served in (("priority", "high"), ("scale", "normal"), ("default", "normal"), ("auto", "normal")):
+        answer = httpx.post(url, json=chat_body(service_tier=tier))
+        assert answer.status_code == 200 and answer.headers["x-priority"] == served, tier
+    assert httpx.post(url, json=chat_body(service_tier="flex")).headers["x-priority"] == "low"
+    assert all("service_tier" not in seen.body for seen in upstream.seen)  # read here, not forwarded
+    # X-Priority first, then the body's priority, then the tier.
+    assert (
+        httpx.post(url, json=chat_body(service_tier="flex"), headers={"X-Priority": "high"}).headers["x-priority"]
+        == "high"
+    )
+    assert httpx.post(url, json=chat_body(service_tier="flex", priority="normal")).headers["x-priority"] == "normal"
+    bad = httpx.post(url, json=chat_body(service_tier="gold"))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "service_tier"
+    # A key's cap holds whatever the tier asks.
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {key: sk-a, name: a, max_priority: normal}\n")
+    capped = start_gateway(api_keys_file=str(keys))
+    answer = httpx.post(
+        capped.url + "/v1/chat/completions",
+        json=chat_body(service_tier="priority"),
+        headers={"Authorization": "Bearer sk-a"},
+    )
+    assert answer.headers["x-priority"] == "normal"
+    # FORWARD_SERVICE_TIER: the upstream gets it as the client sent it (OpenAI bills by it).
+    forwarding = start_gateway(forward_service_tier=True)
+    httpx.post(forwarding.url + "/v1/chat/completions", json=chat_body(service_tier="flex"))
+    assert upstream.seen[-1].body["service_tier"] == "flex"

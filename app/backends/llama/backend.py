@@ -145,7 +145,7 @@ class LlamaBackend:
         chat = prepared.kind == "chat"
         content: dict[str, Any] = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         choice = {"index": 0, **content, "logprobs": None, "finish_reason": done.finish_reason}
-        body = {**self._header(chat, chunked=False), "choices": [choice], "usage": _usage_body(done)}
+        body = {**self._header(prepared, chunked=False), "choices": [choice], "usage": _usage_body(done)}
         return BackendResponse(200, orjson.dumps(body), usage=Usage(done.prompt_tokens, done.completion_tokens))
 
     async def stream(self, prepared: LocalRequest, deadline: float) -> BackendStream:
@@ -179,13 +179,15 @@ class LlamaBackend:
             if not ended:
                 self._engine.cancel(sequence)
 
-    def _header(self, chat: bool, chunked: bool) -> dict[str, Any]:
+    def _header(self, prepared: LocalRequest, chunked: bool) -> dict[str, Any]:
         """The fields every completion object starts with."""
+        chat = prepared.kind == "chat"
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": ("chat.completion.chunk" if chunked else "chat.completion") if chat else "text_completion",
             "created": int(time.time()),
             "model": self.alias,
+            "service_tier": prepared.service_tier,
         }
 
 
@@ -202,7 +204,7 @@ class _LocalStream(BackendStream):
     async def _chunks(self) -> AsyncGenerator[bytes, None]:
         prepared = self._prepared
         chat = prepared.kind == "chat"
-        base = self._backend._header(chat, chunked=True)
+        base = self._backend._header(prepared, chunked=True)
 
         def chunk(text: str | None, reason: str | None, role: bool = False) -> bytes:
             if chat:

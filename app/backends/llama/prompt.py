@@ -11,7 +11,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from app.backends.llama.sampling import Sampling
 from app.errors import InvalidRequest
-from app.schemas import CompletionRequest
+from app.schemas import SERVED_TIERS, CompletionRequest
 from app.types import CompletionKind
 
 MAX_STOPS = 16
@@ -33,6 +33,7 @@ class LocalRequest:
     max_tokens: int
     stops: tuple[str, ...]
     include_usage: bool
+    service_tier: str  # the tier it is served at, which the response reports as OpenAI's do
 
 
 class Prompter:
@@ -83,6 +84,7 @@ class Prompter:
             max_tokens=max_tokens,
             stops=_stops(payload.get("stop")),
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            service_tier=SERVED_TIERS[request.priority] if request.priority is not None else "default",
         )
 
     def _chat_prompt(self, payload: dict[str, Any]) -> list[int]:
