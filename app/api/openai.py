@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.deadline import client_timeout
 from app.api.deps import Caller, FleetDep, authenticate, read_body, request_id
 from app.api.disconnect import DisconnectWatcher
 from app.api.errors import as_gateway_error, error_response, sse_error_event
@@ -85,8 +86,10 @@ class CompletionEndpoint:
         completion = parse_completion_request(body, self.kind, settings.max_tokens_limit, settings.forward_service_tier)
         priority = _priority(request, completion, settings.default_priority, key)
         completion = completion.served_at(priority)
+        headers = request.headers
+        timeout = client_timeout(headers)
         admitted = await service.accept(
-            completion, request_id(request), priority, key, request.headers.get("x-session-id")
+            completion, request_id(request), priority, key, headers.get("x-session-id"), timeout
         )
         job = admitted.job
         request.state.job = job

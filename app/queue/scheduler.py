@@ -184,11 +184,13 @@ class Scheduler:
         cost: int = 0,
         model: str | None = None,
         affinity: int | None = None,
+        timeout: float | None = None,
     ) -> Job:
         """Accept a request for `model`: dispatch it now if a member is free, else queue it; raise if it cannot wait.
 
         `cost` is what the request is charged in tokens when it is dispatched; `key` is its client key's
-        account, whose waiting count it joins while it waits; `affinity` names its conversation.
+        account, whose waiting count it joins while it waits; `affinity` names its conversation; `timeout` is
+        the client's own limit in seconds, which applies when it is shorter than REQUEST_TIMEOUT.
         """
         if self.draining:
             self.count_rejection(priority, "shutting_down")
@@ -216,9 +218,8 @@ class Scheduler:
                 raise
 
         now = self._clock()
-        job = Job(
-            request_id, kind, priority, key, now, self._wall_clock(), now + self.request_timeout, cost, model, affinity
-        )
+        lifetime = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
+        job = Job(request_id, kind, priority, key, now, self._wall_clock(), now + lifetime, cost, model, affinity)
         job.pool = pool
         self._live[job.key_name, request_id] = job
         self.totals.queued += 1
@@ -387,10 +388,11 @@ class Scheduler:
         if left >= self.dispatch_margin * expected:
             return False
         self._metrics.timed_out_before_dispatch()
+        lifetime = job.deadline - job.arrived
         self.abort(
             job,
             RequestTimeout(
-                f"request timed out after {self.request_timeout:g}s (in the queue): {max(left, 0):.2f}s were left, "
+                f"request timed out after {lifetime:g}s (in the queue): {max(left, 0):.2f}s were left, "
                 f"and a request takes about {expected:.2f}s at the backend"
             ),
         )
@@ -532,7 +534,7 @@ class Scheduler:
 
     def _expire(self, job: Job) -> None:
         where = "in the queue" if job.state is JobState.QUEUED else "at the backend"
-        self.abort(job, RequestTimeout(f"request timed out after {self.request_timeout:g}s ({where})"))
+        self.abort(job, RequestTimeout(f"request timed out after {job.deadline - job.arrived:g}s ({where})"))
 
     def _waiting_jobs(self) -> list[Job]:
         return [job for pool in self._pools for job in pool.queue.items()] + self._overflow.items()

@@ -86,10 +86,12 @@ class CompletionService:
         priority: Priority,
         key: KeyAccount | None,
         session: str | None = None,
+        lifetime: float | None = None,
     ) -> Admitted:
         """Prepare the request and queue it (or dispatch it at once) at `priority`, in its model's pool.
 
-        `session` is the X-Session-ID header, which names the conversation for affinity. Raises
+        `session` is the X-Session-ID header, which names the conversation for affinity; the client's
+        own limit in seconds, `lifetime` (see app.api.deadline). Raises
         InvalidRequest (400) for what the backend cannot serve, ModelNotFound (404), KeyRateLimited or
         KeyQueueLimit (429), QueueFull, BreakerOpen or ShuttingDown (503), Conflict (409).
         """
@@ -111,7 +113,7 @@ class CompletionService:
                 raise
         affinity = conversation(request, session) if len(members) > 1 else None
         try:
-            job = scheduler.submit(request_id, request.kind, priority, key, cost, request.model, affinity)
+            job = scheduler.submit(request_id, request.kind, priority, key, cost, request.model, affinity, lifetime)
         except GatewayError:
             if key is not None:
                 key.refund(cost)

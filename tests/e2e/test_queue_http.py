@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -294,3 +295,40 @@ def test_service_tier_is_read_as_a_priority_and_kept_from_the_upstream(
     forwarding = start_gateway(forward_service_tier=True)
     httpx.post(forwarding.url + "/v1/chat/completions", json=chat_body(service_tier="flex"))
     assert upstream.seen[-1].body["service_tier"] == "flex"
+
+
+def test_a_client_deadline_shorter_than_request_timeout_applies(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    gw = start_gateway(request_timeout=30)
+    url = gw.url + "/v1/chat/completions"
+    upstream.behavior.hang = True
+    forms: list[Callable[[], dict[str, str]]] = [
+        lambda: {"X-Request-Timeout-Ms": "300"},
+        lambda: {"x-envoy-expected-rq-timeout-ms": "300"},
+        lambda: {"X-Request-Deadline": f"{time.time() + 0.3:.3f}"},
+        lambda: {"X-Request-Timeout-Ms": "5000", "X-Request-Deadline": f"{time.time() + 0.3:.3f}"},  # the earliest
+    ]
+    for form in forms:
+        headers = form()  # made just before it is sent: a deadline is a moment
+        started = time.monotonic()
+        answer = httpx.post(url, json=chat_body(), headers=headers, timeout=10)
+        assert answer.status_code == 408 and answer.json()["error"]["code"] == "request_timeout", headers
+        assert 0.2 < time.monotonic() - started < 2.0, headers
+    upstream.behavior.hang = False
+    seen = len(upstream.seen)
+    passed = httpx.post(url, json=chat_body(), headers={"X-Request-Deadline": f"{time.time() - 1:.3f}"})
+    assert passed.status_code == 408 and len(upstream.seen) == seen  # gone on arrival: no upstream call
+    for name, value in (
+        ("X-Request-Timeout-Ms", "soon"),
+        ("X-Request-Deadline", "-5"),
+        ("X-Request-Timeout-Ms", "nan"),
+    ):
+        bad = httpx.post(url, json=chat_body(), headers={name: value})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == name.lower(), (name, value)
+    # A longer one than REQUEST_TIMEOUT does not extend it.
+    short = start_gateway(request_timeout=0.3)
+    upstream.behavior.hang = True
+    started = time.monotonic()
+    answer = httpx.post(short.url + "/v1/chat/completions", json=chat_body(), headers={"X-Request-Timeout-Ms": "60000"})
+    assert answer.status_code == 408 and time.monotonic() - started < 2.0
