@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CMAKE_ARGS="-DGGML_CUDA=on" make serve builds it for an NVIDIA GPU.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: serve test lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet clean
+.PHONY: serve test lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet bench-eta clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-limits: $(VENV)/.test
 
 bench-fleet: $(VENV)/.test
 	$(BIN)/python -m bench.fleet_bench $(ARGS)
+
+bench-eta: $(VENV)/.test
+	$(BIN)/python -m bench.eta_bench $(ARGS)
 
 bench-local: $(VENV)/.test
 	$(BIN)/python -m bench.local_bench $(ARGS)

@@ -155,6 +155,21 @@ class QueueFull(RetryLater):
     code = "queue_full"
 
 
+class DeadlineUnreachable(RetryLater):
+    """The estimated wait already exceeds the request's deadline: refused at once rather than timed out later."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "deadline_unreachable"
+
+    def __init__(self, expected: float, lifetime: float, *, retry_after: float):
+        super().__init__(
+            f"the queue's estimated wait ({expected:.1f}s) exceeds the request's deadline ({lifetime:.1f}s)",
+            retry_after=retry_after,
+            headers={"x-queue-eta-ms": str(round(expected * 1000))},
+        )
+
+
 class KeyRateLimited(RetryLater):
     """The key spent its own requests- or tokens-per-minute budget (API_KEYS_FILE)."""
 

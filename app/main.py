@@ -51,6 +51,8 @@ def create_app(
         routing=Routing(settings.routing),
         aging_seconds=settings.queue_aging_seconds,
         dispatch_margin=settings.dispatch_margin,
+        deadline_admission=settings.deadline_admission,
+        preempt_max=settings.preempt_max,
     )
     fleet.attach(scheduler)
     metrics.watch_queue(scheduler.queue_sizes_by_model, lambda: scheduler.in_flight, scheduler.backends_in_flight)

@@ -20,7 +20,14 @@ from app.types import Priority
 
 OUTCOMES = ("completed", "failed", "rejected", "timeout", "cancelled")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "http_5xx", "protocol")
-REJECTION_REASONS = ("queue_full", "key_rate_limit", "key_queue_limit", "breaker_open", "shutting_down")
+REJECTION_REASONS = (
+    "queue_full",
+    "key_rate_limit",
+    "key_queue_limit",
+    "breaker_open",
+    "shutting_down",
+    "deadline_unreachable",
+)
 CONNECTION_LIMITS = ("headers_too_large", "header_timeout", "body_timeout", "too_many_connections", "idle_evicted")
 RETRY_REASONS = ("http_429", "http_502", "http_503", "http_504", "connect", "timeout", "protocol")
 
@@ -80,6 +87,7 @@ class Metrics:
         self.retries = dict.fromkeys(RETRY_REASONS, 0)
         self.connections_closed = dict.fromkeys(CONNECTION_LIMITS, 0)
         self.too_late = 0
+        self.preemptions = {p.value: 0 for p in Priority}  # by the priority of the request parked
         self._open_connections: Callable[[], int] | None = None
         self.rate_limit_waits = Buckets(WAIT_BUCKETS)
         self.token_counts = {"prompt": 0, "completion": 0}
@@ -126,6 +134,10 @@ class Metrics:
     def timed_out_before_dispatch(self) -> None:
         """A waiting request was answered 408 instead of dispatched: too little of its time was left."""
         self.too_late += 1
+
+    def preempted(self, priority: Priority) -> None:
+        """A running request of `priority` was parked to give its slot to a high-priority one."""
+        self.preemptions[priority.value] += 1
 
     def rejected(self, reason: str) -> None:
         """A request was refused before it was queued, for one of REJECTION_REASONS."""
@@ -240,6 +252,12 @@ class _Exporter(Collector):
             "gateway_timeouts_before_dispatch",
             "Waiting requests answered 408 instead of dispatched, with too little time left (DISPATCH_MARGIN).",
             value=m.too_late,
+        )
+        yield _counter(
+            "gateway_preemptions",
+            "Running requests parked to give their slot to a high-priority one (PREEMPTION), by their priority.",
+            "priority",
+            m.preemptions,
         )
         yield _counter("gateway_upstream_retries", "Upstream attempts retried, by reason.", "reason", m.retries)
         yield _histogram(

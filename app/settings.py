@@ -245,6 +245,35 @@ class Settings(BaseSettings):
             "wasted); `0` dispatches whatever time is left."
         ),
     )
+    deadline_admission: bool = Field(
+        default=True,
+        description=(
+            "Refuse at once (`503`, code `deadline_unreachable`, with `Retry-After` and `x-queue-eta-ms`) a request "
+            "whose estimated wait already exceeds its deadline, rather than let it time out in the queue; `false` "
+            "lets it try. Applies once a request of its model has been served (the estimate is measured)."
+        ),
+    )
+    preemption: bool = Field(
+        default=True,
+        description=(
+            "`local`: when a high-priority request waits and every slot runs lower-priority work, the most "
+            "recently started of the lowest priority is parked at the next decode step (its tokens and cells kept "
+            "aside, its client sees a pause) and resumes once a slot frees; `off` lets the high one wait. "
+            "Room to park half of `MAX_CONCURRENT_REQUESTS` (rounded up) at once costs as much KV memory more."
+        ),
+    )
+    preempt_max: int = Field(
+        default=2, ge=0, le=100, description="Times one request may be parked at most (`0`: never)."
+    )
+    reserved_high_slots: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description=(
+            "Slots only high-priority requests may take (any backend; the answer to preemption for proxies, whose "
+            "requests cannot be paused); must be below `MAX_CONCURRENT_REQUESTS`."
+        ),
+    )
     queue_aging_seconds: float | None = Field(
         default=None,
         gt=0,
@@ -341,6 +370,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
+
+    @model_validator(mode="after")
+    def _check_reserved_slots(self) -> Settings:
+        if self.reserved_high_slots >= self.max_concurrent_requests:
+            raise ValueError(
+                f"RESERVED_HIGH_SLOTS ({self.reserved_high_slots}) must be below MAX_CONCURRENT_REQUESTS "
+                f"({self.max_concurrent_requests}): other requests need a slot too"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_upstream_auth(self) -> Settings:

@@ -12,8 +12,14 @@ first token (p50 and worst), how many streams were truncated or failed (ended wi
 200), and how many ended before max_tokens. Then the priority check: a high-priority stream arriving while
 every slot of the gateway streams low-priority work, its time to first token and what the status said.
 
+Then the preemption check, on two fresh gateways, PREEMPTION=on and PREEMPTION=off (the reference, where the
+high request waits for a slot to free): its time to first token alone (median of 3), then again while 4 low
+streams of --preempt-tokens tokens fill the 4 slots; the ratio of the two is the figure (at most 2x with
+preemption). `--preemption-only` runs just that part.
+
     python -m bench.local_bench [--rounds 3] [--tokens 128] [--threads 2] [--modes greedy,sampled]
                                 [--only gateway,llama-server -np 4] [--json bench/results/local.json]
+                                [--preemption-only] [--preempt-tokens 256]
 """
 
 from __future__ import annotations
@@ -176,14 +182,61 @@ async def priority_check(gateway: Contender, tokens: int) -> dict[str, object]:
     }
 
 
-def contenders(threads: int) -> list[Contender]:
-    model = default_model_path()
-    python = sys.executable
-    # llama-cpp-python's server needs its extras; same compiled library as the gateway.
-    subprocess.run([python, "-m", "pip", "install", "-q", "sse-starlette", "starlette-context"], check=True)
-    binary = llama_server_binary()
-    port = free_port
-    gateway_env = {
+async def preemption_check(gateway: Contender, tokens: int) -> dict[str, object]:
+    """A high stream's first token alone, then while every slot streams a long low-priority answer."""
+    async with client() as session:
+        alone = [await one_stream(session, gateway.url, 200 + n, 8, {"X-Priority": "high"}) for n in range(3)]
+        lows = [
+            asyncio.ensure_future(one_stream(session, gateway.url, i, tokens, {"X-Priority": "low"}))
+            for i in range(SLOTS)
+        ]
+        await asyncio.sleep(1.0)  # every low stream is generating
+        high = await one_stream(session, gateway.url, 100, 8, {"X-Priority": "high"})
+        low_results = await asyncio.gather(*lows)
+        async with session.get(gateway.url + "/metrics") as response:
+            metrics = await response.text()
+    ttft_alone = statistics.median(r.ttft or float("nan") for r in alone)
+    parked = sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("gateway_preemptions_total")
+    )
+    return {
+        "high_ttft_alone_s": round(ttft_alone, 4),
+        "high_ttft_under_load_s": round(high.ttft or float("nan"), 4),
+        "ratio": round((high.ttft or float("nan")) / ttft_alone, 2),
+        "low_streams_complete": sum(r.complete for r in low_results),
+        "low_tokens": [r.tokens for r in low_results],
+        "preemptions": parked,
+    }
+
+
+def preemption_part(threads: int, tokens: int, rounds: int) -> dict[str, object]:
+    """The preemption check on PREEMPTION=on and =off gateways, alternated for `rounds` rounds."""
+    results: dict[str, list[dict[str, object]]] = {"on": [], "off": []}
+    for round_ in range(rounds):
+        for setting in ("on", "off"):
+            port = free_port()
+            env = {**gateway_env(threads), "PREEMPTION": setting, "PORT": str(port)}
+            gateway = Contender(f"gateway-preemption-{setting}", [sys.executable, "-m", "app"], port, env, "/ready")
+            gateway.start()
+            try:
+                row = asyncio.run(preemption_check(gateway, tokens))
+            finally:
+                gateway.stop()
+            results[setting].append(row)
+            print(f"round {round_ + 1} PREEMPTION={setting}: {row}", flush=True)
+    return {
+        setting: {
+            "ratio_median": statistics.median(float(str(r["ratio"])) for r in rows),
+            "ttft_under_load_median_s": statistics.median(float(str(r["high_ttft_under_load_s"])) for r in rows),
+            "ttft_alone_median_s": statistics.median(float(str(r["high_ttft_alone_s"])) for r in rows),
+            "rounds": rows,
+        }
+        for setting, rows in results.items()
+    }
+
+
+def gateway_env(threads: int) -> dict[str, str]:
+    return {
         "BACKEND": "local",
         "MAX_CONCURRENT_REQUESTS": str(SLOTS),
         "N_CTX": str(N_CTX),
@@ -191,6 +244,15 @@ def contenders(threads: int) -> list[Contender]:
         "LOG_LEVEL": "warning",
         "MAX_QUEUE_SIZE": "1000",
     }
+
+
+def contenders(threads: int) -> list[Contender]:
+    model = default_model_path()
+    python = sys.executable
+    # llama-cpp-python's server needs its extras; same compiled library as the gateway.
+    subprocess.run([python, "-m", "pip", "install", "-q", "sse-starlette", "starlette-context"], check=True)
+    binary = llama_server_binary()
+    port = free_port
     p1, p2, p3, p4 = port(), port(), port(), port()
 
     def llama_server(slots: int, port_: int) -> Contender:
@@ -212,7 +274,7 @@ def contenders(threads: int) -> list[Contender]:
         return Contender(f"llama-server -np {slots}", argv, port_, ready_path="/health")
 
     return [
-        Contender("gateway", [python, "-m", "app"], p1, {**gateway_env, "PORT": str(p1)}, ready_path="/ready"),
+        Contender("gateway", [python, "-m", "app"], p1, {**gateway_env(threads), "PORT": str(p1)}, ready_path="/ready"),
         Contender(
             "llama_cpp.server",
             [
@@ -246,7 +308,16 @@ def main() -> None:
     parser.add_argument("--modes", default="greedy,sampled")
     parser.add_argument("--only", help="comma-separated contender names (default: all)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "local.json"))
+    parser.add_argument("--preemption-only", action="store_true", help="run only the preemption check")
+    parser.add_argument("--preempt-tokens", type=int, default=256, help="tokens of each low stream there")
     args = parser.parse_args()
+    if args.preemption_only:
+        preemption = preemption_part(args.threads, args.preempt_tokens, args.rounds)
+        summary = {k: {n: v for n, v in row.items() if n != "rounds"} for k, row in preemption.items()}
+        print("\npreemption:", json.dumps(summary, indent=2))
+        with open(args.json, "w") as out:
+            json.dump({"preemption": preemption}, out, indent=2)
+        return
     levels = [int(s) for s in args.streams.split(",")]
     modes = args.modes.split(",")
     field_ = contenders(args.threads)
@@ -310,9 +381,18 @@ def main() -> None:
                     f"{row['ttft_max_ms']:>7.0f}ms {row['truncated_or_failed']:>9} {row['ended_before_max_tokens']:>5}"
                 )
     print("\npriority check (gateway):", json.dumps(priority, indent=2))
+    preemption = preemption_part(args.threads, args.preempt_tokens, args.rounds)
+    print("preemption:", json.dumps({k: {n: v for n, v in r.items() if n != "rounds"} for k, r in preemption.items()}))
     with open(args.json, "w") as out:
         json.dump(
-            {"tokens": args.tokens, "threads": args.threads, "rounds": args.rounds, "rows": rows, "priority": priority},
+            {
+                "tokens": args.tokens,
+                "threads": args.threads,
+                "rounds": args.rounds,
+                "rows": rows,
+                "priority": priority,
+                "preemption": preemption,
+            },
             out,
             indent=2,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ class Behavior:
     """How the next requests are answered; change fields at any time."""
 
     latency: float = 0.0  # seconds before the answer (or before the first chunk)
+    latency_spread: float = 0.0  # and up to this many more, drawn uniformly for each request
     chunks: int = 5  # SSE content chunks per stream
     pace: float = 0.0  # seconds between chunks
     status: int | None = None  # answer every completion with this status and an OpenAI error body
@@ -111,8 +113,8 @@ class FakeUpstream:
         try:
             if b.hang or (b.hang_mid_event and not body.get("stream")):
                 await asyncio.Event().wait()
-            if b.latency:
-                await asyncio.sleep(b.latency)
+            if b.latency or b.latency_spread:
+                await asyncio.sleep(b.latency + random.uniform(0.0, b.latency_spread))
             if b.drop:
                 assert request.transport is not None
                 request.transport.close()

@@ -19,6 +19,7 @@ import pytest
         "overload_bench",
         "deadline_bench",
         "fleet_bench",
+        "eta_bench",
     ],
 )
 def test_a_benchmark_module_imports(name: str) -> None:

@@ -17,6 +17,7 @@ from app.api.deadline import client_timeout
 from app.api.deps import Caller, FleetDep, authenticate, read_body, request_id
 from app.api.disconnect import DisconnectWatcher
 from app.api.errors import as_gateway_error, error_response, sse_error_event
+from app.api.queue_updates import QueueUpdates, wanted
 from app.backends.base import BackendResponse
 from app.errors import ClientDisconnected, MethodNotAllowed
 from app.limits.keys import KeyAccount
@@ -24,7 +25,7 @@ from app.queue.job import Job
 from app.queue.service import Admitted, CompletionService
 from app.schemas import SERVICE_TIERS, CompletionRequest, parse_completion_request, parse_priority
 from app.settings import Settings
-from app.types import CompletionKind, Priority
+from app.types import CompletionKind, JobState, Priority
 
 COMPLETION_ROUTES: dict[str, CompletionKind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _SUMMARIES = {"chat": "OpenAI chat completions, queued by priority", "completion": "OpenAI text completions, queued"}
@@ -96,24 +97,45 @@ class CompletionEndpoint:
         watcher = DisconnectWatcher(receive, lambda: service.abort(job, ClientDisconnected("client left")))
         try:
             # HTTP/1.0 has no chunked encoding: its streams are sent whole, with a Content-Length, once done.
-            await _answer(service, admitted, priority, send, whole_streams=scope.get("http_version") == "1.0")
+            whole_streams = scope.get("http_version") == "1.0"
+            updates = None
+            if (
+                admitted.stream
+                and not whole_streams
+                and job.state is JobState.QUEUED
+                and wanted(headers.get("x-queue-updates"))
+            ):
+                updates = QueueUpdates(
+                    service.scheduler, send, [*SSE_HEADERS, (b"x-priority", priority.value.encode())]
+                )
+            await _answer(service, admitted, priority, send, whole_streams, updates)
         finally:
             watcher.stop()
 
 
 async def _answer(
-    service: CompletionService, admitted: Admitted, priority: Priority, send: Send, whole_streams: bool
+    service: CompletionService,
+    admitted: Admitted,
+    priority: Priority,
+    send: Send,
+    whole_streams: bool,
+    updates: QueueUpdates | None = None,
 ) -> None:
-    """Send the backend's answer: a whole response, or a stream relayed chunk by chunk (or whole, if asked)."""
+    """Send the backend's answer: a whole response, or a stream relayed chunk by chunk (or whole, if asked).
+
+    With `updates`, the stream's response has started while the request waited (X-Queue-Updates).
+    """
     job = admitted.job
     started = False
     whole: BackendResponse | None = None
     collected: list[bytes] | None = [] if whole_streams else None
     try:
-        async with service.run(admitted) as answer:
+        async with service.run(admitted, updates) as answer:
             # Dispatched, and the backend accepted it: only now do headers go out, so a full queue, a timeout
             # in the queue or an upstream refusal reach the client as their real status codes.
             headers = {"x-priority": priority.value, "x-queue-wait-ms": _waited_ms(job)}
+            if job.eta is not None:  # it waited: what the queue told itself at its arrival, to compare
+                headers["x-queue-eta-ms"] = f"{job.eta * 1000:.1f}"
             if isinstance(answer, BackendResponse):
                 whole = answer
             elif collected is not None:
@@ -121,17 +143,18 @@ async def _answer(
                 async for chunk in answer:
                     collected.append(chunk)
             else:
-                raw = [*SSE_HEADERS, *((name.encode(), value.encode()) for name, value in headers.items())]
-                await send({"type": "http.response.start", "status": 200, "headers": raw})
+                if updates is None:
+                    raw = [*SSE_HEADERS, *((name.encode(), value.encode()) for name, value in headers.items())]
+                    await send({"type": "http.response.start", "status": 200, "headers": raw})
                 started = True
                 async for chunk in answer:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except OSError:
-        if started:
+        if started or (updates is not None and updates.started):
             return  # the client is gone mid-stream; the request is retired as cancelled
         raise
     except Exception as exc:
-        if not started:
+        if not started and (updates is None or not updates.started):
             raise  # answered with the error's own status
         error = as_gateway_error(exc, "POST", "")
         if collected is None:

@@ -99,6 +99,13 @@ class RequestStatus(BaseModel):
         "(as dispatch_held_by in the queue status)."
     )
     level: Priority = Field(description="The level it waits or ran at: its priority, or higher after aging.")
+    eta_seconds: float | None = Field(
+        description="While waiting: the estimated seconds until it is dispatched, from its place now; else None."
+    )
+    eta_at_arrival_seconds: float | None = Field(
+        description="The wait estimated when it arrived (None if it was dispatched at once)."
+    )
+    preemptions: int = Field(description="Times it gave its slot up to a high-priority request (PREEMPTION).")
     queued_at: float
     started_at: float | None
     finished_at: float | None
@@ -198,12 +205,19 @@ def request_status(scheduler: Scheduler, job: Job) -> RequestStatus:
         position=scheduler.position(job),
         waiting_for=scheduler.waiting_for(job),
         level=Priority.at(job.rank),
+        eta_seconds=_rounded(scheduler.eta(job)),
+        eta_at_arrival_seconds=_rounded(job.eta),
+        preemptions=job.preemptions,
         queued_at=job.arrived_wall,
         started_at=job.wall_time(job.started),
         finished_at=job.wall_time(job.finished),
         model=job.model,
         backend=job.member.name if job.member is not None else None,
     )
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _sees(viewer: KeyAccount | None, job: Job) -> bool:

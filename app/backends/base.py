@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -54,6 +54,41 @@ class BackendStream:
         await self._chunks_gen.aclose()
 
 
+class Turn:
+    """A running request's hold on its backend slot, which the queue may take back for a while (preemption).
+
+    A backend that can pause a request mid-answer without losing anything (the local model) registers how
+    while it runs; the queue then parks it to give its slot to a more urgent request, and resumes it later.
+    Its client sees only a pause.
+    """
+
+    __slots__ = ("_park", "_resume")
+
+    def __init__(self) -> None:
+        self._park: Callable[[], None] | None = None
+        self._resume: Callable[[], None] | None = None
+
+    def pausable(self, park: Callable[[], None], resume: Callable[[], None]) -> None:
+        """The backend's means to pause and go on, while the request runs there."""
+        self._park, self._resume = park, resume
+
+    def done(self) -> None:
+        """The backend has let go: nothing is left to pause."""
+        self._park = self._resume = None
+
+    @property
+    def can_park(self) -> bool:
+        return self._park is not None
+
+    def park(self) -> None:
+        if self._park is not None:
+            self._park()
+
+    def resume(self) -> None:
+        if self._resume is not None:
+            self._resume()
+
+
 Prepared = TypeVar("Prepared")
 
 
@@ -73,10 +108,11 @@ class Backend(Protocol[Prepared]):
     def prompt_tokens(self, prepared: Prepared) -> int:
         """The prompt's tokens, counted or estimated, for token budgets (asked only when one is set)."""
 
-    async def complete(self, prepared: Prepared, deadline: float) -> BackendResponse:
-        """Answer a non-streaming request whole; retries never outlive `deadline` (monotonic)."""
+    async def complete(self, prepared: Prepared, deadline: float, turn: Turn | None = None) -> BackendResponse:
+        """Answer a non-streaming request whole; retries never outlive `deadline` (monotonic). A backend that
+        can pause registers how on `turn`."""
 
-    async def stream(self, prepared: Prepared, deadline: float) -> BackendStream:
+    async def stream(self, prepared: Prepared, deadline: float, turn: Turn | None = None) -> BackendStream:
         """Open a streaming request; return once the backend has accepted it, so a refusal is still a status."""
 
     async def models(self) -> BackendResponse:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 
-from app.backends.base import BackendResponse, BackendStream
+from app.backends.base import BackendResponse, BackendStream, Turn
 from app.backends.sse import UpstreamStream, usage_of
 from app.errors import BackendNotReady, BadUpstreamResponse, UpstreamError, UpstreamHTTPError
 from app.limits.backoff import Backoff
@@ -242,7 +242,7 @@ class ProxyBackend:
             retry_after = parse_retry_after(headers, time.time())
             self._limiter.pause(_PAUSE_WITHOUT_RETRY_AFTER if retry_after is None else retry_after)
 
-    async def complete(self, prepared: CompletionRequest, deadline: float) -> BackendResponse:
+    async def complete(self, prepared: CompletionRequest, deadline: float, turn: Turn | None = None) -> BackendResponse:
         """POST the client's body upstream and return the whole answer, checked: JSON, at most MAX_RESPONSE_BYTES."""
         request = prepared
         response = await self._post(request, deadline)
@@ -286,7 +286,7 @@ class ProxyBackend:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc, path) from exc
 
-    async def stream(self, prepared: CompletionRequest, deadline: float) -> BackendStream:
+    async def stream(self, prepared: CompletionRequest, deadline: float, turn: Turn | None = None) -> BackendStream:
         """POST a streaming request; return once the upstream has answered 2xx."""
         request = prepared
         response = await self._post(request, deadline)

@@ -25,6 +25,9 @@ class _Entry(BaseModel):
     models: tuple[str, ...] | None = Field(
         default=None, description="The model names it serves; a proxy without them is asked GET /v1/models."
     )
+    reserved_high_slots: int | None = Field(
+        default=None, ge=0, description="Slots only high-priority requests may take; unset: RESERVED_HIGH_SLOTS."
+    )
 
     @field_validator("name")
     @classmethod
@@ -32,6 +35,12 @@ class _Entry(BaseModel):
         if not _NAME.match(value):
             raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value
+
+    @model_validator(mode="after")
+    def _check_reserved(self) -> _Entry:
+        if self.reserved_high_slots is not None and self.reserved_high_slots >= self.max_concurrent:
+            raise ValueError("reserved_high_slots must be below max_concurrent: other requests need a slot too")
+        return self
 
     @field_validator("models")
     @classmethod
@@ -89,6 +98,7 @@ class LocalEntry(_Entry):
     chat_template: ChatTemplate | None = None
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    preemption: bool | None = Field(default=None, description="Park lower-priority work for high; unset: PREEMPTION.")
 
 
 BackendEntry = Annotated[ProxyEntry | LocalEntry, Field(discriminator="type")]
@@ -171,6 +181,7 @@ def fleet_of_one(settings: Settings) -> FleetConfig:
             type="proxy",
             max_concurrent=settings.max_concurrent_requests,
             models=None,
+            reserved_high_slots=settings.reserved_high_slots,
             base_url=settings.upstream_base_url,
             api_key=settings.upstream_api_key,
             api_key_env=None,
@@ -188,6 +199,8 @@ def fleet_of_one(settings: Settings) -> FleetConfig:
             type="local",
             max_concurrent=settings.max_concurrent_requests,
             models=None,
+            reserved_high_slots=settings.reserved_high_slots,
+            preemption=settings.preemption,
             model_path=settings.model_path,
             n_ctx=settings.n_ctx,
             n_threads=settings.n_threads,

@@ -92,6 +92,10 @@ class Fleet:
             gate=DispatchGate(limiter, breaker, metrics) if limiter is not None or breaker is not None else None,
             base_url=without_credentials(entry.base_url) if isinstance(entry, ProxyEntry) else None,
             series=metrics.backend(entry.name),
+            reserved_high=settings.reserved_high_slots
+            if entry.reserved_high_slots is None
+            else entry.reserved_high_slots,
+            parking=parking(entry, settings),
         )
         if breaker is not None:
             breaker.on_change = lambda state: self._breaker_changed(member, state)
@@ -263,6 +267,7 @@ def _backend(
             n_gpu_layers=entry.n_gpu_layers,
             chat_template=entry.chat_template,
             default_max_tokens=settings.default_max_tokens,
+            n_parked=parking(entry, settings),
         )
     return ProxyBackend(
         base_url=entry.base_url,
@@ -280,6 +285,15 @@ def _backend(
         limiter=limiter,
         breaker=breaker,
     )
+
+
+def parking(entry: Entry, settings: Settings) -> int:
+    """Requests a backend may hold parked at once: half its slots, rounded up, for a local model with
+    preemption on (PREEMPTION and PREEMPT_MAX); none for a proxy, whose requests cannot be paused."""
+    if not isinstance(entry, LocalEntry) or not settings.preempt_max:
+        return 0
+    wanted = settings.preemption if entry.preemption is None else entry.preemption
+    return -(-entry.max_concurrent // 2) if wanted else 0
 
 
 def _alone(entry: ProxyEntry, config: FleetConfig) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.errors import KeyQueueLimit, KeyRateLimited
+from app.errors import KeyRateLimited
 from app.limits.buckets import TokenBucket
 from app.types import Priority
 
@@ -142,13 +142,9 @@ class KeyAccount:
         if self.tokens is not None:
             self.tokens.settle(charged, used)
 
-    def check_queue(self) -> None:
-        """Raise 429 if the key already has its most requests waiting."""
-        if self.max_queued is not None and self.waiting >= self.max_queued:
-            raise KeyQueueLimit(
-                f"key {self.name!r} already has {self.waiting} requests waiting, the most it may have",
-                retry_after=1.0,
-            )
+    def queue_full(self) -> bool:
+        """Whether the key already has its most requests waiting (max_queued)."""
+        return self.max_queued is not None and self.waiting >= self.max_queued
 
     def joined(self) -> None:
         """One of the key's requests started waiting."""

@@ -17,6 +17,7 @@ from app.errors import (
 from app.types import CompletionKind, JobState, Priority
 
 if TYPE_CHECKING:
+    from app.backends.base import Turn
     from app.limits.keys import KeyAccount
     from app.queue.member import Member
     from app.queue.pool import Pool
@@ -72,18 +73,25 @@ class Job:
         "deadline",
         "error",
         "error_message",
+        "eta",
         "finished",
         "id",
         "key",
         "kind",
         "member",
         "model",
+        "parked",
+        "parked_for",
+        "parked_since",
         "pool",
+        "preemptions",
         "priority",
         "rank",
         "slot",
+        "slot_taken",
         "started",
         "state",
+        "turn",
         "turn_key",
         "waiting_in",
         "waiting_level",
@@ -126,6 +134,13 @@ class Job:
         self.pool: Pool | None = None  # the pool it waits in or was dispatched from
         self.member: Member | None = None  # the member it runs at, while it does
         self.avoid: Member | None = None  # the member it just failed at: not to be tried again next
+        self.eta: float | None = None  # the wait estimated at arrival (app.queue.eta); None if it did not wait
+        self.turn: Turn | None = None  # how its backend lets it be paused, while it runs at one that can
+        self.slot_taken: float | None = None  # when it last took a slot (dispatched, or resumed)
+        self.parked = False  # preempted: off its slot, waiting to resume at its member (job.member)
+        self.parked_since = 0.0
+        self.parked_for = 0.0  # seconds spent parked, left out of its service time
+        self.preemptions = 0  # times it was parked (at most PREEMPT_MAX)
         self.watched = False  # whether the scheduler's Deadlines still watch this job
         self._dispatched: asyncio.Future[None] | None = None
         self._scope: AbortScope | None = None
@@ -154,6 +169,23 @@ class Job:
         if self._dispatched is None:
             self._dispatched = asyncio.get_running_loop().create_future()
         await self._dispatched
+
+    async def dispatched_within(self, seconds: float) -> bool:
+        """Like dispatched(), but False once `seconds` have passed with the job still waiting."""
+        if self.state is JobState.PROCESSING:
+            return True
+        if self.error is not None:
+            raise self.error
+        if self._dispatched is None:
+            self._dispatched = asyncio.get_running_loop().create_future()
+        future = self._dispatched
+        done, _ = await asyncio.wait((future,), timeout=seconds)
+        if not done:
+            return False
+        if future.cancelled():  # it ended without a word to its waiter: its error says how
+            raise self.error if self.error is not None else RequestCancelled("the request ended while waiting")
+        future.result()
+        return True
 
     def abortable(self) -> AbortScope:
         """A scope whose body is stopped, raising the job's error, if the job is aborted meanwhile."""

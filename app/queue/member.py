@@ -31,6 +31,9 @@ class Member:
         "max_concurrent",
         "models",
         "name",
+        "parked",
+        "parking",
+        "reserved_high",
         "retiring",
         "series",
         "slots",
@@ -47,6 +50,8 @@ class Member:
         gate: DispatchGate | None = None,
         base_url: str | None = None,
         series: BackendSeries | None = None,
+        reserved_high: int = 0,
+        parking: int = 0,
     ):
         self.name = name
         self.kind = kind  # 'proxy' or 'local'
@@ -56,9 +61,22 @@ class Member:
         self.models = models
         self.gate = gate
         self.slots = SlotPool(max_concurrent)
+        self.reserved_high = reserved_high  # slots only high-priority requests may take (RESERVED_HIGH_SLOTS)
+        self.parking = parking  # requests it may hold parked at once (preemption; 0: it cannot pause them)
+        self.parked = 0  # requests parked here now, waiting to resume
         self.latency: float | None = None  # moving average of completed requests' seconds at this member
         self.retiring = False
         self.series = series if series is not None else BackendSeries()  # its metrics, kept by name
+
+    def takes(self, rank: int) -> bool:
+        """Whether a request of level `rank` may take one of its idle slots (the reserved ones are for high)."""
+        idle = len(self.slots.idle)
+        return idle > self.reserved_high if rank else idle > 0
+
+    @property
+    def holds_work(self) -> bool:
+        """Whether requests run here or wait parked here (a retiring member is closed only once neither)."""
+        return bool(self.slots.busy or self.parked)
 
     @property
     def in_flight(self) -> int:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from enum import StrEnum
 
+from app.queue.eta import ArrivalRate, ServiceSamples
 from app.queue.job import Job
 from app.queue.member import Member
 from app.queue.priority_queue import PriorityQueue
@@ -33,7 +34,7 @@ class Routing(StrEnum):
 class Pool:
     """One model's queue and members. `model` is '*' for the pool of a member that serves any model."""
 
-    __slots__ = ("_affinity", "_turn", "members", "model", "queue", "routing")
+    __slots__ = ("_affinity", "_turn", "arrivals", "members", "model", "queue", "routing", "service")
 
     def __init__(self, model: str, levels: int, routing: Routing = Routing.AFFINITY):
         self.model = model
@@ -42,13 +43,20 @@ class Pool:
         self.routing = routing
         self._affinity: OrderedDict[int, Member] = OrderedDict()
         self._turn = 0
+        self.service = ServiceSamples()  # how long its requests hold a slot (app.queue.eta)
+        self.arrivals = tuple(ArrivalRate() for _ in range(levels))  # its arrivals per second, by level
 
-    def has_room(self) -> bool:
-        """Whether a member has a free slot and nothing could hold a request back from it."""
+    def has_room(self, rank: int) -> bool:
+        """Whether a member has a slot a request of level `rank` may take, and nothing could hold it back."""
         for member in self.members:  # noqa: SIM110 (a loop: cheaper than any() on every request)
-            if member.slots.idle and (member.gate is None or member.gate.idle()):
+            if member.takes(rank) and (member.gate is None or member.gate.idle()):
                 return True
         return False
+
+    @property
+    def preemptive(self) -> bool:
+        """Whether a member can park running requests for a high-priority one."""
+        return any(member.parking for member in self.members)
 
     def has_free_slot(self) -> bool:
         """Whether a member has a free slot (a gate may still hold a request back from it)."""
@@ -64,16 +72,21 @@ class Pool:
     def choose(self, job: Job, now: float, wake: Callable[[], object]) -> Member | None:
         """The member `job` goes to now, or None: it waits (a gate that holds it arms a timer to `wake`)."""
         members = self.members
+        rank = job.rank
+        if job.parked:  # it resumes where its cells are, its budgets already paid
+            parked_at = job.member
+            return parked_at if parked_at is not None and parked_at.takes(rank) else None
         if len(members) == 1:  # a fleet of one: the hot path
             member = members[0]
-            if not member.slots.idle or (member.gate is not None and not member.gate.admits(job, now, wake)):
+            if not member.takes(rank) or (member.gate is not None and not member.gate.admits(job, now, wake)):
                 return None
             return member
-        free = [m for m in members if m.slots.idle and m is not job.avoid]
+        avoid = job.avoid
+        free = [m for m in members if m.takes(rank) and m is not avoid]
         if not free:
-            if job.avoid is None or not job.avoid.slots.idle or any(m is not job.avoid and not m.down for m in members):
+            if avoid is None or not avoid.takes(rank) or any(m is not avoid and not m.down for m in members):
                 return None
-            free = [job.avoid]  # it failed there, but every other member is down now
+            free = [avoid]  # it failed there, but every other member is down now
         for member in self._order(job, free):
             if member.gate is None or member.gate.admits(job, now, wake):
                 if job.affinity is not None:

@@ -193,6 +193,26 @@ class PriorityQueue(Generic[T]):
             ahead += min(len(self._live(level, level.queues[key])), turn + 1 if before_key else turn)
         return ahead + 1
 
+    def ahead_of_new(self, rank: int, key: object = None) -> int:
+        """How many would go before an item pushed now at `rank` for `key` (O(keys at that level): on arrival).
+
+        Exact with one key per level; with several, removed items not yet compacted count as waiting.
+        """
+        ahead = sum(self._levels[r].count for r in range(rank))
+        level = self._levels[rank]
+        turns = level.turns
+        if not turns or (len(turns) == 1 and turns[0] == key):
+            return ahead + level.count
+        own = level.queues.get(key)
+        turn = min(len(own), level.count) if own is not None else 0
+        before_key = True
+        for other in turns:
+            if other == key:
+                before_key = False
+                continue
+            ahead += min(len(level.queues[other]), turn + 1 if before_key or own is None else turn)
+        return min(ahead, sum(self._levels[r].count for r in range(rank + 1)))
+
     def items(self) -> list[T]:
         """Every live item, level by level."""
         return [item for level in self._levels for key in level.turns for item in self._live(level, level.queues[key])]

@@ -20,8 +20,10 @@ from app.backends.base import Usage
 from app.errors import (
     BreakerOpen,
     Conflict,
+    DeadlineUnreachable,
     GatewayError,
     InvalidRequest,
+    KeyQueueLimit,
     ModelNotFound,
     QueueFull,
     RequestTimeout,
@@ -31,6 +33,7 @@ from app.errors import (
 from app.limits.breaker import BreakerState
 from app.limits.keys import KeyAccount
 from app.metrics import Metrics
+from app.queue import eta, preemption
 from app.queue.aging import Aging
 from app.queue.deadlines import Deadlines
 from app.queue.gate import DispatchGate
@@ -70,6 +73,8 @@ class Scheduler:
         routing: Routing = Routing.AFFINITY,
         aging_seconds: float | None = None,
         dispatch_margin: float = 0.0,
+        deadline_admission: bool = True,
+        preempt_max: int = 0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ):
@@ -80,6 +85,10 @@ class Scheduler:
         # A waiting request whose remaining time is under this many average service times is answered 408
         # instead of dispatched: it would most likely be cut off at its timeout, its upstream work wasted.
         self.dispatch_margin = dispatch_margin
+        # Refuse at once (503 deadline_unreachable) a request whose estimated wait exceeds its deadline.
+        self.deadline_admission = deadline_admission
+        # A running request may be parked this many times for high-priority ones (members with parking room).
+        self.preempt_max = preempt_max
         self.aging = Aging(aging_seconds, len(Priority)) if aging_seconds else None
         self.totals = Totals()
         self.draining = False
@@ -142,7 +151,7 @@ class Scheduler:
         self._member_pools = {m: tuple(p for p in self._pools if m in p.members) for m in members}
         self.service.slots = max(1, sum(member.max_concurrent for member in members))
         for member in list(self.retiring):
-            if not member.slots.busy:
+            if not member.holds_work:
                 self._retired(member)
         self.dispatch()
 
@@ -209,18 +218,14 @@ class Scheduler:
         full = self.waiting_in_queue >= self.max_queue_size
         if full and self.full_behavior is QueueFullBehavior.REJECT:
             raise self.refuse_full(priority)
-        at_once = not pool.queue.size and pool.has_room()
-        if key is not None and not at_once:
-            try:
-                key.check_queue()
-            except GatewayError:
-                self.count_rejection(priority, "key_queue_limit")
-                raise
-
         now = self._clock()
+        at_once = not pool.queue.size and pool.has_room(priority.rank)
         lifetime = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
+        expected = None if at_once else self._expected_wait(pool, priority, key, lifetime, full, now)
+        pool.arrivals[priority.rank].arrived(now)
         job = Job(request_id, kind, priority, key, now, self._wall_clock(), now + lifetime, cost, model, affinity)
         job.pool = pool
+        job.eta = expected
         self._live[job.key_name, request_id] = job
         self.totals.queued += 1
         self._deadlines.add(job)
@@ -238,7 +243,36 @@ class Scheduler:
             self._enqueue(job, now)
             if pool.has_free_slot():
                 self._dispatch(now)  # only a gate holds a request back from a free slot: it arms its timer
+            elif not job.rank and self.preempt_max and pool.preemptive:
+                self._dispatch(now)  # every slot is busy: lower-priority work may give its slot up
         return job
+
+    def _expected_wait(
+        self, pool: Pool, priority: Priority, key: KeyAccount | None, lifetime: float, full: bool, now: float
+    ) -> float:
+        """The wait of a request that is to queue: raise if its key has too many waiting, or if it would wait
+        past its deadline (DEADLINE_ADMISSION)."""
+        rank = priority.rank
+        key_name = key.name if key is not None else None
+        if key is not None and key.queue_full():
+            self.count_rejection(priority, "key_queue_limit")
+            retry_after = eta.pool_wait(pool, 0, rank, now, self.service.average)
+            raise KeyQueueLimit(
+                f"key {key.name!r} already has {key.waiting} requests waiting, the most it may have; "
+                f"a place frees in about {retry_after:.1f}s",
+                retry_after=retry_after,
+            )
+        if full:
+            ahead = pool.queue.size + self._overflow.ahead_of_new(rank, key_name)
+        else:
+            ahead = pool.queue.ahead_of_new(rank, key_name)
+        expected = eta.pool_wait(pool, ahead, rank, now, self.service.average)
+        if expected > lifetime and self.deadline_admission and pool.service.mean is not None:
+            self.count_rejection(priority, "deadline_unreachable")
+            raise DeadlineUnreachable(
+                expected, lifetime, retry_after=max(expected - lifetime, eta.pool_place(pool, self.service.average))
+            )
+        return expected
 
     def _refusal(self, pool: Pool) -> BreakerOpen | None:
         """The 503 a new request for `pool` meets while every member is down, else None."""
@@ -270,7 +304,7 @@ class Scheduler:
     def refuse_full(self, priority: Priority) -> QueueFull:
         """Count a request refused for a full queue, and the error that tells it when to come back."""
         self.count_rejection(priority, "queue_full")
-        retry_after = self.service.appointment(self._clock())
+        retry_after = self.service.appointment(self._clock(), eta.place(self.service.slots, self.service.average))
         return QueueFull(
             f"the queue is full ({self.waiting_in_queue} requests waiting); retry in {retry_after:.1f}s",
             retry_after=retry_after,
@@ -308,7 +342,7 @@ class Scheduler:
     def _start(self, job: Job, member: Member, now: float) -> None:
         job.slot = member.slots.take(job)
         job.member = member
-        job.started = now
+        job.started = job.slot_taken = now
         job.mark_dispatched()
         member.series.dispatched += 1
         assert job.pool is not None
@@ -342,8 +376,9 @@ class Scheduler:
             pool = pools[0]
             members = pool.members
             if len(members) == 1:  # a fleet of one: the hot path, which asks no more once its slots are taken
-                idle = members[0].slots.idle
-                while idle and self._dispatch_head(pool, now):
+                member = members[0]
+                idle = member.slots.idle
+                while (idle or member.parking) and self._dispatch_head(pool, now):
                     pass
             else:
                 while self._dispatch_head(pool, now):
@@ -372,17 +407,44 @@ class Scheduler:
             return True
         member = pool.choose(job, now, self.dispatch)
         if member is None:
-            return False
+            if job.rank or job.parked or not self.preempt_max or not self._preempt(pool, now):
+                return False
+            member = pool.choose(job, now, self.dispatch)
+            if member is None:
+                return False
         pool.queue.pop()
         if job.key is not None:
             job.key.left()
-        self._start(job, member, now)
+        if job.parked:
+            preemption.resume(job, member, now)
+        else:
+            self._start(job, member, now)
+        return True
+
+    def _preempt(self, pool: Pool, now: float) -> bool:
+        """Park a running request for the high-priority head of `pool` (app.queue.preemption); False if none
+        may give its slot up."""
+        victim = preemption.victim(pool, self.preempt_max)
+        if victim is None:
+            return False
+        preemption.park(victim, now)
+        if victim.key is not None:
+            victim.key.joined()
+        self._enqueue(victim, now, first=True)  # the head of its level: it resumes before what waited there
+        self._metrics.preempted(victim.priority)
+        assert victim.member is not None
+        log.info(
+            "request %s parked at %s for a high-priority request (%d)",
+            victim.id,
+            victim.member.name,
+            victim.preemptions,
+        )
         return True
 
     def _too_late(self, job: Job, now: float) -> bool:
         """Answer 408 now, and True, if the job's remaining time is too short for a likely service time."""
         expected = self.service.average
-        if not self.dispatch_margin or expected is None:
+        if not self.dispatch_margin or expected is None or job.parked:
             return False
         left = job.deadline - now
         if left >= self.dispatch_margin * expected:
@@ -426,7 +488,7 @@ class Scheduler:
         if job.key is not None:
             job.key.joined()
         self._enqueue(job, now, first=True)
-        if member.retiring and not member.slots.busy:
+        if member.retiring and not member.holds_work:
             self._retired(member)
         self._dispatch(now)
         return True
@@ -497,6 +559,11 @@ class Scheduler:
         member = job.member
         if member is not None and member.gate is not None:
             member.gate.ended(job, used)
+        if job.parked:
+            assert member is not None
+            preemption.unpark(job, member)
+            if member.retiring and not member.holds_work:
+                self._retired(member)
         if usage is not None:
             self._metrics.tokens(usage.prompt_tokens, usage.completion_tokens)
         slot = job.slot
@@ -505,14 +572,16 @@ class Scheduler:
             completed = state is JobState.COMPLETED
             member.slots.give(slot, completed)
             job.slot = None
-            held = now - job.started
+            held = now - job.started - job.parked_for
             self.service.observe(held)
+            if job.pool is not None:
+                job.pool.service.observe(held)
             if completed:
                 member.observe(held)
                 member.series.latency.observe(held)
             elif state is JobState.FAILED:
                 member.series.errors += 1
-            if member.retiring and not member.slots.busy:
+            if member.retiring and not member.holds_work:
                 self._retired(member)
         if error is not None and job.error is None:
             job.error = error
@@ -533,7 +602,7 @@ class Scheduler:
                 self._history.popitem(last=False)
 
     def _expire(self, job: Job) -> None:
-        where = "in the queue" if job.state is JobState.QUEUED else "at the backend"
+        where = "in the queue" if job.started is None else "at the backend"
         self.abort(job, RequestTimeout(f"request timed out after {job.deadline - job.arrived:g}s ({where})"))
 
     def _waiting_jobs(self) -> list[Job]:
@@ -656,9 +725,14 @@ class Scheduler:
         """The backends' slots, busy or not, member by member."""
         return [slot for member in self.members.values() for slot in member.slots.slots]
 
-    def estimate_wait(self, places: int) -> float:
-        """Seconds until `places` more requests could be taken, those waiting for queue space first."""
-        return self.service.wait(places + len(self._overflow))
+    def eta(self, job: Job) -> float | None:
+        """Estimated seconds until a waiting request is dispatched (app.queue.eta); None once it is not waiting."""
+        if job.state is not JobState.QUEUED or job.pool is None:
+            return None
+        place = self.position(job)
+        return (
+            None if place is None else eta.pool_wait(job.pool, place - 1, job.rank, self._clock(), self.service.average)
+        )
 
     def waiting_for(self, job: Job) -> str | None:
         """What a waiting request waits for: a place in the queue, a budget, or a backend slot."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from app.backends.base import Backend, BackendResponse, BackendStream, Usage
+from app.backends.base import Backend, BackendResponse, BackendStream, Turn, Usage
 from app.errors import BackendNotReady, ClientDisconnected, GatewayError, UpstreamError, UpstreamHTTPError
 from app.limits.keys import KeyAccount
 from app.queue.affinity import conversation
@@ -125,17 +125,20 @@ class CompletionService:
         return self.scheduler.abort(job, error)
 
     @asynccontextmanager
-    async def run(self, admitted: Admitted) -> AsyncIterator[BackendResponse | BackendStream]:
+    async def run(
+        self, admitted: Admitted, waiting: Callable[[Job], Awaitable[None]] | None = None
+    ) -> AsyncIterator[BackendResponse | BackendStream]:
         """The backend's answer, once dispatched: a whole response, or a stream to relay inside the block.
 
-        The block runs inside the job's abort scope: a timeout, a cancel or a disconnect stops it, raising
-        the job's error. Leaving the block closes a stream and retires the job with how it ended.
+        `waiting` is how to wait for the slot (default: job.dispatched); it raises what ends the request
+        meanwhile. The block runs inside the job's abort scope: a timeout, a cancel or a disconnect stops it,
+        raising the job's error. Leaving the block closes a stream and retires the job with how it ended.
         """
         job = admitted.job
         error: GatewayError | None = None
         usage: Usage | None = None
         try:
-            await job.dispatched()
+            await (job.dispatched() if waiting is None else waiting(job))
             async with job.abortable():
                 answer = await self._open(admitted)
                 if isinstance(answer, BackendStream):
@@ -168,9 +171,11 @@ class CompletionService:
                 prepared = admitted.prepared.get(id(backend), _MISSING)
                 if prepared is _MISSING:
                     prepared = admitted.prepared[id(backend)] = await backend.prepare(admitted.request)
+                # A member that can pause its requests lends them a turn it may take back (preemption).
+                turn = job.turn = Turn() if member.parking else None
                 if admitted.stream:
-                    return await backend.stream(prepared, job.deadline)
-                return await backend.complete(prepared, job.deadline)
+                    return await backend.stream(prepared, job.deadline, turn)
+                return await backend.complete(prepared, job.deadline, turn)
             except GatewayError as exc:
                 if not _worth_another_member(exc, self._retry_on_timeout) or not self.scheduler.reroute(
                     job, exc, retry=failovers < self._failovers

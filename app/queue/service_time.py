@@ -1,19 +1,15 @@
-"""How long a request holds a backend slot, and what that says about waiting: the estimate behind Retry-After."""
+"""How long a request holds a backend slot (a moving average), and the appointments given to refused requests."""
 
 from __future__ import annotations
 
 import random
 
 _EWMA_WEIGHT = 0.2  # how fast the estimate follows change: about the last 5 requests
-_UNMEASURED_SECONDS = 1.0  # a place's time before the first request has ended: the honest floor
 LONGEST_APPOINTMENT_SECONDS = 60.0  # the longest Retry-After given (the openai SDK honours up to 60 s)
 
 
 class ServiceTime:
-    """A moving average of slot hold times, the waits it implies, and appointments for refused requests.
-
-    With every slot busy, a place frees about every average / slots seconds.
-    """
+    """A moving average of slot hold times, and appointments for refused requests."""
 
     __slots__ = ("_next_appointment", "average", "slots")
 
@@ -27,20 +23,14 @@ class ServiceTime:
         average = self.average
         self.average = held if average is None else average + _EWMA_WEIGHT * (held - average)
 
-    def wait(self, places: int) -> float:
-        """Seconds until `places` more requests could be taken (a second a place until one has been measured)."""
-        if self.average is None:
-            return places * _UNMEASURED_SECONDS
-        return max(places * self.average / self.slots, 0.001)
-
-    def appointment(self, now: float) -> float:
-        """Seconds until a refused request should come back: when a place frees for it.
+    def appointment(self, now: float, place: float) -> float:
+        """Seconds until a refused request should come back: when a place frees for it, `place` seconds apart
+        (app.queue.eta.place).
 
         Refused requests get successive appointments, one place apart, plus up to half a place of jitter:
         told the same Retry-After, they would all come back at once and all but one be refused again. Under a
         sustained flood the appointments would grow for as long as it lasts; they stop at a minute, past which
         the openai SDK ignores Retry-After anyway.
         """
-        place = self.wait(1)
         self._next_appointment = min(max(self._next_appointment, now) + place, now + LONGEST_APPOINTMENT_SECONDS)
         return self._next_appointment - now + random.uniform(0.0, place / 2)

@@ -42,6 +42,11 @@ class SlotPool:
         slot.job = job
         return slot
 
+    def vacate(self, slot: Slot) -> None:
+        """Return a slot whose request was parked: it has not ended, so nothing is counted."""
+        slot.job = None
+        self.idle.append(slot)
+
     def give(self, slot: Slot, ok: bool) -> None:
         """Return a slot after its request ended, well or not."""
         slot.job = None

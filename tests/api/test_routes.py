@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from app.api.openai import COMPLETION_ROUTES
-from app.backends.base import BackendResponse, BackendStream
+from app.backends.base import BackendResponse, BackendStream, Turn
 from app.schemas import CompletionRequest
 from testkit.gateway import RunningGateway, gateway_settings
 
@@ -25,10 +25,10 @@ class BrokenBackend:
     def prompt_tokens(self, prepared: CompletionRequest) -> int:
         return 1
 
-    async def complete(self, prepared: CompletionRequest, deadline: float) -> BackendResponse:
+    async def complete(self, prepared: CompletionRequest, deadline: float, turn: Turn | None = None) -> BackendResponse:
         raise RuntimeError("a bug in the backend")
 
-    async def stream(self, prepared: CompletionRequest, deadline: float) -> BackendStream:
+    async def stream(self, prepared: CompletionRequest, deadline: float, turn: Turn | None = None) -> BackendStream:
         raise RuntimeError("a bug in the backend")
 
     async def models(self) -> BackendResponse:

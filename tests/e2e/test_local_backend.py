@@ -212,7 +212,7 @@ def test_models_and_ready(start_local: StartLocal) -> None:
 
 
 def test_priority_still_orders_the_queue(start_local: StartLocal, background: Background) -> None:
-    gw = start_local(max_concurrent_requests=1)
+    gw = start_local(max_concurrent_requests=1, preemption=False)  # the high one waits for the slot here
     url = gw.url + "/v1/chat/completions"
 
     def body(n: int) -> dict[str, object]:
@@ -257,3 +257,39 @@ def test_the_tier_served_is_reported_as_openai_does(start_local: StartLocal) -> 
     assert urgent.service_tier == "priority"
     chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=2, stream=True))
     assert {chunk.service_tier for chunk in chunks} == {"default"}
+
+
+def test_a_high_request_preempts_low_work_whose_greedy_text_stays_the_same(
+    start_local: StartLocal, background: Background
+) -> None:
+    gw = start_local(max_concurrent_requests=1, preempt_max=1)
+    url = gw.url + "/v1/chat/completions"
+    low_body = {
+        "model": "local",
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        "temperature": 0,
+        "max_tokens": 160,
+    }
+    reference = httpx.post(url, json=low_body, timeout=120).json()["choices"][0]["message"]["content"]
+
+    high_body = {**low_body, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 8}
+
+    def running_at_the_model() -> bool:
+        job = gw.scheduler.lookup("low", None)
+        return job is not None and job.turn is not None and job.turn.can_park
+
+    low = background.post(url, low_body, headers={"X-Priority": "low", "X-Request-ID": "low"}, timeout=120)
+    assert wait_until(running_at_the_model, timeout=30)
+    first = httpx.post(url, json=high_body, headers={"X-Priority": "high", "X-Request-ID": "h1"}, timeout=60)
+    assert first.status_code == 200 and not low.done()  # it did not wait for the low one's slot
+    assert httpx.get(gw.url + "/v1/queue/request/low").json()["status"] == "processing"  # resumed
+    second = background.post(url, high_body, headers={"X-Priority": "high", "X-Request-ID": "h2"}, timeout=120)
+    answered = low.result()
+    assert answered.status_code == 200
+    assert answered.json()["choices"][0]["message"]["content"] == reference  # byte for byte, pause or not
+    assert second.result().status_code == 200
+    low_done = httpx.get(gw.url + "/v1/queue/request/low").json()
+    second_record = httpx.get(gw.url + "/v1/queue/request/h2").json()
+    assert second_record["started_at"] >= low_done["finished_at"] - 0.05  # PREEMPT_MAX=1: parked once only
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'gateway_preemptions_total{priority="low"} 1.0' in metrics

@@ -33,6 +33,7 @@ def test_failed_and_timed_out_requests_leave_no_body_behind(upstream: FakeUpstre
         PORT=str(port),
         MAX_CONCURRENT_REQUESTS="1",
         REQUEST_TIMEOUT="0.3",
+        DEADLINE_ADMISSION="false",  # each must wait and time out, not be refused as hopeless on arrival
         UPSTREAM_MAX_RETRIES="0",
         BREAKER_FAILURE_THRESHOLD="0",
         LOG_LEVEL="error",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 
@@ -122,3 +124,77 @@ def test_clients_refused_together_are_told_different_times_and_all_get_through(
         # staggers them a little), and every one got through on its retries.
         assert gw.scheduler.totals.completed == 11 and gw.scheduler.totals.rejected >= 5
         gw.stop()
+
+
+def test_queue_updates_reach_a_waiting_stream_as_comments_the_sdk_skips(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    gw = start_gateway(max_concurrent_requests=1)
+    url = gw.url + "/v1/chat/completions"
+    upstream.behavior.latency = 0.2  # measured first, so each waiting request has an ETA
+    assert httpx.post(url, json={"model": "m", "messages": MESSAGES}).status_code == 200
+    upstream.behavior.latency = 1.2
+    with Background() as background:
+        blocker = background.post(url, {"model": "m", "messages": MESSAGES})
+        assert wait_until(lambda: upstream.active == 1)
+        ahead = background.post(url, {"model": "m", "messages": MESSAGES})
+        assert wait_until(lambda: gw.scheduler.waiting == 1)
+        lines: list[str] = []
+        started = time.monotonic()
+        with httpx.stream(
+            "POST", url, json={"model": "m", "messages": MESSAGES, "stream": True}, headers={"X-Queue-Updates": "true"}
+        ) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            first_line_after = None
+            for line in response.iter_lines():
+                first_line_after = first_line_after or time.monotonic() - started
+                lines.append(line)
+        assert first_line_after is not None and first_line_after < 0.5  # at once, long before its turn
+        comments = [line for line in lines if line.startswith(":")]
+        assert comments[0].startswith(": queue position=2 eta_ms=") and comments[0].endswith("priority=normal")
+        assert any(line.startswith(": queue position=1 ") for line in comments)  # it moved up
+        data = [line for line in lines if line.startswith("data: ")]
+        assert data[-1] == "data: [DONE]" and len(data) == 6  # then the normal chunks: five and [DONE]
+        assert blocker.result().status_code == 200 and ahead.result().status_code == 200
+
+        # The openai SDK reads such a stream unchanged.
+        blocker = background.post(url, {"model": "m", "messages": MESSAGES})
+        assert wait_until(lambda: upstream.active == 1)
+        stream = client(gw).chat.completions.create(
+            model="m",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers={"X-Queue-Updates": "true"},
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == "tok0 tok1 tok2 tok3 tok4 "
+        assert blocker.result().status_code == 200
+
+
+def test_a_failure_while_a_stream_with_updates_waits_is_its_last_event(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    gw = start_gateway(max_concurrent_requests=1, request_timeout=30)
+    url = gw.url + "/v1/chat/completions"
+    upstream.behavior.hang = True
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    with Background() as background:
+        blocker = background.post(url, {"model": "m", "messages": MESSAGES}, headers={"X-Request-ID": "blocker"})
+        assert wait_until(lambda: upstream.active == 1)
+        timed = httpx.post(url, json=body, headers={"X-Queue-Updates": "true", "X-Request-Timeout-Ms": "600"})
+        assert timed.status_code == 200  # the response had started: the timeout is its last event
+        assert timed.text.startswith(": queue position=1")
+        assert '"code":"request_timeout"' in timed.text and timed.text.endswith("data: [DONE]\n\n")
+        with pytest.raises(openai.APIError, match="was cancelled"):
+            waiting = client(gw, max_retries=0).chat.completions.create(
+                model="m",
+                messages=MESSAGES,  # type: ignore[arg-type]
+                stream=True,
+                extra_headers={"X-Queue-Updates": "true", "X-Request-ID": "cancel-me"},
+            )
+            assert gw.scheduler.waiting == 1
+            assert httpx.delete(gw.url + "/v1/queue/request/cancel-me").status_code == 200
+            list(waiting)
+        plain = httpx.post(url, json=body, headers={"X-Request-Timeout-Ms": "300"})
+        assert plain.status_code == 408  # without the header, statuses stay real statuses
+        assert httpx.delete(gw.url + "/v1/queue/request/blocker").status_code == 200
+        assert blocker.result().status_code == 499

@@ -332,3 +332,44 @@ def test_a_client_deadline_shorter_than_request_timeout_applies(
     started = time.monotonic()
     answer = httpx.post(short.url + "/v1/chat/completions", json=chat_body(), headers={"X-Request-Timeout-Ms": "60000"})
     assert answer.status_code == 408 and time.monotonic() - started < 2.0
+
+
+def test_a_deadline_the_queue_cannot_meet_is_refused_with_its_eta_and_no_upstream_call(
+    start_gateway: StartGateway, upstream: FakeUpstream, background: Background
+) -> None:
+    gw = start_gateway(max_concurrent_requests=1, request_timeout=30)
+    url = gw.url + "/v1/chat/completions"
+    upstream.behavior.latency = 0.4
+    assert httpx.post(url, json=chat_body("measure")).status_code == 200  # a service time of about 0.4 s
+    running = background.post(url, chat_body("running"))
+    assert wait_until(lambda: upstream.active == 1)
+    waiting = background.post(url, chat_body("waiting"), headers={"X-Request-ID": "waiting"})
+    assert wait_until(lambda: gw.scheduler.waiting == 1)
+    record = httpx.get(gw.url + "/v1/queue/request/waiting").json()
+    assert record["status"] == "queued" and 0.1 < record["eta_seconds"] < 0.6
+    assert 0.1 < record["eta_at_arrival_seconds"] < 0.6
+    seen = len(upstream.seen)
+
+    refused = httpx.post(url, json=chat_body("late"), headers={"X-Request-Timeout-Ms": "200"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "deadline_unreachable"
+    assert 400 <= int(refused.headers["x-queue-eta-ms"]) <= 1200  # behind the waiting one: about two services
+    assert int(refused.headers["retry-after-ms"]) >= 200
+    assert len(upstream.seen) == seen and gw.scheduler.waiting == 1  # never queued, never sent
+    assert metric(gw, "gateway_rejections_total", reason="deadline_unreachable") == 1
+
+    answered = waiting.result()
+    assert answered.status_code == 200
+    assert 100 < float(answered.headers["x-queue-eta-ms"]) < 600  # the estimate at arrival, beside the real wait
+    assert float(answered.headers["x-queue-wait-ms"]) > 100
+    assert running.result().status_code == 200
+    done = httpx.get(gw.url + "/v1/queue/request/waiting").json()
+    assert done["eta_seconds"] is None and done["eta_at_arrival_seconds"] == record["eta_at_arrival_seconds"]
+
+    trying = start_gateway(max_concurrent_requests=1, deadline_admission=False)
+    tried = trying.url + "/v1/chat/completions"
+    assert httpx.post(tried, json=chat_body("measure")).status_code == 200
+    blocker = background.post(tried, chat_body("running"))
+    assert wait_until(lambda: trying.scheduler.in_flight == 1)
+    late = httpx.post(tried, json=chat_body("late"), headers={"X-Request-Timeout-Ms": "100"})
+    assert late.status_code == 408  # it tried, and timed out in the queue
+    assert blocker.result().status_code == 200

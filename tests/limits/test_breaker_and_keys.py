@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import KeyQueueLimit, KeyRateLimited
+from app.errors import KeyRateLimited
 from app.limits.breaker import BreakerState, CircuitBreaker
 from app.limits.keys import KeyAccount, KeyEntry, KeysFileError, load_keys_file
 from app.types import Priority
@@ -142,8 +142,7 @@ def test_key_rate_limits_answer_429_with_openai_headers_and_refill() -> None:
 def test_key_queue_limit() -> None:
     t = account(FakeClock(), max_queued=2)
     t.waiting = 1
-    t.check_queue()
+    assert not t.queue_full()
     t.waiting = 2
-    with pytest.raises(KeyQueueLimit) as refused:
-        t.check_queue()
-    assert refused.value.status_code == 429 and refused.value.code == "too_many_queued_requests"
+    assert t.queue_full()
+    assert not account(FakeClock()).queue_full()  # no max_queued: never full

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from app.backends.base import BackendResponse, BackendStream, Usage
+from app.backends.base import BackendResponse, BackendStream, Turn, Usage
 from app.backends.llama.engine import LlamaEngine, Sequence
 from app.backends.llama.events import Delta, Done, Event, Failed
 from app.backends.llama.model import EngineConfig
@@ -60,6 +60,7 @@ class LlamaBackend:
         n_gpu_layers: int,
         chat_template: str | None,
         default_max_tokens: int = 512,
+        n_parked: int = 0,
     ):
         path = model_path or default_model_path()
         self._default_max_tokens = default_max_tokens
@@ -73,6 +74,7 @@ class LlamaBackend:
                 n_seq=n_seq,
                 n_threads=n_threads or os.cpu_count() or 1,
                 n_gpu_layers=n_gpu_layers,
+                n_parked=n_parked,
             ),
             self._deliver,
         )
@@ -131,11 +133,11 @@ class LlamaBackend:
         """The prompt's real token count, by the model's tokenizer."""
         return len(prepared.prompt)
 
-    async def complete(self, prepared: LocalRequest, deadline: float) -> BackendResponse:
+    async def complete(self, prepared: LocalRequest, deadline: float, turn: Turn | None = None) -> BackendResponse:
         """Generate the whole answer (the deadline is the queue's to keep: nothing here retries)."""
         parts: list[str] = []
         done: Done | None = None
-        async for event in self._generate(prepared):
+        async for event in self._generate(prepared, turn):
             if isinstance(event, Delta):
                 parts.append(event.text)
             else:
@@ -148,24 +150,30 @@ class LlamaBackend:
         body = {**self._header(prepared, chunked=False), "choices": [choice], "usage": _usage_body(done)}
         return BackendResponse(200, orjson.dumps(body), usage=Usage(done.prompt_tokens, done.completion_tokens))
 
-    async def stream(self, prepared: LocalRequest, deadline: float) -> BackendStream:
+    async def stream(self, prepared: LocalRequest, deadline: float, turn: Turn | None = None) -> BackendStream:
         """The answer as SSE; the sequence is submitted on the first read."""
-        return _LocalStream(self, prepared)
+        return _LocalStream(self, prepared, turn)
 
     def _deliver(self, items: list[tuple[Any, Event]]) -> None:
         """Engine thread: hand one step's events to the event loop in a single wake-up."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_fan_out, items)
 
-    async def _generate(self, prepared: LocalRequest) -> AsyncGenerator[Delta | Done, None]:
+    async def _generate(self, prepared: LocalRequest, turn: Turn | None) -> AsyncGenerator[Delta | Done, None]:
         """The sequence's deltas, then its Done; a Failed raises ModelError.
 
         The sequence is submitted on the first iteration, so a generator closed before it starts costs the
         engine nothing; one left early (timeout, cancel, disconnect) frees its engine slot at the next step.
+        While it runs, the queue may park it through `turn` (preemption) and resume it.
         """
         events: asyncio.Queue[Event] = asyncio.Queue()
-        sequence = Sequence(prepared.prompt, prepared.sampling, prepared.max_tokens, prepared.stops, events)
-        self._engine.submit(sequence)
+        sequence = Sequence(
+            prepared.prompt, prepared.sampling, prepared.max_tokens, prepared.stops, events, prepared.urgent
+        )
+        engine = self._engine
+        engine.submit(sequence)
+        if turn is not None:
+            turn.pausable(lambda: engine.park(sequence), lambda: engine.resume(sequence))
         ended = False
         try:
             while not ended:
@@ -176,8 +184,10 @@ class LlamaBackend:
                 ended = isinstance(event, Done)
                 yield event
         finally:
+            if turn is not None:
+                turn.done()
             if not ended:
-                self._engine.cancel(sequence)
+                engine.cancel(sequence)
 
     def _header(self, prepared: LocalRequest, chunked: bool) -> dict[str, Any]:
         """The fields every completion object starts with."""
@@ -194,11 +204,12 @@ class LlamaBackend:
 class _LocalStream(BackendStream):
     """A sequence's events as OpenAI SSE chunks: the role first (chat), deltas, the finish, usage, [DONE]."""
 
-    __slots__ = ("_backend", "_prepared")
+    __slots__ = ("_backend", "_prepared", "_turn")
 
-    def __init__(self, backend: LlamaBackend, prepared: LocalRequest):
+    def __init__(self, backend: LlamaBackend, prepared: LocalRequest, turn: Turn | None):
         self._backend = backend
         self._prepared = prepared
+        self._turn = turn
         super().__init__()
 
     async def _chunks(self) -> AsyncGenerator[bytes, None]:
@@ -214,7 +225,7 @@ class _LocalStream(BackendStream):
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
             return _sse({**base, "choices": [choice]})
 
-        events = self._backend._generate(prepared)
+        events = self._backend._generate(prepared, self._turn)
         try:
             if chat:
                 yield chunk(None, None, role=True)

@@ -7,6 +7,11 @@ next step rather than when the whole batch ends; its KV cells stay for a later p
 (llama_memory_seq_rm trims them to it). Each sequence has its own KV buffer, so greedy tokens do not depend
 on what is batched beside them. ctypes releases the GIL during llama_decode, so the event loop keeps
 serving HTTP while the model computes.
+
+Preemption: a sequence asked to park leaves the batch at the next step with everything it has (its tokens,
+its pending token, its sampler chain); its cells are copied to one of n_parked parking sequences, freeing its
+slot. Resumed, it is copied back into a free slot and goes on from the very token it stopped at, so nothing
+is evaluated again and its output is the one it would have produced without the pause.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ log = logging.getLogger("app.backends.llama")
 # than one per sequence: each call wakes the event loop, which then competes with llama.cpp's threads.
 Deliver = Callable[[list[tuple[Any, Event]]], None]
 
+# A park makes room for a high-priority request on its way from the queue: the step waits this long at most
+# for it to arrive rather than run without it (it is usually there within a millisecond).
+URGENT_WAIT_SECONDS = 0.02
+
 
 class Sequence:
     """One request's generation. Its fields belong to the engine thread once submitted."""
@@ -43,12 +52,16 @@ class Sequence:
         "logit_index",
         "max_tokens",
         "next_token",
+        "park_id",
+        "park_wanted",
+        "parked",
         "prefilled",
         "prompt",
         "sampler",
         "sampling",
         "sink",
         "text",
+        "urgent",
     )
 
     def __init__(
@@ -58,12 +71,14 @@ class Sequence:
         max_tokens: int,
         stops: tuple[str, ...],
         sink: Any,
+        urgent: bool = False,
     ):
         self.prompt = prompt
         self.sampling = sampling
         self.max_tokens = max_tokens
         self.text = StopText(stops)
         self.sink = sink  # where this sequence's events go; opaque to the engine
+        self.urgent = urgent  # a high-priority request: its prompt goes through the model alone
         self.cancelled = False
         self.id = -1
         self.prefilled = 0
@@ -73,6 +88,9 @@ class Sequence:
         self.sampler: Any = None
         self.cached = 0  # prompt tokens whose KV was reused from the previous request on this id
         self.history: list[int] = []  # tokens decoded into this sequence's KV cells
+        self.park_wanted = False  # asked to give its slot up at the next step (under the engine's lock)
+        self.parked = False  # off the batch, its cells kept aside (under the engine's lock)
+        self.park_id = -1  # the parking sequence holding its cells while parked
 
 
 class LlamaEngine:
@@ -88,9 +106,11 @@ class LlamaEngine:
         self._thread: threading.Thread | None = None
         self._model: LlamaModel | None = None
         self._free_ids = list(range(config.n_seq))
+        self._park_ids = list(range(config.n_seq, config.n_seq + config.n_parked))
+        self._parked: list[Sequence] = []
         # Per sequence id, the tokens in its KV cells (an active sequence's history, or what the last one
         # left): a new request evaluates only what no slot holds yet (chat requests repeat a system prompt).
-        self._resident: list[list[int]] = [[] for _ in range(config.n_seq)]
+        self._resident: list[list[int]] = [[] for _ in range(config.n_seq + config.n_parked)]
         self._copied: set[int] = set()  # slots filled by a copy this step (placement.place's `fresh`)
         self._active: list[Sequence] = []  # in id order
         self._prompting: deque[Sequence] = deque()  # active sequences whose prompt is not all in, in the order placed
@@ -134,6 +154,20 @@ class LlamaEngine:
         with self._cond:
             self._cond.notify()
 
+    def park(self, sequence: Sequence) -> None:
+        """Take the sequence off the batch at the next step, keeping all it has; it emits nothing until resumed."""
+        with self._cond:
+            sequence.park_wanted = True
+            self._cond.notify()
+
+    def resume(self, sequence: Sequence) -> None:
+        """Put a parked sequence back in a slot as soon as one is free (or keep it going if not parked yet)."""
+        with self._cond:
+            sequence.park_wanted = False
+            if sequence.parked:
+                self._inbox.append(sequence)
+                self._cond.notify()
+
     def close(self) -> None:
         """Stop the thread and free the model (blocking)."""
         with self._cond:
@@ -168,32 +202,30 @@ class LlamaEngine:
         finally:
             with self._cond:
                 self._closing = True
-                orphans = [*self._active, *self._waiting, *self._inbox]
+                orphans = [*self._active, *self._waiting, *self._inbox, *self._parked]
             self._outbox.extend((s.sink, Failed("the model stopped")) for s in orphans if not s.cancelled)
             self._flush()
             model.free()
 
     def _step(self) -> None:
         self._copied.clear()
-        for sequence in [s for s in self._active if s.cancelled]:
-            self._release(sequence)
-        while self._waiting and self._free_ids:
-            sequence = self._waiting.popleft()
-            if not sequence.cancelled:
-                self._place(sequence)
+        self._take_in()
         for move in placement.close_gaps([s.id for s in self._active], self._free_ids):
             self._move(move)
         model = self.model
         # Every generating sequence adds its one token (that keeps every stream moving) and one prompt, the
         # earliest placed (the queue dispatches by priority), gets the rest of n_batch: a request's first
-        # token then waits for its own prompt only, not for prompts that arrived with it. Tokens go in
-        # ascending sequence id: with a KV buffer per sequence, llama.cpp puts into one micro-batch only
-        # sequences whose ids follow each other in batch order, and any other order costs a pass over the
-        # weights per sequence (measured: 4 streams at 34-39 ms a step out of order, 23 ms in order).
-        prompting = self._prompting[0] if self._prompting else None
-        room = self.config.n_batch - sum(s.next_token is not None for s in self._active)
+        # token then waits for its own prompt only, not for prompts that arrived with it. An urgent prompt
+        # (high priority) goes first and alone: the others wait that step, so its first token comes about as
+        # fast as on an idle model. Tokens go in ascending sequence id: with a KV buffer per sequence,
+        # llama.cpp puts into one micro-batch only sequences whose ids follow each other in batch order, and
+        # any other order costs a pass over the weights per sequence (measured: 4 streams at 34-39 ms a step
+        # out of order, 23 ms in order).
+        prompting = next((s for s in self._prompting if s.urgent), self._prompting[0] if self._prompting else None)
+        alone = prompting is not None and prompting.urgent
+        room = self.config.n_batch - (0 if alone else sum(s.next_token is not None for s in self._active))
         for sequence in self._active:  # kept in id order
-            if sequence.next_token is not None:
+            if sequence.next_token is not None and not alone:
                 position = sequence.prefilled + sequence.generated - 1
                 sequence.logit_index = model.add(sequence.id, sequence.next_token, position, True)
                 sequence.history.append(sequence.next_token)
@@ -209,7 +241,7 @@ class LlamaEngine:
                 sequence.history.extend(sequence.prompt[start:end])
                 sequence.prefilled = end
                 if end == len(sequence.prompt):
-                    self._prompting.popleft()
+                    self._prompting.remove(sequence)
         if model.batch.n_tokens == 0:
             return
         status = model.decode()
@@ -226,6 +258,36 @@ class LlamaEngine:
                 token = model.sample(sequence.sampler, sequence.logit_index)
                 sequence.logit_index = -1
                 self._accept(sequence, token)
+
+    def _take_in(self) -> None:
+        """Free the slots of cancelled sequences, park those asked to, and place waiting ones in free slots."""
+        for sequence in [s for s in self._active if s.cancelled]:
+            self._release(sequence)
+        for sequence in [s for s in self._parked if s.cancelled]:
+            self._unpark(sequence)
+        parked = False
+        for sequence in [s for s in self._active if s.park_wanted]:
+            # Out of parking room, or its cells are a copy this very step: it asks again at the next one.
+            if self._park_ids and sequence.id not in self._copied:
+                parked = self._park(sequence) or parked
+        if parked and not any(s.urgent for s in self._waiting):
+            with self._cond:
+                self._cond.wait_for(lambda: self._closing or any(s.urgent for s in self._inbox), URGENT_WAIT_SECONDS)
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+        deferred = []
+        while self._waiting and self._free_ids:
+            sequence = self._waiting.popleft()
+            if sequence.cancelled:
+                if sequence.parked:
+                    self._unpark(sequence)
+            elif not sequence.parked:
+                self._place(sequence)
+            elif sequence.park_id in self._copied:
+                deferred.append(sequence)  # parked this very step: its cells are there only after the decode
+            else:
+                self._unpark(sequence, min(self._free_ids))
+        self._waiting.extendleft(reversed(deferred))
 
     def _emit(self, sequence: Sequence, event: Event) -> None:
         self._outbox.append((sequence.sink, event))
@@ -255,6 +317,51 @@ class LlamaEngine:
         sequence.sampler = build_chain(plan(sequence.sampling))
         bisect.insort(self._active, sequence, key=_by_id)
         self._prompting.append(sequence)
+
+    def _park(self, sequence: Sequence) -> bool:
+        """Take an active sequence off the batch: its cells go to a parking sequence, its slot is freed."""
+        with self._cond:
+            if not sequence.park_wanted:
+                return False  # resumed before its turn to park came: it simply goes on
+            sequence.park_wanted = False
+            sequence.parked = True
+        park = self._park_ids.pop()
+        model = self.model
+        model.clear(park)
+        model.copy(sequence.id, park)
+        self._copied.add(park)
+        self._resident[park] = list(sequence.history)
+        self._resident[sequence.id] = list(sequence.history)  # its slot's cells stay, for a shared prefix
+        self._active.remove(sequence)
+        if sequence.prefilled < len(sequence.prompt):
+            self._prompting.remove(sequence)
+        self._free_ids.append(sequence.id)
+        sequence.park_id, sequence.id = park, -1
+        self._parked.append(sequence)
+        return True
+
+    def _unpark(self, sequence: Sequence, slot: int | None = None) -> None:
+        """Bring a parked sequence back into `slot` (None: it was cancelled, and only its parking is freed)."""
+        park = sequence.park_id
+        self._parked.remove(sequence)
+        self._park_ids.append(park)
+        with self._cond:
+            sequence.parked = False
+        sequence.park_id = -1
+        if slot is None:
+            free_chain(sequence.sampler)
+            sequence.sampler = None
+            return
+        self._free_ids.remove(slot)
+        model = self.model
+        model.clear(slot)
+        model.copy(park, slot)
+        self._copied.add(slot)
+        sequence.id = slot
+        self._resident[slot] = sequence.history
+        bisect.insort(self._active, sequence, key=_by_id)
+        if sequence.prefilled < len(sequence.prompt):
+            self._prompting.append(sequence)
 
     def _move(self, move: placement.Move) -> None:
         """Carry out a move that closes a gap between busy slots."""

@@ -32,10 +32,11 @@ class EngineConfig:
     n_threads: int
     n_gpu_layers: int
     n_batch: int = 512
+    n_parked: int = 0  # sequences that may be parked at once (preemption), each keeping its cells aside
 
 
 class LlamaModel:
-    """The loaded model, its context (n_seq sequences of n_ctx cells each) and one reusable batch."""
+    """The loaded model, its context (n_seq + n_parked sequences of n_ctx cells each) and one reusable batch."""
 
     def __init__(self, config: EngineConfig):
         self._log_callback = ll.llama_log_callback(_LogForwarder())  # alive as long as llama.cpp may call it
@@ -51,10 +52,10 @@ class LlamaModel:
             raise RuntimeError(f"llama.cpp could not load the model at {config.model_path}")
         self._vocab = ll.llama_model_get_vocab(self._model)
         params = ll.llama_context_default_params()
-        params.n_ctx = config.n_ctx * config.n_seq
+        params.n_ctx = config.n_ctx * (config.n_seq + config.n_parked)
         params.n_batch = config.n_batch
         params.n_ubatch = config.n_batch
-        params.n_seq_max = config.n_seq
+        params.n_seq_max = config.n_seq + config.n_parked
         params.n_threads = config.n_threads
         params.n_threads_batch = config.n_threads
         # A KV buffer per sequence: attention then spans only that sequence's own cells, so a request's

@@ -12,7 +12,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from app.backends.llama.sampling import Sampling
 from app.errors import InvalidRequest
 from app.schemas import SERVED_TIERS, CompletionRequest
-from app.types import CompletionKind
+from app.types import CompletionKind, Priority
 
 MAX_STOPS = 16
 
@@ -34,6 +34,7 @@ class LocalRequest:
     stops: tuple[str, ...]
     include_usage: bool
     service_tier: str  # the tier it is served at, which the response reports as OpenAI's do
+    urgent: bool = False  # served at high priority: its prompt goes through the model alone
 
 
 class Prompter:
@@ -85,6 +86,7 @@ class Prompter:
             stops=_stops(payload.get("stop")),
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             service_tier=SERVED_TIERS[request.priority] if request.priority is not None else "default",
+            urgent=request.priority is Priority.HIGH,
         )
 
     def _chat_prompt(self, payload: dict[str, Any]) -> list[int]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -53,6 +55,16 @@ class Runs:
         for sink, prompt, max_tokens in requests:
             self.submit(sink, prompt, max_tokens)
         self.wait([sink for sink, _, _ in requests])
+
+
+def until(condition: Callable[[], bool], seconds: float = 30) -> bool:
+    """Whether `condition` holds within `seconds` (the engine thread changes what it reads)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def start_engine() -> tuple[LlamaEngine, Runs]:
@@ -124,3 +136,53 @@ def test_a_prompt_takes_the_prefix_another_slot_holds() -> None:
     assert 20 <= second.cached_tokens < second.prompt_tokens - 5  # the system prompt's tokens, not the question's
     assert first.cached_tokens == 0
     assert runs.texts["second"] == runs.texts["alone", "second"]
+
+
+def test_a_parked_sequence_resumes_where_it_stopped_and_its_greedy_text_is_unchanged() -> None:
+    runs = Runs()
+    engine = runs.engine = LlamaEngine(
+        EngineConfig(default_model_path(), n_ctx=256, n_seq=4, n_threads=2, n_gpu_layers=0, n_parked=2), runs.deliver
+    )
+    engine.load()
+    try:
+        prompts = [f"Tell me a long story about {topic}." for topic in ("a cat", "the sea", "a robot", "winter")]
+        runs.run([(("alone", n), prompt, 48) for n, prompt in enumerate(prompts)])  # the unpreempted texts
+        sequences = []
+        for n, prompt in enumerate(prompts):
+            text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+            sequence = Sequence(engine.model.tokenize(text, True), Sampling(temperature=0), 48, (), ("paused", n))
+            sequences.append(sequence)
+            engine.submit(sequence)
+        runs.wait_for_text(("paused", 3))
+        engine.park(sequences[3])
+        engine.park(sequences[2])
+        assert until(lambda: sequences[3].parked and sequences[2].parked)
+        engine.park(sequences[1])  # only two parking places: this one asks at every step, and keeps going
+        runs.run([("urgent", "Hi.", 8)])  # takes a freed slot while two wait parked
+        with runs._settled:
+            stalled = {n: runs.texts.get(("paused", n), "") for n in (2, 3)}
+        engine.resume(sequences[1])
+        runs.wait([("paused", 0), ("paused", 1)])
+        with runs._settled:
+            assert {n: runs.texts.get(("paused", n), "") for n in (2, 3)} == stalled  # parked: nothing more
+            assert ("paused", 2) not in runs.ends and ("paused", 3) not in runs.ends
+        engine.resume(sequences[3])
+        engine.resume(sequences[2])
+        runs.wait([("paused", n) for n in range(4)])
+        for n in range(4):
+            assert runs.texts[("paused", n)] == runs.texts[("alone", n)], n
+            paused, alone = runs.ends[("paused", n)], runs.ends[("alone", n)]
+            assert isinstance(paused, Done) and isinstance(alone, Done)
+            assert (paused.finish_reason, paused.completion_tokens) == (alone.finish_reason, alone.completion_tokens)
+        # A parked sequence that is cancelled frees its parking place.
+        text = "<|im_start|>user\nCount to fifty.<|im_end|>\n<|im_start|>assistant\n"
+        doomed = Sequence(engine.model.tokenize(text, True), Sampling(temperature=0), 200, (), "doomed")
+        engine.submit(doomed)
+        runs.wait_for_text("doomed")
+        engine.park(doomed)
+        assert until(lambda: doomed.parked)
+        engine.cancel(doomed)
+        runs.run([("after", "Hi.", 4)])
+        assert not engine._parked and len(engine._park_ids) == 2
+    finally:
+        engine.close()

@@ -1,0 +1,142 @@
+"""How long a waiting request will wait: the one estimator behind eta_seconds, admission by deadline, the
+queue-position comments of a stream and every Retry-After the queue gives.
+
+A request waits for releases of its pool's slots: one per request ahead of it, then its own. A busy slot frees
+once its request has run the pool's mean service time (one past it is expected to end within a tenth of it);
+after that each slot frees once per mean service time. Requests of a higher level that arrive meanwhile go
+ahead too: with `load` = λ * service / slots the share of the slots their measured arrival rate λ takes,
+they stretch the wait by 1 + load + load², the arrivals during the wait and those during theirs. The whole
+series, 1 / (1 - load), is the mean wait, which the long tail of busy periods pulls well above the typical one; two
+terms came closest to the real waits (bench.eta_bench, and a simulation of the scheduler on a fake clock).
+
+Left out, and so a source of error: budgets that hold dispatch back (the estimate counts slots only), aging
+(a request that rises a level waits less than estimated), and later arrivals of its own level from keys
+whose turn comes before its own. Two refinements were measured and dropped (bench.eta_bench, and a simulation
+of the scheduler on a fake clock): each slot's mean residual service time from the recent times, and the k-th
+release as an order statistic of those distributions; neither changed the error beyond the run-to-run noise,
+and the second cost five times the scheduler's own work per arrival.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.queue.pool import Pool
+
+_SAMPLES = 128  # service times averaged per pool
+_ARRIVAL_WINDOW_SECONDS = 20.0  # arrival rates follow about this much recent history
+_MAX_LOAD = 0.95  # higher work past this share of the slots: the wait has no useful bound
+_OVERLOADED_FACTOR = 1 / (1 - _MAX_LOAD)
+_OVERDUE_SHARE = 0.1  # a request past the mean is expected to end within this share of it
+UNMEASURED_SECONDS = 1.0  # a slot's service time before any request has ended: the honest floor
+
+
+class ServiceSamples:
+    """A pool's recent service times (seconds a request held a slot) and their mean."""
+
+    __slots__ = ("_recent", "_total")
+
+    def __init__(self) -> None:
+        self._recent: deque[float] = deque(maxlen=_SAMPLES)
+        self._total = 0.0
+
+    def observe(self, held: float) -> None:
+        """A request held its slot for `held` seconds."""
+        recent = self._recent
+        if len(recent) == _SAMPLES:
+            self._total -= recent[0]
+        recent.append(held)
+        self._total += held
+
+    @property
+    def mean(self) -> float | None:
+        """The mean of the last _SAMPLES service times; None before the first request ended."""
+        recent = self._recent
+        return max(self._total / len(recent), 0.0) if recent else None
+
+
+class ArrivalRate:
+    """Arrivals per second, counted with exponential decay over about _ARRIVAL_WINDOW_SECONDS.
+
+    Until a whole window has passed since the first arrival, the count is read against the time there was.
+    """
+
+    __slots__ = ("_count", "_first", "_last")
+
+    def __init__(self) -> None:
+        self._count = 0.0
+        self._first: float | None = None
+        self._last = 0.0
+
+    def arrived(self, now: float) -> None:
+        if self._first is None:
+            self._first = now
+        self._count = self._decayed(now) + 1.0
+        self._last = now
+
+    def rate(self, now: float) -> float:
+        if self._first is None:
+            return 0.0
+        # The decayed count of a steady rate r after t seconds is r * window * (1 - exp(-t / window)).
+        span = _ARRIVAL_WINDOW_SECONDS * -math.expm1(-max(now - self._first, 1.0) / _ARRIVAL_WINDOW_SECONDS)
+        return self._decayed(now) / span
+
+    def _decayed(self, now: float) -> float:
+        if not self._count:
+            return 0.0
+        return self._count * math.exp(-max(now - self._last, 0.0) / _ARRIVAL_WINDOW_SECONDS)
+
+
+def pool_wait(pool: Pool, ahead: int, rank: int, now: float, fallback: float | None) -> float:
+    """Seconds until a request of level `rank` with `ahead` requests before it in `pool` gets a slot.
+
+    `fallback` is the service time to assume before the pool has measured its own (the gateway's average).
+    A member that is down counts no slots; for a level below high, each member's reserved slots free for
+    high requests first.
+    """
+    mean = pool.service.mean or fallback or UNMEASURED_SECONDS
+    overdue = _OVERDUE_SHARE * mean
+    left: list[float] = []  # per slot, the seconds until it frees
+    for member in pool.members:
+        if member.down:
+            continue
+        frees = [
+            0.0 if job is None or job.slot_taken is None else max(mean - (now - job.slot_taken), overdue)
+            for job in (slot.job for slot in member.slots.slots)
+        ]
+        if rank and member.reserved_high:
+            frees.sort()
+            del frees[: member.reserved_high]  # the first to free go to high requests
+        left += frees
+    higher = 0.0
+    for level in range(rank):
+        higher += pool.arrivals[level].rate(now)
+    return wait(left, ahead, mean, higher)
+
+
+def pool_place(pool: Pool, fallback: float | None) -> float:
+    """Seconds between two of `pool`'s dispatches while it is busy: the shortest useful Retry-After."""
+    return place(sum(member.max_concurrent for member in pool.members), pool.service.mean or fallback)
+
+
+def wait(left: list[float], ahead: int, mean: float, higher_rate: float) -> float:
+    """Seconds until a request with `ahead` requests before it gets a slot.
+
+    `left` holds, for each slot of its pool, the seconds until it frees (0 for a free one); `mean` is the
+    mean service time; `higher_rate` the arrivals per second of higher levels, which go ahead as they come.
+    """
+    slots = len(left)
+    if not slots:
+        return (ahead + 1) * mean
+    left.sort()
+    base = left[ahead % slots] + (ahead // slots) * mean
+    load = higher_rate * mean / slots
+    return base * (_OVERLOADED_FACTOR if load >= _MAX_LOAD else 1 + load + load * load)
+
+
+def place(slots: int, mean: float | None) -> float:
+    """Seconds between two releases of `slots` busy slots: how soon a refused request may find a place."""
+    return (UNMEASURED_SECONDS if mean is None else mean) / max(slots, 1)

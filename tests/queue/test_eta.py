@@ -1,0 +1,149 @@
+"""The wait estimator on its own and in the scheduler, on a fake clock: residual service times, the work ahead,
+higher levels arriving meanwhile, admission by deadline, and the Retry-After the queue gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.errors import DeadlineUnreachable, KeyQueueLimit
+from app.limits.keys import KeyAccount, KeyEntry
+from app.queue import eta
+from app.queue.eta import ArrivalRate, ServiceSamples
+from app.types import JobState, Priority
+from tests.queue.test_scheduler import make, sample
+
+pytestmark = pytest.mark.anyio
+
+
+def test_the_service_time_is_the_mean_of_the_recent_ones() -> None:
+    samples = ServiceSamples()
+    assert samples.mean is None
+    for held in (1.0, 2.0, 3.0, 4.0):
+        samples.observe(held)
+    assert samples.mean == pytest.approx(2.5)
+    for _ in range(200):  # the oldest fall out of the window
+        samples.observe(1.0)
+    assert samples.mean == pytest.approx(1.0)
+
+
+def test_arrival_rates_decay_with_time() -> None:
+    rate = ArrivalRate()
+    assert rate.rate(0.0) == 0.0
+    for tick in range(2000):  # 10 a second for 200 s: the window has filled
+        rate.arrived(tick / 10)
+    assert rate.rate(200.0) == pytest.approx(10.0, rel=0.05)
+    assert rate.rate(300.0) < 0.1
+
+
+def test_the_wait_counts_releases_then_rounds_then_higher_arrivals() -> None:
+    def left() -> list[float]:
+        return [0.5, 0.1, 0.3]  # the seconds until each slot frees
+
+    assert eta.wait(left(), 0, 1.0, 0.0) == pytest.approx(0.1)  # the first slot to free
+    assert eta.wait(left(), 2, 1.0, 0.0) == pytest.approx(0.5)
+    assert eta.wait(left(), 3, 1.0, 0.0) == pytest.approx(1.1)  # a round later
+    assert eta.wait(left(), 3, 1.0, 1.5) == pytest.approx(1.1 * 1.75)  # half the slots' work comes in ahead
+    assert eta.wait(left(), 3, 1.0, 100.0) == pytest.approx(1.1 * 20)  # overloaded: bounded, not infinite
+    assert eta.wait([], 3, 1.0, 0.0) == pytest.approx(4.0)  # every member down
+    assert eta.place(4, 2.0) == pytest.approx(0.5) and eta.place(4, None) == pytest.approx(0.25)
+
+
+async def test_a_request_past_the_mean_is_expected_to_end_soon_and_a_free_slot_at_once() -> None:
+    s, clock, _ = make(concurrency=2, queue=50)
+    job = s.submit("measure", "chat", Priority.NORMAL, None)
+    clock.advance(1.0)
+    s.retire(job, None, None)
+    s.submit("long", "chat", Priority.NORMAL, None)
+    clock.advance(3.0)  # three times the mean already
+    assert s.submit("second", "chat", Priority.NORMAL, None).state is JobState.PROCESSING
+    assert s.submit("waits", "chat", Priority.NORMAL, None).eta == pytest.approx(0.1)
+
+
+async def test_a_waiting_request_knows_its_eta_and_it_shrinks_as_work_ends() -> None:
+    s, clock, _ = make(concurrency=2, queue=50)
+    for n in range(4):  # measure: each holds its slot 2 s
+        job = s.submit(f"m{n}", "chat", Priority.NORMAL, None)
+        clock.advance(2.0)
+        s.retire(job, None, None)
+    running = [s.submit(f"r{n}", "chat", Priority.NORMAL, None) for n in range(2)]
+    waiting = [s.submit(f"w{n}", "chat", Priority.NORMAL, None) for n in range(3)]
+    assert all(job.state is JobState.QUEUED for job in waiting)
+    # Two slots, each freeing in 2 s and then every 2 s: the first two waiters at 2 s, the third at 4 s.
+    assert [job.eta for job in waiting] == pytest.approx([2.0, 2.0, 4.0])
+    clock.advance(1.5)
+    assert s.eta(waiting[2]) == pytest.approx(2.5)  # the running ones are three quarters through
+    s.retire(running[0], None, None)
+    assert waiting[0].state is JobState.PROCESSING and s.eta(waiting[0]) is None
+    assert waiting[2].eta == pytest.approx(4.0)  # the estimate at arrival is kept
+    # Second in line now: the one before it takes the slot that frees first (the old one's, in 0.4 s by the
+    # mean of 1.9 s with the 1.5 s just measured); it takes the new one's, 1.9 s.
+    assert s.eta(waiting[2]) == pytest.approx(1.9)
+
+
+async def test_higher_levels_arriving_stretch_a_low_requests_eta() -> None:
+    s, clock, _ = make(concurrency=1, queue=500)
+    for n in range(100):  # one high request a second, each 0.5 s at the backend: half the slot's time
+        job = s.submit(f"h{n}", "chat", Priority.HIGH, None)
+        clock.advance(0.5)
+        s.retire(job, None, None)
+        clock.advance(0.5)
+    s.submit("running", "chat", Priority.LOW, None)
+    low = s.submit("low", "chat", Priority.LOW, None)
+    high = s.submit("high", "chat", Priority.HIGH, None)
+    assert high.eta == pytest.approx(0.5, rel=0.02)  # nothing higher comes ahead of it
+    assert s.eta(low) == pytest.approx(1.75 * (0.5 + 0.5), rel=0.1)  # behind the high one, stretched by 1.75
+
+
+async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once() -> None:
+    s, clock, registry = make(concurrency=1, queue=50)
+    job = s.submit("measure", "chat", Priority.NORMAL, None)
+    clock.advance(1.0)
+    s.retire(job, None, None)
+    s.submit("running", "chat", Priority.NORMAL, None)
+    s.submit("queued", "chat", Priority.NORMAL, None)  # waits about 1 s: ahead of what comes next
+    with pytest.raises(DeadlineUnreachable) as refused:
+        s.submit("late", "chat", Priority.NORMAL, None, timeout=1.5)  # needs about 2 s
+    error = refused.value
+    assert error.status_code == 503 and error.code == "deadline_unreachable"
+    assert error.headers["x-queue-eta-ms"] == "2000" and error.retry_after == pytest.approx(1.0)
+    assert s.lookup("late", None) is None and s.waiting == 1  # it never joined
+    assert sample(registry, "gateway_rejections_total", reason="deadline_unreachable") == 1
+    assert s.submit("in-time", "chat", Priority.NORMAL, None, timeout=2.5).state is JobState.QUEUED
+    assert s.submit("high", "chat", Priority.HIGH, None, timeout=1.5).state is JobState.QUEUED  # goes first
+    s.deadline_admission = False
+    assert s.submit("tries", "chat", Priority.NORMAL, None, timeout=0.5).state is JobState.QUEUED
+
+
+async def test_nothing_is_refused_before_the_service_time_is_measured() -> None:
+    s, _, _ = make(concurrency=1, queue=50)
+    s.submit("running", "chat", Priority.NORMAL, None)
+    for n in range(5):
+        assert s.submit(f"w{n}", "chat", Priority.NORMAL, None, timeout=0.5).eta is not None
+
+
+async def test_a_key_at_its_queue_limit_is_told_when_a_place_frees() -> None:
+    s, clock, _ = make(concurrency=1, queue=50)
+    job = s.submit("measure", "chat", Priority.NORMAL, None)
+    clock.advance(3.0)
+    s.retire(job, None, None)
+    key = KeyAccount.build(KeyEntry(key="k", name="team", max_queued=1))
+    s.submit("running", "chat", Priority.NORMAL, key)
+    clock.advance(1.0)
+    s.submit("queued", "chat", Priority.NORMAL, key)
+    with pytest.raises(KeyQueueLimit) as refused:
+        s.submit("more", "chat", Priority.NORMAL, key)
+    assert refused.value.retry_after == pytest.approx(2.0)  # the running one has 2 s left
+
+
+async def test_turns_of_several_keys_count_in_the_arrival_estimate() -> None:
+    s, clock, _ = make(concurrency=1, queue=50)
+    job = s.submit("measure", "chat", Priority.NORMAL, None)
+    clock.advance(1.0)
+    s.retire(job, None, None)
+    a, b = KeyAccount.unlimited("a"), KeyAccount.unlimited("b")
+    s.submit("running", "chat", Priority.NORMAL, a)
+    for n in range(4):
+        s.submit(f"a{n}", "chat", Priority.NORMAL, a)
+    first_of_b = s.submit("b0", "chat", Priority.NORMAL, b)  # one turn of a's goes before it, not four
+    assert first_of_b.eta == pytest.approx(2.0)
+    assert s.position(first_of_b) == 2
