@@ -14,7 +14,8 @@ from typing import Any
 
 import aiohttp
 import orjson
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -79,6 +80,14 @@ async def _get_json(url: str, api_key: str | None) -> Any:
 
 
 def _status(args: argparse.Namespace) -> None:
+    if args.watch:
+        try:
+            asyncio.run(_watch(args.url.rstrip("/"), args.api_key))
+        except aiohttp.ClientError as exc:
+            raise SystemExit(f"cannot reach {args.url}: {exc}") from None
+        except KeyboardInterrupt:
+            pass
+        return
     try:
         status = asyncio.run(_get_json(args.url.rstrip("/") + "/v1/queue/status", args.api_key))
     except aiohttp.ClientError as exc:
@@ -146,6 +155,77 @@ def _status(args: argparse.Namespace) -> None:
             for field, value in _flatten(status[section]):
                 table.add_row(field, value)
             console.print(table)
+
+
+async def _watch(url: str, api_key: str | None) -> None:
+    """The dashboard in the terminal: redrawn from each snapshot of GET /v1/queue/events until Ctrl-C."""
+    console = _console()
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(url + "/v1/queue/events", headers=_headers(api_key)) as response,
+    ):
+        if response.status != 200:
+            body = await response.read()
+            raise SystemExit(f"{url}/v1/queue/events answered {response.status}: {body.decode(errors='replace')}")
+        with Live(console=console, auto_refresh=False) as live:
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    live.update(watch_view(orjson.loads(line[6:]), url), refresh=True)
+
+
+WATCH_LISTED = 10  # waiting requests shown per level in the terminal
+
+
+def watch_view(snapshot: dict[str, Any], url: str) -> Group:
+    """One snapshot of the events as rich renderables: the totals, each backend's slots, the waiting by level."""
+    queue, rates, totals = snapshot["queue"], snapshot["rates"], snapshot["totals"]
+    state = "[green]live[/]" if snapshot["running"] else "[yellow]draining[/]"
+    viewer = snapshot.get("viewer")
+    head = (
+        f"[bold]llm-queue-gateway[/] at {url}: {state}"
+        + (f" as {viewer['name']}{' (admin)' if viewer['admin'] else ''}" if viewer else "")
+        + f" · {queue['in_flight']}/{queue['max_concurrent']} busy · {queue['waiting']}/{queue['max_queue_size']}"
+        f" waiting · {rates['requests_per_s']:.1f} req/s · {rates['tokens_per_s']:.0f} tok/s · "
+        f"completed {totals['completed']}, failed {totals['failed']}, timed out {totals['timed_out']}, "
+        f"cancelled {totals['cancelled']}, rejected {totals['rejected']}"
+    )
+    slots = Table(title="slots", expand=True)
+    for column in ("backend", "slot", "request", "key", "priority", "elapsed", "tok/s"):
+        slots.add_column(column)
+    for backend in snapshot["backends"]:
+        health = "" if backend["healthy"] else " [red](down)[/]"
+        for slot in backend["slots"]:
+            if not slot["busy"]:
+                slots.add_row(backend["name"] + health, str(slot["id"]), "[dim]free[/]", "", "", "", "")
+                continue
+            speed = slot.get("tokens_per_s")
+            slots.add_row(
+                backend["name"] + health,
+                str(slot["id"]),
+                slot["request_id"] or "[dim](another key)[/]",
+                slot["key"] or "",
+                slot["priority"],
+                f"{slot['elapsed_s']:.1f}s",
+                "" if speed is None else f"{speed:.1f}",
+            )
+    waiting = Table(title="waiting", expand=True)
+    for column in ("priority", "#", "request", "key", "waited", "ETA"):
+        waiting.add_column(column)
+    for priority, level in snapshot["waiting"].items():
+        for request in level["requests"][:WATCH_LISTED]:
+            waiting.add_row(
+                priority,
+                str(request["position"]),
+                request["id"],
+                request["key"] or "",
+                f"{request['waited_s']:.1f}s",
+                f"{request['eta_s']:.1f}s",
+            )
+        hidden = level["count"] - min(len(level["requests"]), WATCH_LISTED)
+        if hidden > 0:
+            waiting.add_row(priority, "", f"[dim]and {hidden} more[/]", "", "", "")
+    return Group(head, slots, waiting)
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -359,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="pretty-print /v1/queue/status of a running gateway")
     client_flags(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON instead")
+    status.add_argument(
+        "--watch", action="store_true", help="redraw the live view (the dashboard's events) until Ctrl-C"
+    )
     status.set_defaults(handler=_status)
 
     load = commands.add_parser(

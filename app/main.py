@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 
 from app import __version__
-from app.api import openai, ops
+from app.api import events, openai, ops
 from app.api import queue as queue_routes
 from app.api.connections import ConnectionGuard
 from app.api.errors import install_error_handlers
@@ -26,6 +29,7 @@ from app.metrics import Metrics
 from app.queue.pool import Routing
 from app.queue.scheduler import Scheduler
 from app.queue.service import CompletionService
+from app.queue.timeline import SAMPLE_SECONDS
 from app.settings import Settings
 
 log = logging.getLogger("app.queue")
@@ -74,9 +78,13 @@ def create_app(
             settings.max_queue_size,
             settings.request_timeout,
         )
+        sampler = asyncio.create_task(_sample_timeline(scheduler, metrics))
         try:
             yield
         finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
             scheduler.close()
             await fleet.aclose()
 
@@ -124,6 +132,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(queue_routes.router)
     app.include_router(ops.router)
+    app.include_router(events.router)
     app.add_middleware(openai.CompletionRoutes)  # the completion routes, ahead of FastAPI's stack
     app.add_middleware(RequestIdMiddleware, ids=ids)  # added last: outermost, so every response carries its id
 
@@ -136,6 +145,15 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+async def _sample_timeline(scheduler: Scheduler, metrics: Metrics) -> None:
+    """The dashboard's charts: the queue once a second."""
+    tokens = metrics.token_counts
+    while True:
+        await asyncio.sleep(SAMPLE_SECONDS)
+        totals = scheduler.totals
+        scheduler.timeline.sample(time.time(), scheduler.queue_sizes(), totals.completed, sum(tokens.values()))
 
 
 def _key_accounts(settings: Settings) -> tuple[tuple[bytes, KeyAccount], ...]:

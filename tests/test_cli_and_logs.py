@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
 import httpx
 import pytest
+from rich.console import Console
 
-from app.cli import build_parser, default_url, main, parse_mix, spread
+from app.cli import build_parser, default_url, main, parse_mix, spread, watch_view
 from app.logs import JsonFormatter, TextFormatter
 from app.types import Priority
-from testkit.gateway import RunningGateway, chat_body, wait_until
+from testkit.gateway import Background, RunningGateway, chat_body, wait_until
 from testkit.upstream import FakeUpstream
 
 StartGateway = Callable[..., RunningGateway]
@@ -142,3 +145,36 @@ def test_status_defaults_to_the_port_serve_reads(monkeypatch: pytest.MonkeyPatch
     assert default_url() == "http://127.0.0.1:8091"
     monkeypatch.delenv("PORT")
     assert default_url() == "http://127.0.0.1:8091"
+
+
+def test_status_watch_draws_the_events_until_the_stream_ends(
+    start_gateway: StartGateway, upstream: FakeUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = start_gateway(max_concurrent_requests=1)
+    url = gw.url + "/v1/chat/completions"
+    upstream.behavior.hang = True
+    with Background() as background:
+        running = background.post(url, chat_body(), headers={"X-Request-ID": "running-one"})
+        assert wait_until(lambda: upstream.active == 1)
+        queued = background.post(url, chat_body(), headers={"X-Request-ID": "queued-one", "X-Priority": "low"})
+        assert wait_until(lambda: gw.scheduler.waiting == 1)
+        with httpx.stream("GET", gw.url + "/v1/queue/events", timeout=10) as events:
+            line = next(line for line in events.iter_lines() if line.startswith("data: "))
+        console = Console(record=True, width=200)
+        console.print(watch_view(json.loads(line[6:]), gw.url))
+        drawn = console.export_text()
+        assert "1/1 busy" in drawn and "1/100 waiting" in drawn
+        assert "running-one" in drawn and "queued-one" in drawn and "low" in drawn
+
+        watcher = threading.Thread(target=main, args=(["status", "--watch", "--url", gw.url],))
+        watcher.start()
+        time.sleep(1.5)
+        assert gw.loop is not None
+        gw.loop.call_soon_threadsafe(gw.scheduler.drain)  # the waiting one is answered 503
+        assert queued.result().status_code == 503
+        upstream.behavior.hang = False
+        assert httpx.delete(gw.url + "/v1/queue/request/running-one").status_code == 200
+        assert running.result().status_code == 499
+        watcher.join(10)
+        assert not watcher.is_alive()  # the stream ended with the drain, and so did the view
+    assert "draining" in capsys.readouterr().out

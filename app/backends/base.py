@@ -62,19 +62,24 @@ class Turn:
     Its client sees only a pause.
     """
 
-    __slots__ = ("_park", "_resume")
+    __slots__ = ("_generated", "_park", "_resume")
 
     def __init__(self) -> None:
         self._park: Callable[[], None] | None = None
         self._resume: Callable[[], None] | None = None
+        self._generated: Callable[[], int] | None = None
 
-    def pausable(self, park: Callable[[], None], resume: Callable[[], None]) -> None:
-        """The backend's means to pause and go on, while the request runs there."""
-        self._park, self._resume = park, resume
+    def pausable(self, park: Callable[[], None], resume: Callable[[], None], generated: Callable[[], int]) -> None:
+        """The backend's means to pause and go on, and to count the tokens generated, while the request runs."""
+        self._park, self._resume, self._generated = park, resume, generated
 
     def done(self) -> None:
         """The backend has let go: nothing is left to pause."""
         self._park = self._resume = None
+
+    def generated(self) -> int | None:
+        """Tokens generated so far, where the backend counts them (the dashboard's tokens per second)."""
+        return self._generated() if self._generated is not None else None
 
     @property
     def can_park(self) -> bool:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 _SAMPLES = 128  # service times averaged per pool
 _ARRIVAL_WINDOW_SECONDS = 20.0  # arrival rates follow about this much recent history
+_FIRST_SPAN = 5.0  # seconds a rate is read over at least: a first arrival or two is no rate yet
 _MAX_LOAD = 0.95  # higher work past this share of the slots: the wait has no useful bound
 _OVERLOADED_FACTOR = 1 / (1 - _MAX_LOAD)
 _OVERDUE_SHARE = 0.1  # a request past the mean is expected to end within this share of it
@@ -81,7 +82,7 @@ class ArrivalRate:
         if self._first is None:
             return 0.0
         # The decayed count of a steady rate r after t seconds is r * window * (1 - exp(-t / window)).
-        span = _ARRIVAL_WINDOW_SECONDS * -math.expm1(-max(now - self._first, 1.0) / _ARRIVAL_WINDOW_SECONDS)
+        span = _ARRIVAL_WINDOW_SECONDS * -math.expm1(-max(now - self._first, _FIRST_SPAN) / _ARRIVAL_WINDOW_SECONDS)
         return self._decayed(now) / span
 
     def _decayed(self, now: float) -> float:
@@ -94,47 +95,55 @@ def pool_wait(pool: Pool, ahead: int, rank: int, now: float, fallback: float | N
     """Seconds until a request of level `rank` with `ahead` requests before it in `pool` gets a slot.
 
     `fallback` is the service time to assume before the pool has measured its own (the gateway's average).
+    """
+    return Outlook(pool, rank, now, fallback).wait(ahead)
+
+
+class Outlook:
+    """The releases a pool's slots are expected to make, as a request of one level sees them now: the wait of
+    any number of requests at that level, each in O(1) (the dashboard lists hundreds at once).
+
     A member that is down counts no slots; for a level below high, each member's reserved slots free for
     high requests first.
     """
-    mean = pool.service.mean or fallback or UNMEASURED_SECONDS
-    overdue = _OVERDUE_SHARE * mean
-    left: list[float] = []  # per slot, the seconds until it frees
-    for member in pool.members:
-        if member.down:
-            continue
-        frees = [
-            0.0 if job is None or job.slot_taken is None else max(mean - (now - job.slot_taken), overdue)
-            for job in (slot.job for slot in member.slots.slots)
-        ]
-        if rank and member.reserved_high:
-            frees.sort()
-            del frees[: member.reserved_high]  # the first to free go to high requests
-        left += frees
-    higher = 0.0
-    for level in range(rank):
-        higher += pool.arrivals[level].rate(now)
-    return wait(left, ahead, mean, higher)
+
+    __slots__ = ("_factor", "_left", "_mean")
+
+    def __init__(self, pool: Pool, rank: int, now: float, fallback: float | None):
+        mean = self._mean = pool.service.mean or fallback or UNMEASURED_SECONDS
+        overdue = _OVERDUE_SHARE * mean
+        left: list[float] = []  # per slot, the seconds until it frees
+        for member in pool.members:
+            if member.down:
+                continue
+            frees = [
+                0.0 if job is None or job.slot_taken is None else max(mean - (now - job.slot_taken), overdue)
+                for job in (slot.job for slot in member.slots.slots)
+            ]
+            if rank and member.reserved_high:
+                frees.sort()
+                del frees[: member.reserved_high]  # the first to free go to high requests
+            left += frees
+        left.sort()
+        self._left = left
+        higher = 0.0
+        for level in range(rank):
+            higher += pool.arrivals[level].rate(now)
+        load = higher * mean / len(left) if left else 0.0
+        self._factor = _OVERLOADED_FACTOR if load >= _MAX_LOAD else 1 + load + load * load
+
+    def wait(self, ahead: int) -> float:
+        """Seconds until a request with `ahead` requests before it gets a slot."""
+        left, mean = self._left, self._mean
+        slots = len(left)
+        if not slots:
+            return (ahead + 1) * mean
+        return (left[ahead % slots] + (ahead // slots) * mean) * self._factor
 
 
 def pool_place(pool: Pool, fallback: float | None) -> float:
     """Seconds between two of `pool`'s dispatches while it is busy: the shortest useful Retry-After."""
     return place(sum(member.max_concurrent for member in pool.members), pool.service.mean or fallback)
-
-
-def wait(left: list[float], ahead: int, mean: float, higher_rate: float) -> float:
-    """Seconds until a request with `ahead` requests before it gets a slot.
-
-    `left` holds, for each slot of its pool, the seconds until it frees (0 for a free one); `mean` is the
-    mean service time; `higher_rate` the arrivals per second of higher levels, which go ahead as they come.
-    """
-    slots = len(left)
-    if not slots:
-        return (ahead + 1) * mean
-    left.sort()
-    base = left[ahead % slots] + (ahead // slots) * mean
-    load = higher_rate * mean / slots
-    return base * (_OVERLOADED_FACTOR if load >= _MAX_LOAD else 1 + load + load * load)
 
 
 def place(slots: int, mean: float | None) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
 # Removed items stay in their deque until popped; a level is rebuilt once they outnumber its live items.
@@ -212,6 +213,23 @@ class PriorityQueue(Generic[T]):
                 continue
             ahead += min(len(level.queues[other]), turn + 1 if before_key or own is None else turn)
         return min(ahead, sum(self._levels[r].count for r in range(rank + 1)))
+
+    def ordered(self, rank: int) -> Iterator[T]:
+        """The live items of one level in the order they will be popped (the keys' turns interleaved), lazily:
+        taking the first few costs about as many steps."""
+        level = self._levels[rank]
+        streams = [(item for item in level.queues[key] if self._is_live(level, item)) for key in level.turns]
+        while streams:
+            still = []
+            for stream in streams:
+                item = next(stream, None)
+                if item is not None:
+                    still.append(stream)
+                    yield item
+            streams = still
+
+    def _is_live(self, level: _Level[T], item: T) -> bool:
+        return item.waiting_in is self and item.waiting_level is level
 
     def items(self) -> list[T]:
         """Every live item, level by level."""

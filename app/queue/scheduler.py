@@ -43,6 +43,7 @@ from app.queue.pool import Pool, Routing
 from app.queue.priority_queue import PriorityQueue
 from app.queue.service_time import ServiceTime
 from app.queue.slots import Slot
+from app.queue.timeline import Timeline
 from app.settings import QueueFullBehavior
 from app.types import CompletionKind, JobState, Priority
 
@@ -93,9 +94,11 @@ class Scheduler:
         self.totals = Totals()
         self.draining = False
         self.service = ServiceTime(1)  # how long a request holds a slot, and the waits it implies
+        self.timeline = Timeline()  # the last minutes, for the dashboard (sampled by the app, fed here)
         self._history_size = history_size
         self._metrics = metrics
         self._clock = clock
+        self.clock = clock  # the scheduler's monotonic time, for those who read its jobs' times
         self._wall_clock = wall_clock
         self.members: dict[str, Member] = {}
         self.retiring: list[Member] = []  # removed by a reload, still running requests
@@ -347,6 +350,7 @@ class Scheduler:
         member.series.dispatched += 1
         assert job.pool is not None
         self._metrics.dispatched(job.pool.model, job.priority, now - job.arrived)
+        self.timeline.waits.append(now - job.arrived)
         if member.gate is not None:
             member.gate.dispatched(job)
 

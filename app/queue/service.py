@@ -171,8 +171,9 @@ class CompletionService:
                 prepared = admitted.prepared.get(id(backend), _MISSING)
                 if prepared is _MISSING:
                     prepared = admitted.prepared[id(backend)] = await backend.prepare(admitted.request)
-                # A member that can pause its requests lends them a turn it may take back (preemption).
-                turn = job.turn = Turn() if member.parking else None
+                # The local model lends its requests a turn: the queue may take their slot back for a while
+                # (preemption, where the member has parking room) and read their progress.
+                turn = job.turn = Turn() if member.kind == "local" else None
                 if admitted.stream:
                     return await backend.stream(prepared, job.deadline, turn)
                 return await backend.complete(prepared, job.deadline, turn)

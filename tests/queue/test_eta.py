@@ -35,17 +35,30 @@ def test_arrival_rates_decay_with_time() -> None:
     assert rate.rate(300.0) < 0.1
 
 
-def test_the_wait_counts_releases_then_rounds_then_higher_arrivals() -> None:
-    def left() -> list[float]:
-        return [0.5, 0.1, 0.3]  # the seconds until each slot frees
-
-    assert eta.wait(left(), 0, 1.0, 0.0) == pytest.approx(0.1)  # the first slot to free
-    assert eta.wait(left(), 2, 1.0, 0.0) == pytest.approx(0.5)
-    assert eta.wait(left(), 3, 1.0, 0.0) == pytest.approx(1.1)  # a round later
-    assert eta.wait(left(), 3, 1.0, 1.5) == pytest.approx(1.1 * 1.75)  # half the slots' work comes in ahead
-    assert eta.wait(left(), 3, 1.0, 100.0) == pytest.approx(1.1 * 20)  # overloaded: bounded, not infinite
-    assert eta.wait([], 3, 1.0, 0.0) == pytest.approx(4.0)  # every member down
+async def test_the_wait_counts_releases_then_rounds_then_higher_arrivals() -> None:
+    s, clock, _ = make(concurrency=3, queue=50)
+    for n in range(3):  # a mean of 1 s
+        job = s.submit(f"m{n}", "chat", Priority.HIGH, None)
+        clock.advance(1.0)
+        s.retire(job, None, None)
+    s.submit("a", "chat", Priority.HIGH, None)
+    clock.advance(0.2)
+    s.submit("b", "chat", Priority.HIGH, None)
+    clock.advance(0.4)
+    s.submit("c", "chat", Priority.HIGH, None)  # they free in 0.4 s, 0.6 s and 1 s
+    pool = s.pools["*"]
+    outlook = eta.Outlook(pool, 0, clock.now, None)
+    assert outlook.wait(0) == pytest.approx(0.4)  # the first slot to free
+    assert outlook.wait(2) == pytest.approx(1.0)
+    assert outlook.wait(3) == pytest.approx(1.4)  # a round later
+    # Half the slots' work in high requests comes meanwhile: 1 + 0.5 + 0.25 for a normal request.
+    normal = eta.Outlook(pool, 1, clock.now, None)
+    share = pool.arrivals[0].rate(clock.now) * 1.0 / 3
+    assert normal.wait(3) == pytest.approx(1.4 * (1 + share + share * share))
     assert eta.place(4, 2.0) == pytest.approx(0.5) and eta.place(4, None) == pytest.approx(0.25)
+    for member in pool.members:
+        member.slots.slots.clear()  # no slot up (every member down): a mean per request ahead, and its own
+    assert eta.pool_wait(pool, 3, 0, clock.now, None) == pytest.approx(4.0)
 
 
 async def test_a_request_past_the_mean_is_expected_to_end_soon_and_a_free_slot_at_once() -> None:

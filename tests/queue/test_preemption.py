@@ -39,7 +39,7 @@ def running(scheduler: Scheduler, name: str, priority: Priority, log: list[str])
     job = scheduler.submit(name, "chat", priority, None)
     assert job.state is JobState.PROCESSING
     job.turn = Turn()
-    job.turn.pausable(lambda: log.append(f"park {name}"), lambda: log.append(f"resume {name}"))
+    job.turn.pausable(lambda: log.append(f"park {name}"), lambda: log.append(f"resume {name}"), lambda: 0)
     return job
 
 

@@ -173,7 +173,7 @@ class LlamaBackend:
         engine = self._engine
         engine.submit(sequence)
         if turn is not None:
-            turn.pausable(lambda: engine.park(sequence), lambda: engine.resume(sequence))
+            turn.pausable(lambda: engine.park(sequence), lambda: engine.resume(sequence), lambda: sequence.generated)
         ended = False
         try:
             while not ended:
