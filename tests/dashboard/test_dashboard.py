@@ -21,11 +21,10 @@ from selenium.webdriver.remote.webdriver import WebDriver
 
 from app.api.snapshot import LISTED, snapshot
 from app.metrics import Metrics
-from app.queue.scheduler import Scheduler
-from app.settings import QueueFullBehavior
 from app.types import Priority
 from testkit.gateway import Background, RunningGateway, chat_body, wait_until
 from testkit.upstream import FakeUpstream
+from tests.queue.test_scheduler import make
 
 StartGateway = Callable[..., RunningGateway]
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -216,14 +215,7 @@ def test_the_events_end_once_a_drain_has_nothing_left_running(start_gateway: Sta
 
 @pytest.mark.anyio
 async def test_a_snapshot_with_ten_thousand_waiting_lists_the_first_few_hundred_per_level() -> None:
-    scheduler = Scheduler(
-        max_concurrent=1,
-        max_queue_size=20_000,
-        request_timeout=600,
-        full_behavior=QueueFullBehavior.REJECT,
-        history_size=0,
-        metrics=Metrics(CollectorRegistry()),
-    )
+    scheduler, _, _ = make(concurrency=1, queue=20_000)
     levels = list(Priority)
     for n in range(10_001):
         scheduler.submit(f"r{n}", "chat", levels[n % 3], None)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from testkit.gateway import Background, RunningGateway, wait_until
@@ -280,6 +281,13 @@ def test_a_high_request_preempts_low_work_whose_greedy_text_stays_the_same(
 
     low = background.post(url, low_body, headers={"X-Priority": "low", "X-Request-ID": "low"}, timeout=120)
     assert wait_until(running_at_the_model, timeout=30)
+    with httpx.stream("GET", gw.url + "/v1/queue/events", timeout=10) as events:  # the dashboard's view of it
+        for line in events.iter_lines():
+            if line.startswith("data: "):
+                (slot,) = orjson.loads(line[6:])["backends"][0]["slots"]
+                if slot["tokens_per_s"]:  # its first tokens are out
+                    break
+    assert slot["request_id"] == "low" and slot["priority"] == "low" and slot["tokens_per_s"] > 0
     first = httpx.post(url, json=high_body, headers={"X-Priority": "high", "X-Request-ID": "h1"}, timeout=60)
     assert first.status_code == 200 and not low.done()  # it did not wait for the low one's slot
     assert httpx.get(gw.url + "/v1/queue/request/low").json()["status"] == "processing"  # resumed
