@@ -66,6 +66,12 @@ def test_startup_stops_with_one_line_on_a_bad_value() -> None:
     assert len(lines) == 1 and "MAX_QUEUE_SIZE" in lines[0]
 
 
+def test_reserved_high_slots_must_leave_a_slot_for_the_others() -> None:
+    with pytest.raises(SettingsError, match="RESERVED_HIGH_SLOTS"):
+        load_settings(_env_file=None, max_concurrent_requests=2, reserved_high_slots=2)
+    assert load_settings(_env_file=None, max_concurrent_requests=2, reserved_high_slots=1).reserved_high_slots == 1
+
+
 def test_env_example_names_every_setting_and_loads() -> None:
     example = Path(__file__).resolve().parent.parent / "queue-config.env.example"
     text = example.read_text()

@@ -373,3 +373,26 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_with_its_eta_and_no_upstrea
     late = httpx.post(tried, json=chat_body("late"), headers={"X-Request-Timeout-Ms": "100"})
     assert late.status_code == 408  # it tried, and timed out in the queue
     assert blocker.result().status_code == 200
+
+
+def test_reserved_slots_keep_room_for_high_priority_requests(
+    start_gateway: StartGateway, upstream: FakeUpstream, background: Background
+) -> None:
+    gw = start_gateway(max_concurrent_requests=2, reserved_high_slots=1)
+    url = gw.url + "/v1/chat/completions"
+    upstream.behavior.hang = True
+    normal = background.post(url, chat_body("normal"), headers={"X-Request-ID": "normal-1"})
+    assert wait_until(lambda: upstream.active == 1)
+    waiting = background.post(url, chat_body("waits"), headers={"X-Request-ID": "normal-2", "X-Priority": "low"})
+    assert wait_until(lambda: gw.scheduler.waiting == 1)  # a slot is free, but it is the reserved one
+    assert httpx.get(gw.url + "/v1/queue/request/normal-2").json()["waiting_for"] == "backend_slot"
+    high = background.post(url, chat_body("urgent"), headers={"X-Priority": "high", "X-Request-ID": "high-1"})
+    assert wait_until(lambda: upstream.active == 2)  # the high one takes the reserved slot at once
+    assert gw.scheduler.waiting == 1
+    upstream.behavior.hang = False
+    assert httpx.delete(gw.url + "/v1/queue/request/high-1").status_code == 200
+    assert high.result().status_code == 499
+    assert gw.scheduler.waiting == 1  # the slot freed is the reserved one: the low request still waits
+    assert httpx.delete(gw.url + "/v1/queue/request/normal-1").status_code == 200
+    assert normal.result().status_code == 499
+    assert waiting.result().status_code == 200  # a slot others may take freed

@@ -52,6 +52,10 @@ def _write(path: Path, backends: list[dict[str, Any]], **extra: Any) -> None:
             "NOT_SET_ANYWHERE_42, which is not set",
         ),
         ("backends: [{name: a, type: proxy, base_url: 'http://x/v1', colour: red}]", "backend 'a': colour: Extra"),
+        (
+            "backends: [{name: a, type: proxy, base_url: 'http://x/v1', max_concurrent: 2, reserved_high_slots: 2}]",
+            "backend 'a': reserved_high_slots must be below max_concurrent",
+        ),
         ("backends: []", "backends"),
         ("just: [text", "backends.yaml"),
     ],
