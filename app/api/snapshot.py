@@ -8,7 +8,6 @@ so a snapshot stays small with ten thousand waiting.
 from __future__ import annotations
 
 import time
-from itertools import islice
 from typing import Any
 
 from app.limits.keys import KeyAccount
@@ -107,9 +106,14 @@ def _waiting(scheduler: Scheduler, viewer: KeyAccount | None, now: float) -> dic
         for priority in Priority:
             rank = priority.rank
             listed = levels[priority.value]["requests"]
+            if not pool.queue.count(rank):
+                continue
             outlook = eta.Outlook(pool, rank, now, scheduler.service.average)
-            for place, job in enumerate(islice(pool.queue.ordered(rank), LISTED), start=ahead):
-                if len(listed) < LISTED and _sees(viewer, job):
+            # A key's own requests may stand far back: the level is read until LISTED of them are found.
+            for place, job in enumerate(pool.queue.ordered(rank), start=ahead):
+                if len(listed) >= LISTED:
+                    break
+                if _sees(viewer, job):
                     listed.append(
                         {
                             "id": job.id,

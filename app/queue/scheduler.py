@@ -97,8 +97,7 @@ class Scheduler:
         self.timeline = Timeline()  # the last minutes, for the dashboard (sampled by the app, fed here)
         self._history_size = history_size
         self._metrics = metrics
-        self._clock = clock
-        self.clock = clock  # the scheduler's monotonic time, for those who read its jobs' times
+        self.clock = clock  # monotonic seconds: the jobs' times are on it
         self._wall_clock = wall_clock
         self.members: dict[str, Member] = {}
         self.retiring: list[Member] = []  # removed by a reload, still running requests
@@ -221,7 +220,7 @@ class Scheduler:
         full = self.waiting_in_queue >= self.max_queue_size
         if full and self.full_behavior is QueueFullBehavior.REJECT:
             raise self.refuse_full(priority)
-        now = self._clock()
+        now = self.clock()
         at_once = not pool.queue.size and pool.has_room(priority.rank)
         lifetime = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
         expected = None if at_once else self._expected_wait(pool, priority, key, lifetime, full, now)
@@ -307,7 +306,7 @@ class Scheduler:
     def refuse_full(self, priority: Priority) -> QueueFull:
         """Count a request refused for a full queue, and the error that tells it when to come back."""
         self.count_rejection(priority, "queue_full")
-        retry_after = self.service.appointment(self._clock(), eta.place(self.service.slots, self.service.average))
+        retry_after = self.service.appointment(self.clock(), eta.place(self.service.slots, self.service.average))
         return QueueFull(
             f"the queue is full ({self.waiting_in_queue} requests waiting); retry in {retry_after:.1f}s",
             retry_after=retry_after,
@@ -356,7 +355,7 @@ class Scheduler:
 
     def dispatch(self) -> None:
         """Dispatch what the slots and the gates allow now (a gate's hold timer calls this)."""
-        self._dispatch(self._clock())
+        self._dispatch(self.clock())
 
     def _dispatch(self, now: float) -> None:
         """Fill idle slots from the pools as far as the gates allow, refilling the queue from the overflow."""
@@ -480,7 +479,7 @@ class Scheduler:
             return False
         member.series.errors += 1
         member.series.failovers += 1
-        now = self._clock()
+        now = self.clock()
         member.slots.give(job.slot, False)
         job.slot = None
         if member.gate is not None:
@@ -550,7 +549,7 @@ class Scheduler:
         Called exactly once per submitted request, by the code that serves it.
         """
         assert not job.is_terminal, f"request {job.id} retired twice"
-        now = self._clock()
+        now = self.clock()
         state = terminal_state(error)
         if job.watched:
             self._deadlines.discard(job)
@@ -662,7 +661,7 @@ class Scheduler:
     def queue_sizes(self) -> dict[str, int]:
         """Waiting requests by the level they wait at (aging may have raised them), overflow included."""
         if self.aging is not None:
-            self._promote(self._clock())
+            self._promote(self.clock())
         return {
             p.value: sum(pool.queue.count(p.rank) for pool in self._pools) + self._overflow.count(p.rank)
             for p in Priority
@@ -680,7 +679,7 @@ class Scheduler:
     def queue_sizes_by_model(self) -> dict[tuple[str, str], int]:
         """Waiting requests by (model pool, level), for the metrics."""
         if self.aging is not None:
-            self._promote(self._clock())
+            self._promote(self.clock())
         return {(pool.model, p): n for pool in self._pools for p, n in self.pool_sizes(pool).items()}
 
     def backends_in_flight(self) -> dict[str, int]:
@@ -735,7 +734,7 @@ class Scheduler:
             return None
         place = self.position(job)
         return (
-            None if place is None else eta.pool_wait(job.pool, place - 1, job.rank, self._clock(), self.service.average)
+            None if place is None else eta.pool_wait(job.pool, place - 1, job.rank, self.clock(), self.service.average)
         )
 
     def waiting_for(self, job: Job) -> str | None:
