@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterator
 
 import httpx
+import jsonschema
 import openai
 import orjson
 import pytest
@@ -301,3 +303,54 @@ def test_a_high_request_preempts_low_work_whose_greedy_text_stays_the_same(
     assert second_record["started_at"] >= low_done["finished_at"] - 0.05  # PREEMPT_MAX=1: parked once only
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'gateway_preemptions_total{priority="low"} 1.0' in metrics
+
+
+def test_structured_output_always_parses_and_validates(start_local: StartLocal) -> None:
+    gw = start_local(max_concurrent_requests=2)
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused")
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    messages: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Give the name and population of a large city as JSON."}
+    ]
+    for seed in range(8):  # sampled, so each seed takes its own path through the grammar
+        answer = sdk.chat.completions.create(
+            model="local",
+            messages=messages,
+            temperature=0.9,
+            seed=seed,
+            max_tokens=120,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        )
+        content = answer.choices[0].message.content
+        assert content is not None and answer.choices[0].finish_reason == "stop", (seed, content)
+        jsonschema.validate(json.loads(content), schema)
+    short: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "user", "content": 'Reply with the JSON object {"answer": "yes"} and nothing else.'}
+    ]
+    chunks = list(
+        sdk.chat.completions.create(
+            model="local",
+            messages=short,
+            temperature=0,
+            max_tokens=400,
+            stream=True,
+            response_format={"type": "json_object"},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop", text
+    assert isinstance(json.loads(text), dict | list)
+    url = gw.url + "/v1/chat/completions"
+    for bad in (
+        {"type": "xml"},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"schema": 3}},
+        "json",
+    ):
+        refused = httpx.post(url, json={"messages": messages, "response_format": bad})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format", bad

@@ -94,7 +94,9 @@ class LlamaBackend:
             bos_token=engine.model.token_text(engine.model.bos_token),
         )
         model = engine.model
-        self._prompter = Prompter(formatter, model.tokenize, model.vocab_size, self.n_ctx, self._default_max_tokens)
+        self._prompter = Prompter(
+            formatter, model.tokenize, model.vocab_size, self.n_ctx, self._default_max_tokens, model.parses
+        )
 
     async def aclose(self) -> None:
         """Stop generating and free the model."""

@@ -314,7 +314,7 @@ class LlamaEngine:
         sequence.id = slot
         sequence.prefilled = sequence.cached = keep
         sequence.history = self._resident[slot] = prompt[:keep]
-        sequence.sampler = build_chain(plan(sequence.sampling))
+        sequence.sampler = build_chain(plan(sequence.sampling), model.vocab)
         bisect.insort(self._active, sequence, key=_by_id)
         self._prompting.append(sequence)
 

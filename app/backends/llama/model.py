@@ -15,6 +15,8 @@ from typing import Any
 
 import llama_cpp as ll
 
+from app.backends.llama.sampling import grammar_sampler
+
 log = logging.getLogger("app.backends.llama")
 
 _PIECE_BYTES = 256
@@ -126,6 +128,19 @@ class LlamaModel:
     @property
     def eos_token(self) -> int:
         return int(ll.llama_vocab_eos(self._vocab))
+
+    @property
+    def vocab(self) -> Any:
+        """llama.cpp's vocabulary (read-only: safe from any thread), for grammars."""
+        return self._vocab
+
+    def parses(self, grammar: str) -> bool:
+        """Whether llama.cpp accepts a GBNF grammar (checked before a request waits, on any thread)."""
+        sampler = grammar_sampler(self._vocab, grammar)
+        if sampler is None:
+            return False
+        ll.llama_sampler_free(sampler)
+        return True
 
     @property
     def vocab_size(self) -> int:

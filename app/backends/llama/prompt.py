@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from jinja2 import TemplateError
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from app.backends.llama.sampling import Sampling
+from app.backends.llama.structured import grammar_for
 from app.errors import InvalidRequest
 from app.schemas import SERVED_TIERS, CompletionRequest
 from app.types import CompletionKind, Priority
@@ -47,8 +49,10 @@ class Prompter:
         vocab_size: int,
         n_ctx: int,
         default_max_tokens: int,
+        parses: Callable[[str], bool] = lambda _: True,
     ):
         self._formatter = formatter
+        self._parses = parses  # whether llama.cpp accepts a grammar
         self._tokenize = tokenize
         self._vocab_size = vocab_size
         self._n_ctx = n_ctx
@@ -78,10 +82,15 @@ class Prompter:
         # Past the context too: finish_reason "length".
         max_tokens = min(request.max_tokens or self._default_max_tokens, room)
         options = payload.get("stream_options")
+        grammar = grammar_for(payload.get("response_format"))
+        if grammar is not None and not self._parses(grammar):
+            raise InvalidRequest(
+                "the response_format's schema gives a grammar llama.cpp cannot use", param="response_format"
+            )
         return LocalRequest(
             kind=request.kind,
             prompt=prompt,
-            sampling=_sampling(payload),
+            sampling=dataclasses.replace(_sampling(payload), grammar=grammar),
             max_tokens=max_tokens,
             stops=_stops(payload.get("stop")),
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,

@@ -31,15 +31,18 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
+    grammar: str | None = None  # GBNF the output must follow (response_format), checked when the request came
 
 
 # One step of a plan: the sampler's name and its arguments, as llama.cpp's sampler_init_<name> takes them.
-Step = tuple[str, tuple[float | int, ...]]
+Step = tuple[str, tuple[float | int | str, ...]]
 
 
 def plan(sampling: Sampling) -> list[Step]:
     """The samplers for these options, in the order they run."""
     steps: list[Step] = []
+    if sampling.grammar is not None:  # first: what the grammar forbids is gone before anything else looks
+        steps.append(("grammar", (sampling.grammar,)))
     if sampling.repeat_penalty != 1.0 or sampling.frequency_penalty or sampling.presence_penalty:
         penalties = (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty)
         steps.append(("penalties", (PENALTY_LAST_N, *penalties)))
@@ -58,11 +61,16 @@ def plan(sampling: Sampling) -> list[Step]:
     return steps
 
 
-def build_chain(steps: list[Step]) -> Any:
-    """A llama.cpp sampler chain running `steps`; the caller frees it with llama_sampler_free."""
+def build_chain(steps: list[Step], vocab: Any) -> Any:
+    """A llama.cpp sampler chain running `steps` (`vocab`: the model's, for a grammar); the caller frees it with
+    free_chain."""
     chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
     for name, args in steps:
-        if name == "penalties":
+        if name == "grammar":
+            sampler = grammar_sampler(vocab, str(args[0]))
+            if sampler is None:
+                raise ValueError("the grammar does not parse")
+        elif name == "penalties":
             # The bindings declare an old five-argument signature (n_vocab first); llama.cpp now takes four.
             # Passing the look-back in both integer places is right under either.
             last_n = args[0]
@@ -71,6 +79,12 @@ def build_chain(steps: list[Step]) -> Any:
             sampler = getattr(ll, f"llama_sampler_init_{name}")(*args)
         ll.llama_sampler_chain_add(chain, sampler)
     return chain
+
+
+def grammar_sampler(vocab: Any, grammar: str) -> Any:
+    """llama.cpp's grammar sampler for GBNF `grammar` (root rule `root`), or None if it does not parse."""
+    sampler = ll.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    return sampler or None
 
 
 def free_chain(chain: Any) -> None:
