@@ -202,8 +202,26 @@ def test_unsupported_options_are_400(start_local: StartLocal) -> None:
         response = httpx.post(url, json={"messages": msgs, **extra})
         assert response.status_code == 400, extra
         assert response.json()["error"]["param"] == param
-    echo = httpx.post(gw.url + "/v1/completions", json={"prompt": "x", "echo": True})
+    echo = httpx.post(gw.url + "/v1/completions", json={"prompt": "x", "echo": "yes"})
     assert echo.status_code == 400 and echo.json()["error"]["param"] == "echo"
+
+
+def test_echo_repeats_the_prompt_ahead_of_the_answer(start_local: StartLocal) -> None:
+    gw = start_local()
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused")
+    prompt = "The capital of France is"
+    plain = sdk.completions.create(model="local", prompt=prompt, max_tokens=6, temperature=0)
+    echoed = sdk.completions.create(model="local", prompt=prompt, max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    assert echoed.usage is not None and plain.usage is not None
+    assert echoed.usage.completion_tokens == plain.usage.completion_tokens  # the echo is not generated
+    chunks = list(
+        sdk.completions.create(model="local", prompt=prompt, max_tokens=6, temperature=0, echo=True, stream=True)
+    )
+    assert chunks[0].choices[0].text == prompt and "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
+    tokens = gw.app.state.fleet.members[0].backend._engine.model.tokenize(" Paris is", False)
+    by_ids = sdk.completions.create(model="local", prompt=tokens, max_tokens=2, temperature=0, echo=True)
+    assert by_ids.choices[0].text.startswith(" Paris is")
 
 
 def test_models_and_ready(start_local: StartLocal) -> None:

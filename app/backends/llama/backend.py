@@ -95,7 +95,13 @@ class LlamaBackend:
         )
         model = engine.model
         self._prompter = Prompter(
-            formatter, model.tokenize, model.vocab_size, self.n_ctx, self._default_max_tokens, model.parses
+            formatter,
+            model.tokenize,
+            model.vocab_size,
+            self.n_ctx,
+            self._default_max_tokens,
+            model.parses,
+            model.detokenize,
         )
 
     async def aclose(self) -> None:
@@ -145,7 +151,7 @@ class LlamaBackend:
             else:
                 done = event
         assert done is not None
-        text = "".join(parts)
+        text = prepared.echo + "".join(parts)
         chat = prepared.kind == "chat"
         content: dict[str, Any] = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         choice = {"index": 0, **content, "logprobs": None, "finish_reason": done.finish_reason}
@@ -231,6 +237,8 @@ class _LocalStream(BackendStream):
         try:
             if chat:
                 yield chunk(None, None, role=True)
+            elif prepared.echo:
+                yield chunk(prepared.echo, None)
             async for event in events:
                 if isinstance(event, Delta):
                     yield chunk(event.text, None)

@@ -112,6 +112,18 @@ class LlamaModel:
         size = ll.llama_token_to_piece(self._vocab, token, buffer, _PIECE_BYTES, 0, True)
         return buffer.raw[: max(size, 0)].decode("utf-8", "replace")
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """Token ids back to text, special tokens as text too (safe from any thread: its own buffer)."""
+        array = (ll.llama_token * len(tokens))(*tokens)
+        capacity = 8 * len(tokens) + 16
+        buffer = ctypes.create_string_buffer(capacity)
+        size = ll.llama_detokenize(self._vocab, array, len(tokens), buffer, capacity, False, False)
+        if size < 0:  # the buffer was too small: -size is the size needed
+            capacity = -size
+            buffer = ctypes.create_string_buffer(capacity)
+            size = ll.llama_detokenize(self._vocab, array, len(tokens), buffer, capacity, False, False)
+        return buffer.raw[: max(size, 0)].decode("utf-8", "replace")
+
     def piece(self, token: int) -> bytes:
         """A generated token's bytes (engine thread: one buffer is reused)."""
         size = ll.llama_token_to_piece(self._vocab, token, self._piece, _PIECE_BYTES, 0, False)

@@ -37,6 +37,7 @@ class LocalRequest:
     include_usage: bool
     service_tier: str  # the tier it is served at, which the response reports as OpenAI's do
     urgent: bool = False  # served at high priority: its prompt goes through the model alone
+    echo: str = ""  # text completions with `echo`: the prompt, sent ahead of the answer
 
 
 class Prompter:
@@ -50,9 +51,11 @@ class Prompter:
         n_ctx: int,
         default_max_tokens: int,
         parses: Callable[[str], bool] = lambda _: True,
+        detokenize: Callable[[list[int]], str] = lambda _: "",
     ):
         self._formatter = formatter
         self._parses = parses  # whether llama.cpp accepts a grammar
+        self._detokenize = detokenize
         self._tokenize = tokenize
         self._vocab_size = vocab_size
         self._n_ctx = n_ctx
@@ -96,7 +99,20 @@ class Prompter:
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             service_tier=SERVED_TIERS[request.priority] if request.priority is not None else "default",
             urgent=request.priority is Priority.HIGH,
+            echo=self._echo(payload, prompt) if request.kind == "completion" else "",
         )
+
+    def _echo(self, payload: dict[str, Any], tokens: list[int]) -> str:
+        """The prompt as `echo` repeats it: the client's own string, or its token ids as text."""
+        echo = payload.get("echo")
+        if echo is None or echo is False:
+            return ""
+        if echo is not True:
+            raise InvalidRequest("echo must be a boolean", param="echo")
+        prompt = payload["prompt"]
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        return prompt if isinstance(prompt, str) else self._detokenize(tokens)
 
     def _chat_prompt(self, payload: dict[str, Any]) -> list[int]:
         try:
@@ -111,8 +127,6 @@ class Prompter:
         return self._tokenize(formatted.prompt, False)
 
     def _text_prompt(self, payload: dict[str, Any]) -> list[int]:
-        if payload.get("echo"):
-            raise InvalidRequest("the local backend does not support echo", param="echo")
         prompt = payload["prompt"]
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
