@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CMAKE_ARGS="-DGGML_CUDA=on" make serve builds it for an NVIDIA GPU.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: serve test lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet bench-eta clean
+.PHONY: serve test lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet bench-eta bench-replicas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-fleet: $(VENV)/.test
 
 bench-eta: $(VENV)/.test
 	$(BIN)/python -m bench.eta_bench $(ARGS)
+
+bench-replicas: $(VENV)/.test
+	$(BIN)/python -m bench.replicas_bench $(ARGS)
 
 bench-local: $(VENV)/.test
 	$(BIN)/python -m bench.local_bench $(ARGS)

@@ -170,6 +170,17 @@ class DeadlineUnreachable(RetryLater):
         )
 
 
+class CoordinationUnavailable(RetryLater):
+    """REDIS_URL is set and Redis cannot be reached (REDIS_FAILURE_MODE=closed): the replicas cannot share."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "coordination_unavailable"
+
+    def __init__(self, message: str = "the replicas' shared queue (Redis) cannot be reached", retry_after: float = 2.0):
+        super().__init__(message, retry_after=retry_after)
+
+
 class KeyRateLimited(RetryLater):
     """The key spent its own requests- or tokens-per-minute budget (API_KEYS_FILE)."""
 

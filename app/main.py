@@ -21,6 +21,7 @@ from app.api.connections import ConnectionGuard
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestIdMiddleware, RequestIds
 from app.api.shedding import QueueFullShedder
+from app.api.status import request_status
 from app.backends import Backend
 from app.fleet.config import fleet_of_one, load_backends_file
 from app.fleet.fleet import Fleet
@@ -30,6 +31,7 @@ from app.queue.pool import Routing
 from app.queue.scheduler import Scheduler
 from app.queue.service import CompletionService
 from app.queue.timeline import SAMPLE_SECONDS
+from app.replicas.coordinator import Coordinator
 from app.settings import Settings
 
 log = logging.getLogger("app.queue")
@@ -59,18 +61,13 @@ def create_app(
         preempt_max=settings.preempt_max,
     )
     fleet.attach(scheduler)
-    metrics.watch_queue(scheduler.queue_sizes_by_model, lambda: scheduler.in_flight, scheduler.backends_in_flight)
-    single = fleet.single
-    gate = single.gate if single is not None else None
-    limiter = gate.limiter if gate is not None else None
-    breaker = gate.breaker if gate is not None else None
-    metrics.watch_limits(
-        limiter.remaining if limiter is not None else dict, (lambda: breaker.gauge) if breaker is not None else None
-    )
+    _watch(metrics, scheduler, fleet)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await fleet.start()
+        if coordinator is not None:
+            await coordinator.start()
         log.info(
             "ready: backends=%s max_concurrent=%d max_queue_size=%d request_timeout=%gs",
             ",".join(f"{m.name}({m.kind})" for m in fleet.members),
@@ -86,6 +83,8 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
             scheduler.close()
+            if coordinator is not None:
+                await coordinator.aclose()
             await fleet.aclose()
 
     app = FastAPI(
@@ -121,6 +120,7 @@ def create_app(
         retry_on_timeout=settings.upstream_retry_on_timeout,
     )
     app.state.api_keys = _key_accounts(settings)
+    app.state.coordinator = coordinator = _coordinator(settings, scheduler, metrics, app.state.api_keys)
     app.state.connections.shedder = QueueFullShedder(
         scheduler,
         app.state.api_keys,
@@ -154,6 +154,34 @@ async def _sample_timeline(scheduler: Scheduler, metrics: Metrics) -> None:
         await asyncio.sleep(SAMPLE_SECONDS)
         totals = scheduler.totals
         scheduler.timeline.sample(time.time(), scheduler.queue_sizes(), totals.completed, sum(tokens.values()))
+
+
+def _watch(metrics: Metrics, scheduler: Scheduler, fleet: Fleet) -> None:
+    """Point the metrics at what they read at each scrape."""
+    metrics.watch_queue(scheduler.queue_sizes_by_model, lambda: scheduler.in_flight, scheduler.backends_in_flight)
+    single = fleet.single
+    gate = single.gate if single is not None else None
+    limiter = gate.limiter if gate is not None else None
+    breaker = gate.breaker if gate is not None else None
+    metrics.watch_limits(
+        limiter.remaining if limiter is not None else dict, (lambda: breaker.gauge) if breaker is not None else None
+    )
+
+
+def _coordinator(
+    settings: Settings, scheduler: Scheduler, metrics: Metrics, api_keys: tuple[tuple[bytes, KeyAccount], ...]
+) -> Coordinator | None:
+    """With REDIS_URL, this replica's side of the shared queue."""
+    if not settings.redis_url:
+        return None
+    coordinator = Coordinator(
+        settings,
+        scheduler,
+        describe=lambda job: request_status(scheduler, job).model_dump(mode="json"),
+        accounts=tuple(account for _, account in api_keys),
+    )
+    metrics.watch_replicas(coordinator.gauges)
+    return coordinator
 
 
 def _key_accounts(settings: Settings) -> tuple[tuple[bytes, KeyAccount], ...]:

@@ -18,6 +18,29 @@ from prometheus_client.utils import floatToGoString
 
 from app.types import Priority
 
+
+class SharedGauges:
+    """What a replica reports of the shared queue (REDIS_URL) at a scrape."""
+
+    __slots__ = ("local", "losses", "replicas", "running", "up", "waiting")
+
+    def __init__(
+        self,
+        up: bool,
+        local: bool,
+        losses: int,
+        waiting: Mapping[str, list[int]] | None = None,
+        running: Mapping[str, int] | None = None,
+        replicas: int | None = None,
+    ):
+        self.up = up
+        self.local = local
+        self.losses = losses
+        self.waiting = waiting  # by model pool, counts by level: all replicas' (None: not known now)
+        self.running = running  # by backend: all replicas'
+        self.replicas = replicas
+
+
 OUTCOMES = ("completed", "failed", "rejected", "timeout", "cancelled")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "http_5xx", "protocol")
 REJECTION_REASONS = (
@@ -27,6 +50,8 @@ REJECTION_REASONS = (
     "breaker_open",
     "shutting_down",
     "deadline_unreachable",
+    "coordination_unavailable",
+    "duplicate_request_id",
 )
 CONNECTION_LIMITS = ("headers_too_large", "header_timeout", "body_timeout", "too_many_connections", "idle_evicted")
 RETRY_REASONS = ("http_429", "http_502", "http_503", "http_504", "connect", "timeout", "protocol")
@@ -96,6 +121,7 @@ class Metrics:
         self._backends_in_flight: Callable[[], Mapping[str, int]] = dict
         self._budget_remaining: Callable[[], Mapping[str, float]] = dict
         self._breaker_state: Callable[[], int] | None = None
+        self._shared: Callable[[], SharedGauges] | None = None
         registry.register(_Exporter(self))
 
     def watch_queue(
@@ -122,6 +148,10 @@ class Metrics:
         """Export the backend budgets' remainders and the breaker's state, read at each scrape."""
         self._budget_remaining = budget_remaining
         self._breaker_state = breaker_state
+
+    def watch_replicas(self, shared: Callable[[], SharedGauges]) -> None:
+        """Export the shared queue's state (REDIS_URL), read at each scrape."""
+        self._shared = shared
 
     def watch_connections(self, open_connections: Callable[[], int]) -> None:
         """Export the number of open client connections, read at each scrape."""
@@ -274,12 +304,53 @@ class _Exporter(Collector):
         for budget, value in m._budget_remaining().items():
             remaining.add_metric([budget], value)
         yield remaining
+        if m._shared is not None:
+            yield from _shared_families(m._shared())
         if m._breaker_state is not None:
             yield GaugeMetricFamily(
                 "gateway_circuit_breaker_state",
                 "The upstream circuit breaker: 0 closed, 1 half open, 2 open.",
                 value=m._breaker_state(),
             )
+
+
+def _shared_families(shared: SharedGauges) -> Iterable[Metric]:
+    """The shared queue's families. The global ones carry scope="global": every replica exports the same
+    numbers, so dashboards read them with max(), never sum() (docs/replicas.md)."""
+    yield GaugeMetricFamily("gateway_coordination_up", "1 while Redis (REDIS_URL) answers, else 0.", value=shared.up)
+    yield GaugeMetricFamily(
+        "gateway_coordination_local",
+        "1 while this replica serves alone from its own queue (REDIS_FAILURE_MODE=local, Redis out of reach).",
+        value=shared.local,
+    )
+    yield CounterMetricFamily(
+        "gateway_coordination_losses",
+        "Times this replica lost Redis (and answered or served as REDIS_FAILURE_MODE says).",
+        value=shared.losses,
+    )
+    if shared.waiting is not None:
+        sizes = GaugeMetricFamily(
+            "gateway_global_queue_size",
+            "Requests waiting on all replicas, by model pool and priority (read with max()).",
+            labels=["model", "priority", "scope"],
+        )
+        for model, counts in shared.waiting.items():
+            for p in Priority:
+                sizes.add_metric([model, p.value, "global"], counts[p.rank])
+        yield sizes
+    if shared.running is not None:
+        running = GaugeMetricFamily(
+            "gateway_global_backend_in_flight",
+            "Requests running at each shared backend from all replicas (read with max()).",
+            labels=["backend", "scope"],
+        )
+        for name, count in shared.running.items():
+            running.add_metric([name, "global"], count)
+        yield running
+    if shared.replicas is not None:
+        family = GaugeMetricFamily("gateway_replicas", "Live replicas sharing the queue.", labels=["scope"])
+        family.add_metric(["global"], shared.replicas)
+        yield family
 
 
 def _counter(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:

@@ -136,6 +136,56 @@ def refused_startup(**settings: str) -> list[str]:
     return result.stderr.strip().splitlines()
 
 
+class GatewayProcess:
+    """`python -m app` on a free loopback port with these settings, its output kept in a file."""
+
+    def __init__(self, **settings: str):
+        self.port = free_port()
+        self._log = tempfile.NamedTemporaryFile(prefix="llmq-gateway-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app"],
+            env=gateway_process_env(PORT=str(self.port), **settings),
+            cwd=gateway_process_cwd(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30) -> GatewayProcess:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited: {self.output()}")
+            try:
+                return httpx.get(self.url + "/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        if not wait_until(ready, timeout=timeout, interval=0.05):
+            raise RuntimeError(f"the gateway did not become ready: {self.output()}")
+        return self
+
+    def output(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.005) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

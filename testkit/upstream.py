@@ -69,6 +69,8 @@ class FakeUpstream:
     cache_hits: int = 0
     abandoned: int = 0  # completions whose client hung up before the answer ended
     refused: int = 0  # completions refused 429 by the rate limit
+    capacity: int | None = None  # the concurrency callers promise to keep to, if any
+    over_capacity: int = 0  # completions that arrived while `capacity` were already being answered
     _level: float | None = None  # the rate limit's bucket
     _updated: float = 0.0
     port: int = 0
@@ -109,6 +111,8 @@ class FakeUpstream:
         b = self.behavior
         self.active += 1
         self.peak = max(self.peak, self.active)
+        if self.capacity is not None and self.active > self.capacity:
+            self.over_capacity += 1
         cached = "hit" if self._seen_before(body) else "miss"
         try:
             if b.hang or (b.hang_mid_event and not body.get("stream")):

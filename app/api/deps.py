@@ -15,6 +15,7 @@ from app.errors import BodyTooLarge, Unauthorized
 from app.fleet.fleet import Fleet
 from app.limits.keys import KeyAccount
 from app.queue.scheduler import Scheduler
+from app.replicas.coordinator import Coordinator
 
 
 async def get_scheduler(request: Request) -> Scheduler:
@@ -25,6 +26,11 @@ async def get_scheduler(request: Request) -> Scheduler:
 async def get_fleet(request: Request) -> Fleet:
     fleet: Fleet = request.app.state.fleet
     return fleet
+
+
+async def get_coordinator(request: Request) -> Coordinator | None:
+    coordinator: Coordinator | None = request.app.state.coordinator
+    return coordinator
 
 
 async def authenticate(request: Request) -> KeyAccount | None:
@@ -80,5 +86,6 @@ def request_id(request: Request) -> str:
 
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
+CoordinatorDep = Annotated[Coordinator | None, Depends(get_coordinator)]
 # The caller's key account ('key-N' for API_KEYS, the keys file's name otherwise); None with auth off.
 Caller = Annotated[KeyAccount | None, Depends(authenticate)]

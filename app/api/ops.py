@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from app.api.deps import FleetDep, SchedulerDep
-from app.errors import ShuttingDown
+from app.api.deps import CoordinatorDep, FleetDep, SchedulerDep
+from app.errors import CoordinationUnavailable, ShuttingDown
 
 router = APIRouter(tags=["operations"])
 
@@ -21,10 +21,13 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 @router.head("/ready", include_in_schema=False)
-async def ready(fleet: FleetDep, scheduler: SchedulerDep) -> dict[str, str]:
-    """Readiness: 503 while draining, while the breaker is open, or until a backend answers."""
+async def ready(fleet: FleetDep, scheduler: SchedulerDep, coordinator: CoordinatorDep) -> dict[str, str]:
+    """Readiness: 503 while draining, while the breaker is open, until a backend answers, or (REDIS_URL,
+    REDIS_FAILURE_MODE=closed) while Redis cannot be reached."""
     if scheduler.draining:
         raise ShuttingDown()
+    if coordinator is not None and not coordinator.available and coordinator.mode == "closed":
+        raise CoordinationUnavailable()
     await fleet.health()  # raises BreakerOpen or BackendNotReady, answered 503
     return {"status": "ready"}
 

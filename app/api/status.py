@@ -10,6 +10,7 @@ from app.limits.keys import KeyAccount
 from app.queue.job import Job
 from app.queue.member import Member
 from app.queue.scheduler import Scheduler
+from app.replicas.coordinator import Coordinator
 from app.types import CompletionKind, JobState, Priority
 
 
@@ -48,6 +49,19 @@ class PoolStatus(BaseModel):
     members: list[str]
 
 
+class ReplicaStatus(BaseModel):
+    """One gateway replica sharing the queue, as its last heartbeat described it."""
+
+    id: str
+    host: str
+    pid: int
+    started: float = Field(description="Seconds since the epoch.")
+    heartbeat: float = Field(description="Its last heartbeat, seconds since the epoch.")
+    waiting: int = Field(description="Requests waiting on it (their bodies and connections are there).")
+    running: int
+    mode: str = Field(description="'shared', 'local' or 'unavailable', as for `coordination`.")
+
+
 class QueueStatus(BaseModel):
     """GET /v1/queue/status: the queue contract's fields first, then the gateway's own."""
 
@@ -82,6 +96,13 @@ class QueueStatus(BaseModel):
     workers: list[WorkerStatus]
     backends: list[BackendStatus]
     pools: list[PoolStatus]
+    replica_id: str | None = Field(default=None, description="With REDIS_URL: the replica that answered.")
+    coordination: str | None = Field(
+        default=None,
+        description="With REDIS_URL: 'shared' (the sizes above are all replicas'), 'local' (serving alone, "
+        "REDIS_FAILURE_MODE=local) or 'unavailable' (Redis cannot be reached; the sizes are this replica's).",
+    )
+    replicas: list[ReplicaStatus] | None = Field(default=None, description="With REDIS_URL: the live replicas.")
 
 
 class RequestStatus(BaseModel):
@@ -172,6 +193,48 @@ def queue_status(scheduler: Scheduler, viewer: KeyAccount | None = None) -> Queu
             )
             for number, slot in enumerate(scheduler.slots)
         ],
+    )
+
+
+def shared_status(status: QueueStatus, coordinator: Coordinator, view: dict[str, Any] | None) -> QueueStatus:
+    """`status` of one replica, with the shared pools' sizes and slots as all replicas see them (`view`)."""
+    if view is None:
+        mode = "local" if coordinator.mode == "local" else "unavailable"
+        return status.model_copy(update={"replica_id": coordinator.replica, "coordination": mode})
+    waiting: dict[str, list[int]] = view["waiting"]
+    running: dict[str, int] = view["running"]
+    by_priority = dict(status.queue_size_by_priority)
+    pools = []
+    for pool in status.pools:
+        counts = waiting.get(pool.model)
+        if counts is None:
+            pools.append(pool)
+            continue
+        sizes = {p.value: counts[p.rank] for p in Priority}
+        for level, count in pool.waiting_by_priority.items():
+            by_priority[level] += sizes[level] - count
+        pools.append(pool.model_copy(update={"waiting": sum(sizes.values()), "waiting_by_priority": sizes}))
+    backends = [
+        b.model_copy(update={"in_flight": running[b.name]}) if b.name in running else b for b in status.backends
+    ]
+    processing = status.processing_count + sum(
+        running[b.name] - local.in_flight
+        for b, local in zip(backends, status.backends, strict=True)
+        if b.name in running
+    )
+    queue_size = sum(by_priority.values()) + status.waiting_for_admission
+    return status.model_copy(
+        update={
+            "queue_size": queue_size,
+            "queue_size_by_priority": by_priority,
+            "processing_count": processing,
+            "active_requests": queue_size + processing,
+            "pools": pools,
+            "backends": backends,
+            "replica_id": coordinator.replica,
+            "coordination": "shared",
+            "replicas": [ReplicaStatus.model_validate_json(r) for r in view["replicas"]],
+        }
     )
 
 

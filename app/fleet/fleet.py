@@ -99,6 +99,8 @@ class Fleet:
         )
         if breaker is not None:
             breaker.on_change = lambda state: self._breaker_changed(member, state)
+        if limiter is not None:
+            limiter.on_pause = lambda seconds: self.scheduler.paused(member, seconds)
         self._entries[entry.name] = entry
         return member
 

@@ -29,6 +29,7 @@ class UpstreamLimiter:
         "_paused_until",
         "_upstream_requests",
         "_upstream_tokens",
+        "on_pause",
         "requests",
         "tokens",
     )
@@ -41,6 +42,8 @@ class UpstreamLimiter:
         self._in_flight = 0
         self._upstream_requests = LearnedBudget(clock)  # what the upstream's headers say of its budgets
         self._upstream_tokens = LearnedBudget(clock)
+        # Told of every pause the upstream asks for, in seconds: a 429, or a request budget it says is spent.
+        self.on_pause: Callable[[float], object] = lambda _: None
 
     @property
     def counts_tokens(self) -> bool:
@@ -99,6 +102,8 @@ class UpstreamLimiter:
             self._upstream_requests.learn(remaining, budget.reset_requests, budget.limit_requests)
             if self.requests is not None:
                 self.requests.cap(remaining)
+            if remaining < 1:
+                self.on_pause(self._upstream_requests.wait(1))
         if budget.remaining_tokens is not None:
             self._upstream_tokens.learn(budget.remaining_tokens, budget.reset_tokens, budget.limit_tokens)
             if self.tokens is not None:
@@ -107,6 +112,7 @@ class UpstreamLimiter:
     def pause(self, seconds: float) -> None:
         """The upstream refused with 429: send nothing for `seconds`."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)
+        self.on_pause(seconds)
 
     def idle(self) -> bool:
         """Nothing can hold dispatch back now: no budget set, no pause or learned budget in force."""

@@ -78,6 +78,7 @@ class Job:
         "id",
         "key",
         "kind",
+        "lease",
         "member",
         "model",
         "parked",
@@ -91,6 +92,7 @@ class Job:
         "slot_taken",
         "started",
         "state",
+        "ticket",
         "turn",
         "turn_key",
         "waiting_in",
@@ -142,6 +144,8 @@ class Job:
         self.parked_for = 0.0  # seconds spent parked, left out of its service time
         self.preemptions = 0  # times it was parked (at most PREEMPT_MAX)
         self.watched = False  # whether the scheduler's Deadlines still watch this job
+        self.ticket: str | None = None  # its ticket in the replicas' shared queue (app.queue.shared), if any
+        self.lease: str | None = None  # the member whose shared slot it holds, while it does
         self._dispatched: asyncio.Future[None] | None = None
         self._scope: AbortScope | None = None
         self._finished_waiters: list[asyncio.Future[None]] | None = None

@@ -37,6 +37,7 @@ class Member:
         "retiring",
         "series",
         "slots",
+        "withheld",
     )
 
     def __init__(
@@ -64,13 +65,15 @@ class Member:
         self.reserved_high = reserved_high  # slots only high-priority requests may take (RESERVED_HIGH_SLOTS)
         self.parking = parking  # requests it may hold parked at once (preemption; 0: it cannot pause them)
         self.parked = 0  # requests parked here now, waiting to resume
+        # Slots this replica leaves to the others while it serves alone (REDIS_FAILURE_MODE=local).
+        self.withheld = 0
         self.latency: float | None = None  # moving average of completed requests' seconds at this member
         self.retiring = False
         self.series = series if series is not None else BackendSeries()  # its metrics, kept by name
 
     def takes(self, rank: int) -> bool:
         """Whether a request of level `rank` may take one of its idle slots (the reserved ones are for high)."""
-        idle = len(self.slots.idle)
+        idle = len(self.slots.idle) - self.withheld
         return idle > self.reserved_high if rank else idle > 0
 
     @property

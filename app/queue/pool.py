@@ -34,7 +34,7 @@ class Routing(StrEnum):
 class Pool:
     """One model's queue and members. `model` is '*' for the pool of a member that serves any model."""
 
-    __slots__ = ("_affinity", "_turn", "arrivals", "members", "model", "queue", "routing", "service")
+    __slots__ = ("_affinity", "_turn", "arrivals", "members", "model", "queue", "routing", "service", "shared")
 
     def __init__(self, model: str, levels: int, routing: Routing = Routing.AFFINITY):
         self.model = model
@@ -45,6 +45,7 @@ class Pool:
         self._turn = 0
         self.service = ServiceSamples()  # how long its requests hold a slot (app.queue.eta)
         self.arrivals = tuple(ArrivalRate() for _ in range(levels))  # its arrivals per second, by level
+        self.shared = False  # dispatched by the replicas' shared queue (app.queue.shared), not from here
 
     def has_room(self, rank: int) -> bool:
         """Whether a member has a slot a request of level `rank` may take, and nothing could hold it back."""
@@ -61,7 +62,7 @@ class Pool:
     def has_free_slot(self) -> bool:
         """Whether a member has a free slot (a gate may still hold a request back from it)."""
         for member in self.members:  # noqa: SIM110 (a loop: cheaper than any() on every request)
-            if member.slots.idle:
+            if len(member.slots.idle) > member.withheld:
                 return True
         return False
 

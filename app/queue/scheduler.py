@@ -42,6 +42,7 @@ from app.queue.member import Member
 from app.queue.pool import Pool, Routing
 from app.queue.priority_queue import PriorityQueue
 from app.queue.service_time import ServiceTime
+from app.queue.shared import SharedQueue
 from app.queue.slots import Slot
 from app.queue.timeline import Timeline
 from app.settings import QueueFullBehavior
@@ -114,6 +115,9 @@ class Scheduler:
         self._history: OrderedDict[tuple[str | None, str], Job] = OrderedDict()
         self._deadlines = Deadlines(clock, self._expire)
         self.on_retired: Callable[[Member], object] = lambda _: None  # a removed member's last request ended
+        # REDIS_URL: the replicas' shared queue, and whether it dispatches now (else this replica serves alone).
+        self.shared: SharedQueue | None = None
+        self.sharing = False
         self.set_members(members if members is not None else [Member("default", max_concurrent, gate=gate)], aliases)
 
     # The fleet ------------------------------------------------------------------------------------------
@@ -152,10 +156,29 @@ class Scheduler:
         self._queues = frozenset(pool.queue for pool in self._pools) | {self._overflow}
         self._member_pools = {m: tuple(p for p in self._pools if m in p.members) for m in members}
         self.service.slots = max(1, sum(member.max_concurrent for member in members))
+        self._mark_shared()
+        if self.shared is not None:
+            self.shared.fleet_changed()
         for member in list(self.retiring):
             if not member.holds_work:
                 self._retired(member)
         self.dispatch()
+
+    def share(self, shared: SharedQueue | None, active: bool = True, replicas: int = 1) -> None:
+        """Dispatch the pools whose members are all proxies through `shared` from now on (`active`), or serve
+        them from here alone with 1/`replicas` of their slots (the shared queue is out of reach)."""
+        self.shared = shared
+        self.sharing = shared is not None and active
+        self._mark_shared()
+        for member in self.members.values():
+            alone = max(1, -(-member.max_concurrent // replicas))
+            member.withheld = member.max_concurrent - alone if shared is not None and not active else 0
+        self.dispatch()
+
+    def _mark_shared(self) -> None:
+        # An in-process model is this replica's own: only the pools of upstream servers are shared.
+        for pool in self._pools:
+            pool.shared = self.sharing and all(member.kind == "proxy" for member in pool.members)
 
     def _close_pool(self, pool: Pool) -> None:
         waiting = [job for job in self._waiting_jobs() if job.pool is pool]
@@ -218,10 +241,10 @@ class Scheduler:
                 param="X-Request-ID",
             )
         full = self.waiting_in_queue >= self.max_queue_size
-        if full and self.full_behavior is QueueFullBehavior.REJECT:
+        if full and (self.full_behavior is QueueFullBehavior.REJECT or pool.shared):
             raise self.refuse_full(priority)
         now = self.clock()
-        at_once = not pool.queue.size and pool.has_room(priority.rank)
+        at_once = not pool.shared and not pool.queue.size and pool.has_room(priority.rank)
         lifetime = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
         expected = None if at_once else self._expected_wait(pool, priority, key, lifetime, full, now)
         pool.arrivals[priority.rank].arrived(now)
@@ -243,6 +266,8 @@ class Scheduler:
             self._overflow.push(job, job.rank, job.key_name)
         else:
             self._enqueue(job, now)
+            if pool.shared:
+                return job  # its ticket goes to the shared queue next (see refused() and granted())
             if pool.has_free_slot():
                 self._dispatch(now)  # only a gate holds a request back from a free slot: it arms its timer
             elif not job.rank and self.preempt_max and pool.preemptive:
@@ -377,6 +402,8 @@ class Scheduler:
         pools = self._pools
         if len(pools) == 1:
             pool = pools[0]
+            if pool.shared:
+                return
             members = pool.members
             if len(members) == 1:  # a fleet of one: the hot path, which asks no more once its slots are taken
                 member = members[0]
@@ -392,7 +419,7 @@ class Scheduler:
                         member.gate.release(now)
             return
         # Pools that share a member compete for its slots: the best head of all goes first, as in one queue.
-        waiting = [pool for pool in pools if pool.queue.size]
+        waiting = [pool for pool in pools if pool.queue.size and not pool.shared]
         while waiting:
             pool = min(waiting, key=_head_order)
             if not self._dispatch_head(pool, now) or not pool.queue.size:
@@ -423,6 +450,48 @@ class Scheduler:
         else:
             self._start(job, member, now)
         return True
+
+    def granted(self, job: Job, member_name: str) -> bool:
+        """The shared queue gave `job` a slot at the member of that name: dispatch it there; False if it no
+        longer waits for one (it ended meanwhile), and the slot goes back."""
+        member = self.members.get(member_name)
+        if job.state is not JobState.QUEUED or job.error is not None or job.waiting_in is None or member is None:
+            return False
+        if not member.slots.idle:
+            log.warning("request %s was granted a slot at %s, which has none free here", job.id, member_name)
+            return False
+        now = self.clock()
+        if self._too_late(job, now):
+            return False  # answered 408 (DISPATCH_MARGIN): the slot goes to the next
+        self._unqueue(job)
+        self._start(job, member, now)
+        return True
+
+    def refused(self, job: Job, error: GatewayError, reason: str) -> None:
+        """The shared queue refused `job` (a full queue, its key's max_queued, an id live elsewhere): it was
+        never accepted, so it leaves no trace but the rejection (`reason`, one of metrics.REJECTION_REASONS)."""
+        self._unqueue(job)
+        if job.watched:
+            self._deadlines.discard(job)
+        name = job.key_name, job.id
+        if self._live.get(name) is job:
+            del self._live[name]
+        self.totals.queued -= 1
+        job.error = error
+        job.mark_finished(terminal_state(error), self.clock())
+        self.count_rejection(job.priority, reason)
+
+    def abort_shared(self, error: GatewayError) -> int:
+        """Answer `error` to every request waiting for a shared pool (its queue is out of reach); how many."""
+        waiting = [job for job in self._waiting_jobs() if job.pool is not None and job.pool.shared]
+        for job in waiting:
+            self.abort(job, error)
+        return len(waiting)
+
+    def paused(self, member: Member, seconds: float) -> None:
+        """`member`'s upstream asked for a pause: the other replicas hold their requests for it too."""
+        if self.shared is not None and member.kind == "proxy":
+            self.shared.pause(member, seconds)
 
     def _preempt(self, pool: Pool, now: float) -> bool:
         """Park a running request for the high-priority head of `pool` (app.queue.preemption); False if none
@@ -491,6 +560,8 @@ class Scheduler:
         if job.key is not None:
             job.key.joined()
         self._enqueue(job, now, first=True)
+        if pool.shared and self.shared is not None:
+            self.shared.requeue(job, member)
         if member.retiring and not member.holds_work:
             self._retired(member)
         self._dispatch(now)
@@ -506,6 +577,8 @@ class Scheduler:
         if state is not BreakerState.OPEN:
             self.dispatch()
             return
+        if member.gate is not None and member.gate.breaker is not None:
+            self.paused(member, member.gate.breaker.retry_after())
         for pool in self._member_pools.get(member, ()):
             if not pool.all_down():
                 continue
@@ -592,6 +665,8 @@ class Scheduler:
         self.totals.ended(state)
         self._metrics.finished(job.priority, state.value, now - job.arrived)
         self._remember(job)
+        if job.ticket is not None and self.shared is not None:
+            self.shared.finished(job, used)
         self._dispatch(now)
 
     def _remember(self, job: Job) -> None:

@@ -16,7 +16,7 @@ from app.queue.affinity import conversation
 from app.queue.job import Job
 from app.queue.scheduler import Scheduler
 from app.schemas import CompletionRequest
-from app.types import Priority
+from app.types import JobState, Priority
 
 log = logging.getLogger("app.queue")
 
@@ -105,18 +105,31 @@ class CompletionService:
         cost = 0
         if (key is not None and key.counts_tokens) or any(m.counts_tokens for m in members):
             cost = backend.prompt_tokens(prepared) + (request.max_tokens or self._default_max_tokens)
+        # Replicas (REDIS_URL) keep the keys' budgets in Redis, and the order of the pools they share.
+        shared = scheduler.shared
         if key is not None:
             try:
-                key.spend(cost)
-            except GatewayError:
-                scheduler.count_rejection(priority, "key_rate_limit")
+                if shared is not None:
+                    await shared.spend(key, cost)
+                else:
+                    key.spend(cost)
+            except GatewayError as exc:
+                scheduler.count_rejection(
+                    priority, "key_rate_limit" if exc.status_code == 429 else "coordination_unavailable"
+                )
                 raise
         affinity = conversation(request, session) if len(members) > 1 else None
         try:
             job = scheduler.submit(request_id, request.kind, priority, key, cost, request.model, affinity, lifetime)
+            if job.pool is not None and job.pool.shared and job.state is JobState.QUEUED:
+                assert scheduler.shared is not None
+                await scheduler.shared.admit(job)
         except GatewayError:
             if key is not None:
-                key.refund(cost)
+                if shared is not None:
+                    shared.refund(key, cost)
+                else:
+                    key.refund(cost)
             raise
         return Admitted(job, request, backend, prepared)
 

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from app.fleet.config import load_backends_file
-from testkit.gateway import RunningGateway, chat_body
+from testkit.gateway import RunningGateway, chat_body, wait_until
+from testkit.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 StartGateway = Callable[..., RunningGateway]
@@ -71,6 +72,17 @@ def test_compose_file_parses_and_references_files_that_exist() -> None:
         "llama-server-2",
     ]
     assert fleet["environment"]["BACKENDS_FILE"] == "/config/backends.yaml"
+    # Replicas: two gateways on one Redis and one llama-server, behind an official load balancer's image.
+    replicas = [services["gateway-replica-1"], services["gateway-replica-2"]]
+    assert [r["environment"]["REPLICA_ID"] for r in replicas] == ["replica-1", "replica-2"]
+    assert {r["environment"]["REDIS_URL"] for r in replicas} == {"redis://redis:6379/0"}
+    assert services["redis"]["image"].startswith("redis:") and services["load-balancer"]["image"].startswith("nginx:")
+    assert all(
+        services[name]["profiles"] == ["replicas"]
+        for name in ("redis", "load-balancer", *("gateway-replica-1", "gateway-replica-2", "llama-server-replicas"))
+    )
+    nginx = (ROOT / "deploy/replicas/nginx.conf").read_text()
+    assert "gateway-replica-1:8091" in nginx and "gateway-replica-2:8091" in nginx
 
 
 def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck() -> None:
@@ -123,30 +135,42 @@ def test_prometheus_config_passes_promtool() -> None:
     assert not target_labels & {"backend", "model", "priority", "outcome", "reason", "kind"}
 
 
-def live_metrics(start_gateway: StartGateway, tmp_path: Path) -> str:
-    """/metrics of a gateway that has served, refused and rate-limited some requests, so every family has samples."""
-    keys = tmp_path / "keys.yaml"
-    keys.write_text("keys:\n  - {key: sk-a, name: a, rpm: 1}\n")
-    gw = start_gateway(api_keys_file=str(keys), rate_limit_rpm=100, rate_limit_tpm=100_000)
-    headers = {"Authorization": "Bearer sk-a"}
-    assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=headers).status_code == 200
-    assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=headers).status_code == 429
-    return httpx.get(gw.url + "/metrics").text
+@pytest.fixture
+def live_metrics(start_gateway: StartGateway, tmp_path: Path) -> Iterator[str]:
+    """/metrics of a replica (sharing a real Redis) that has served, refused and rate-limited some requests,
+    so every family has samples, the shared queue's included."""
+    if not RedisServer.available():
+        pytest.fail("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+    redis = RedisServer().start()
+    try:
+        keys = tmp_path / "keys.yaml"
+        keys.write_text("keys:\n  - {key: sk-a, name: a, rpm: 1}\n")
+        gw = start_gateway(
+            api_keys_file=str(keys), rate_limit_rpm=100, rate_limit_tpm=100_000, redis_url=redis.url, lease_ttl=1
+        )
+        headers = {"Authorization": "Bearer sk-a"}
+        assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=headers).status_code == 200
+        assert httpx.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=headers).status_code == 429
+        assert wait_until(lambda: "gateway_replicas{" in httpx.get(gw.url + "/metrics").text)  # a heartbeat saw it
+        yield httpx.get(gw.url + "/metrics").text
+    finally:
+        redis.stop()
 
 
-def test_live_metrics_pass_promtool(start_gateway: StartGateway, tmp_path: Path) -> None:
-    text = live_metrics(start_gateway, tmp_path)
-    result = subprocess.run([promtool(), "check", "metrics"], input=text, check=False, capture_output=True, text=True)
+def test_live_metrics_pass_promtool(live_metrics: str) -> None:
+    result = subprocess.run(
+        [promtool(), "check", "metrics"], input=live_metrics, check=False, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dashboard_loads_and_queries_only_exported_metrics(start_gateway: StartGateway, tmp_path: Path) -> None:
+def test_dashboard_loads_and_queries_only_exported_metrics(live_metrics: str) -> None:
     dashboard = json.loads((ROOT / "deploy/grafana/dashboards/llm-queue-gateway.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     titles = " ".join(panel["title"] for panel in dashboard["panels"]).lower()
     for wanted in ("queue depth", "wait", "in flight", "outcomes", "tokens per second"):
         assert wanted in titles
-    text = live_metrics(start_gateway, tmp_path)
+    text = live_metrics
     families = set(re.findall(r"^# TYPE (\w+) ", text, re.MULTILINE))
     samples = set(re.findall(r"^(\w+)[{ ]", text, re.MULTILINE))
     used = {name for expr in exprs for name in re.findall(r"\bgateway_\w+", expr)}

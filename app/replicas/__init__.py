@@ -1,0 +1,1 @@
+"""Replicas: gateways that share one queue, the backends' slots and every quota through Redis (REDIS_URL)."""

@@ -1,0 +1,779 @@
+"""A replica's side of the shared queue: tickets out, grants in, leases renewed, and life without Redis.
+
+Every command goes out through the writer: what is queued while pipelines are out goes in the next one, so a
+burst of requests costs one round trip. Commands need no order between them: a request's withdrawal or
+release is only sent once its ticket's reply is in, and a grant read from the inbox before the reply that
+names its ticket waits for that reply. Grants for this replica come back with the script that made them;
+grants for another are pushed to its inbox, which it reads with a blocking pop: dispatch is driven by events
+(a request arriving, a slot freed, a lease expired at a heartbeat, a budget's refill time), never by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.errors import (
+    Conflict,
+    CoordinationUnavailable,
+    GatewayError,
+    KeyQueueLimit,
+    KeyRateLimited,
+    QueueFull,
+    RequestCancelled,
+)
+from app.limits.buckets import TokenBucket
+from app.limits.keys import KeyAccount
+from app.metrics import SharedGauges
+from app.queue import eta
+from app.queue.job import Job
+from app.queue.member import Member
+from app.queue.scheduler import Scheduler
+from app.replicas.store import Store
+from app.settings import Settings
+from app.types import JobState, Priority
+
+log = logging.getLogger("app.replicas")
+
+Arg = str | int | float  # what a command takes
+Command = tuple[Arg, ...]  # a Redis command and its arguments
+
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)  # between attempts to reach Redis again, the last repeated
+_PIPELINES = 4  # pipelines out at once, each on a connection of its own
+_ASK_SECONDS = 8.0  # how long a lookup or cancel waits for the replica that holds the request
+_INBOX_SECONDS = 5  # a blocking pop of the inbox returns empty after this long, and is sent again
+_SETTLE_SECONDS = 4.0  # how long a cancel from another replica waits for the request to wind down
+
+
+class Coordinator:
+    """Shares this replica's requests of upstream pools with the others through Redis (app.queue.shared).
+
+    `describe(job)` is a request's status as the API shows it (kept in Redis once it ends); `accounts` are
+    the client keys, whose rpm/tpm become shared budgets (their local buckets keep 1/REPLICAS_EXPECTED of
+    the limits, for REDIS_FAILURE_MODE=local).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        describe: Callable[[Job], dict[str, Any]],
+        accounts: tuple[KeyAccount, ...] = (),
+    ):
+        assert settings.redis_url is not None
+        self.replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.scheduler = scheduler
+        self.ttl = settings.lease_ttl
+        self.mode = settings.redis_failure_mode
+        self.replicas_expected = settings.replicas_expected
+        self._max_queue_size = settings.max_queue_size
+        self._history = settings.request_history_size
+        self._history_ttl = settings.request_history_ttl
+        self._describe = describe
+        self._redis = Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        # Blocking pops (the inbox, answers from other replicas): their socket waits longer than they block.
+        self._blocking = Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=max(_INBOX_SECONDS, _ASK_SECONDS) + 5.0,
+            socket_connect_timeout=2.0,
+        )
+        self.store = Store(settings.redis_prefix)
+        self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self.store.scripts.items()}
+        self.available = False  # Redis answered the last time we asked
+        self._joining = False  # a join is under way: admissions wait for it
+        self._reconnecting = False
+        self.started = time.time()
+        self.view: dict[str, Any] | None = None  # the shared state as the last heartbeat saw it
+        self.losses = 0  # times this replica lost Redis
+        self._tickets: dict[str, Job] = {}  # this replica's tickets: waiting or running
+        # Grants that came through the inbox before the reply that names their ticket (it is in the pipeline
+        # out now): settled once that reply is in.
+        self._early: dict[str, str] = {}
+        self._writing = 0  # pipelines out now
+        self._pending: list[tuple[Command, _Sink]] = []
+        self._flush_armed = False
+        self._joined = asyncio.Event()  # set while the shared state is ours to use
+        self._tasks: list[asyncio.Task[None]] = []
+        self._kick_timer: asyncio.TimerHandle | None = None
+        self._kick_at = 0.0
+        self._local_ids = itertools.count()
+        self._topology = "{}"
+        # The keys' real limits; their local buckets are cut to this replica's share, for the fallback.
+        self._limits: dict[str, tuple[int, int]] = {}
+        # The backends' RATE_LIMIT_RPM/TPM likewise, by member name and limiter.
+        self._member_limits: dict[tuple[str, int], tuple[int, int]] = {}
+        for account in accounts:
+            rpm = int(account.requests.limit) if account.requests is not None else 0
+            tpm = int(account.tokens.limit) if account.tokens is not None else 0
+            self._limits[account.name] = (rpm, tpm)
+            share = settings.replicas_expected
+            if account.requests is not None and share > 1:
+                account.requests = TokenBucket(max(1.0, rpm / share))
+            if account.tokens is not None and share > 1:
+                account.tokens = TokenBucket(max(1.0, tpm / share))
+
+    # Life -------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join the shared state, then listen; without Redis at start, serve as the failure mode says until
+        it can be reached."""
+        self.scheduler.share(self, active=self.mode == "closed", replicas=self.replicas_expected)
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="replicas-inbox"),
+            asyncio.create_task(self._beat(), name="replicas-heartbeat"),
+        ]
+        try:
+            await self._join()
+        except _UNREACHABLE as exc:
+            self._lost(exc)
+        else:
+            log.info("replica %s shares the queue through Redis (failure mode %s)", self.replica, self.mode)
+
+    async def aclose(self) -> None:
+        """Send what is still to be sent (the ends of the last requests), then stop; whatever this replica
+        still holds expires in Redis within LEASE_TTL."""
+        await asyncio.sleep(0)  # the ends of requests that were just stopped are queued
+        if self.available:
+            with contextlib.suppress(CoordinationUnavailable, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._call(("PING",))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._kick_timer is not None:
+            self._kick_timer.cancel()
+        if self.available:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.delete(self.store.key("rep", self.replica))
+        await self._redis.aclose()
+        await self._blocking.aclose()
+
+    async def _join(self) -> None:
+        """Take part in the shared state from now: what Redis holds of this replica from before goes, the
+        requests it runs take their slots again, and those it has waiting queue again, in their order."""
+        self._joining = True
+        try:
+            await self._rejoin()
+        except BaseException:
+            if self.mode == "local":  # still alone: the local queue serves on
+                self.scheduler.share(self, active=False, replicas=self.replicas_expected)
+            raise
+        finally:
+            self._joining = False
+
+    async def _rejoin(self) -> None:
+        self._topology = self._fleet()
+        for name, text in self.store.scripts.items():
+            self._shas[name] = await self._redis.script_load(text)
+        # From here the pools are shared again: nothing more is dispatched from the local queue.
+        self.scheduler.share(self)
+        running: list[Arg] = []
+        waiting: list[Job] = []
+        for job in self._shared_jobs():
+            if job.state is JobState.PROCESSING and job.member is not None:
+                if job.ticket is None:
+                    job.ticket = f"r{next(self._local_ids)}|{self.replica}"
+                    self._tickets[job.ticket] = job
+                job.lease = job.member.name
+                running += [job.ticket, job.lease, job.key_name or "", job.id]
+            elif job.state is JobState.QUEUED and job.waiting_in is not None:
+                waiting.append(job)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.evalsha(self._shas["rejoin"], 0, *self._args(self._description(), *running))
+        for job in waiting:
+            pipe.evalsha(self._shas["enqueue"], 0, *self._args(*self._enqueue_args(job, "2")))
+        results = await pipe.execute()
+        self.available = True
+        self._joined.set()
+        if results[0]:
+            log.info("replica %s: %d tickets of its own from before were dropped", self.replica, results[0])
+        for job, result in zip(waiting, results[1:], strict=True):
+            self._admitted(job, result)
+
+    def _shared_jobs(self) -> list[Job]:
+        scheduler = self.scheduler
+        jobs = [job for pool in scheduler.pools.values() for job in pool.queue.items() if _shareable(pool.members)]
+        for member in scheduler.members.values():
+            if member.kind == "proxy":
+                jobs += [slot.job for slot in member.slots.slots if slot.job is not None]
+        return jobs
+
+    def _lost(self, exc: BaseException) -> None:
+        """Redis cannot be reached: serve alone (local) or refuse (closed) until it can again."""
+        if self._reconnecting:
+            return
+        self._reconnecting = True
+        self.available = False
+        self._joined.clear()
+        log.warning("replica %s cannot reach Redis (%s): %s failure mode", self.replica, exc, self.mode)
+        self.losses += 1
+        if self.mode == "local":
+            self.scheduler.share(self, active=False, replicas=self.replicas_expected)
+        else:
+            error = CoordinationUnavailable()
+            answered = self.scheduler.abort_shared(error)
+            if answered:
+                log.warning("%d waiting requests answered 503 coordination_unavailable", answered)
+        self._spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._reconnect_once()
+        finally:
+            self._reconnecting = False
+
+    async def _reconnect_once(self) -> None:
+        for attempt in itertools.count():
+            await asyncio.sleep(_RECONNECT_SECONDS[min(attempt, len(_RECONNECT_SECONDS) - 1)])
+            try:
+                await self._join()
+            except _UNREACHABLE:
+                continue
+            except (RedisError, GatewayError):
+                log.exception("replica %s could not rejoin the shared state", self.replica)
+                continue
+            log.info("replica %s reaches Redis again: the queue is shared once more", self.replica)
+            return
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    # The writer ---------------------------------------------------------------------------------------------
+
+    def _queue(self, command: Command, then: Callable[[Any], object] | None = None) -> None:
+        """Send `command` soon (with whatever else is queued by then); `then` gets its result."""
+        self._pending.append((command, then))
+        if not self._flush_armed:
+            self._flush_armed = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _call(self, command: Command, then: Callable[[Any], object] | None = None) -> Any:
+        """Send `command` now (unless every pipeline is out) and return its result;
+        CoordinationUnavailable if Redis cannot be reached. `then` sees the result first, the moment it
+        arrives: before a grant read from the inbox meanwhile is looked at."""
+        reply = _Reply(asyncio.get_running_loop().create_future(), then)
+        self._pending.append((command, reply))
+        if self._writing < _PIPELINES:
+            batch, self._pending = self._pending, []
+            self._writing += 1
+            await self._send(batch)  # in the caller's task: no hop through another
+        return await reply.future
+
+    def _flush(self) -> None:
+        """Send what is queued, a pipeline on each free connection."""
+        self._flush_armed = False
+        while self._pending and self._writing < _PIPELINES:
+            batch, self._pending = self._pending, []
+            self._writing += 1
+            self._spawn(self._send(batch))
+
+    async def _send(self, batch: list[tuple[Command, _Sink]]) -> None:
+        results: list[Any] | None = None
+        try:
+            if self.available:
+                try:
+                    results = await self._execute([command for command, _ in batch])
+                except _UNREACHABLE as exc:
+                    self._lost(exc)
+                if results is not None and any(isinstance(result, NoScriptError) for result in results):
+                    results = None
+                    self._lost(RedisConnectionError("Redis restarted and forgot the shared state"))
+        finally:
+            self._writing -= 1
+            _settle(batch, results)
+            if self._pending:
+                self._flush()
+        if not self._writing:  # every reply is in: a grant still unknown is for a request that ended
+            early, self._early = self._early, {}
+            for ticket, member in early.items():
+                self._granted([ticket, member])
+
+    async def _execute(self, commands: list[Command]) -> list[Any]:
+        """Each command's result, or the error it met; one alone skips the pipeline's cost."""
+        if len(commands) == 1:
+            try:
+                return [await self._redis.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
+            except ResponseError as exc:  # NoScriptError among them
+                return [exc]
+        pipe = self._redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    def _args(self, *rest: Arg) -> list[Arg]:
+        return [self.store.prefix, self._topology, self.replica, *rest]
+
+    def _run(self, name: str, *rest: Arg) -> Command:
+        return ("EVALSHA", self._shas[name], 0, *self._args(*rest))
+
+    def _fleet(self) -> str:
+        """The shared pools and their members, as the scripts read them."""
+        scheduler = self.scheduler
+        pools: dict[str, list[str]] = {}
+        members: dict[str, list[int]] = {}
+        for model, pool in scheduler.pools.items():
+            if not _shareable(pool.members):
+                continue
+            pools[model] = [member.name for member in pool.members]
+            for member in pool.members:
+                rpm, tpm = self._rate_limits(member)
+                members[member.name] = [member.max_concurrent, member.reserved_high, rpm, tpm]
+        aging = scheduler.aging.period if scheduler.aging is not None else 0
+        fleet = {
+            "pools": pools,
+            "members": members,
+            "aging": round(aging * 1000),
+            "levels": len(Priority),
+            "ttl": round(self.ttl * 1000),
+            "history": self._history,
+            "history_ttl": round(self._history_ttl * 1000),
+        }
+        return json.dumps(fleet, separators=(",", ":"))
+
+    def _rate_limits(self, member: Member) -> tuple[int, int]:
+        """A member's RATE_LIMIT_RPM/TPM, shared by the scripts; its local buckets keep this replica's share
+        of them, for REDIS_FAILURE_MODE=local."""
+        limiter = member.gate.limiter if member.gate is not None else None
+        if limiter is None:
+            return 0, 0
+        known = self._member_limits.get((member.name, id(limiter)))
+        if known is not None:
+            return known
+        rpm = int(limiter.requests.limit) if limiter.requests is not None else 0
+        tpm = int(limiter.tokens.limit) if limiter.tokens is not None else 0
+        self._member_limits[member.name, id(limiter)] = rpm, tpm
+        share = self.replicas_expected
+        if share > 1:
+            if limiter.requests is not None:
+                limiter.requests = TokenBucket(max(1.0, rpm / share))
+            if limiter.tokens is not None:
+                limiter.tokens = TokenBucket(max(1.0, tpm / share))
+        return rpm, tpm
+
+    def fleet_changed(self) -> None:
+        """The backends file was reloaded: the scripts see the new pools and members from now."""
+        self._topology = self._fleet()
+
+    # Admission ----------------------------------------------------------------------------------------------
+
+    async def admit(self, job: Job) -> None:
+        if not self.available and self._joining:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_ASK_SECONDS):
+                    await self._joined.wait()
+            if job.ticket is not None:
+                return  # the join queued it with the others that waited here
+        if not self.available:
+            if job.pool is not None and not job.pool.shared:
+                return  # served from the local queue now (REDIS_FAILURE_MODE=local)
+            error = CoordinationUnavailable()
+            self.scheduler.refused(job, error, "coordination_unavailable")
+            raise error
+        key = job.key
+        max_queued = key.max_queued if key is not None and key.max_queued is not None else 0
+        try:
+            result = await self._call(
+                self._run("enqueue", *self._enqueue_args(job, "0", max_queued)),
+                lambda result: self._admitted(job, result) if result[0] == "ok" else None,
+            )
+        except CoordinationUnavailable as error:
+            if job.pool is not None and not job.pool.shared:
+                return  # Redis was lost meanwhile (REDIS_FAILURE_MODE=local): the local queue serves it now
+            self.scheduler.refused(job, error, "coordination_unavailable")
+            raise
+        status = result[0]
+        if status == "ok":
+            return  # queued, and granted if a slot was free (see _admitted)
+        refusal: GatewayError
+        if status == "conflict":
+            refusal = Conflict(
+                f"request id {job.id!r} belongs to a request that is still running",
+                code="duplicate_request_id",
+                param="X-Request-ID",
+            )
+            reason = "duplicate_request_id"
+        elif status == "key_queue_limit":
+            assert key is not None
+            retry_after = _place_seconds(self.scheduler, job)
+            refusal = KeyQueueLimit(
+                f"key {key.name!r} already has {key.max_queued} requests waiting, the most it may have; "
+                f"a place frees in about {retry_after:.1f}s",
+                retry_after=retry_after,
+            )
+            reason = "key_queue_limit"
+        else:
+            retry_after = _place_seconds(self.scheduler, job)
+            refusal = QueueFull(
+                f"the queue is full ({self._max_queue_size} requests waiting across the replicas); "
+                f"retry in {retry_after:.1f}s",
+                retry_after=retry_after,
+            )
+            reason = "queue_full"
+        self.scheduler.refused(job, refusal, reason)
+        raise refusal
+
+    def _enqueue_args(self, job: Job, mode: str, max_queued: int = 0) -> list[Arg]:
+        pool = job.pool
+        assert pool is not None
+        return [
+            pool.model,
+            job.rank,
+            job.priority.rank,
+            job.key_name or "",
+            job.cost,
+            job.id,
+            "" if job.affinity is None else str(job.affinity),
+            self._max_queue_size,
+            max_queued,
+            mode,
+            job.avoid.name if job.avoid is not None else "",
+            next(self._local_ids),
+        ]
+
+    def _admitted(self, job: Job, result: list[Any]) -> None:
+        ticket = result[1]
+        log.debug("request %s queued as %s (granted at once: %s)", job.id, ticket, result[3:])
+        job.ticket = ticket
+        self._tickets[ticket] = job
+        self._granted(result[3:])
+        self._hold(result[2])
+        if job.is_terminal:  # it ended while its ticket was on its way
+            self._finished(job, None)
+
+    async def spend(self, key: KeyAccount, cost: int) -> None:
+        rpm, tpm = self._limits.get(key.name, (0, 0))
+        if not rpm and not tpm:
+            return
+        if not self.available:
+            if self.mode == "local":
+                key.spend(cost)
+                return
+            raise CoordinationUnavailable()
+        try:
+            result = await self._call(self._run("spend", key.name, rpm, tpm, 1, cost, "1"))
+        except CoordinationUnavailable:
+            if self.mode == "local":
+                key.spend(cost)
+                return
+            raise
+        if result[0]:
+            which = result[1]
+            retry_after = result[0] / 1000
+            limit = rpm if which == "requests" else tpm
+            raise KeyRateLimited(
+                f"rate limit reached for key {key.name!r}: {limit} {which} per minute across the replicas; "
+                f"retry in {retry_after:.1f}s",
+                retry_after=retry_after,
+            )
+
+    def refund(self, key: KeyAccount, cost: int) -> None:
+        rpm, tpm = self._limits.get(key.name, (0, 0))
+        if (rpm or tpm) and self.available:
+            self._queue(self._run("spend", key.name, rpm, tpm, -1, -cost, "0"))
+        elif rpm or tpm:
+            key.refund(cost)
+
+    # Dispatch -------------------------------------------------------------------------------------------------
+
+    def _granted(self, flat: list[Any]) -> None:
+        for ticket, member in zip(flat[::2], flat[1::2], strict=True):
+            job = self._tickets.get(ticket)
+            if job is None and self._writing:
+                self._early[ticket] = member
+                continue
+            log.debug("ticket %s granted %s (request %s)", ticket, member, job.id if job is not None else None)
+            if job is not None and self.scheduler.granted(job, member):
+                job.lease = member
+            else:  # it ended meanwhile: the slot goes on to the next
+                self._queue(self._run("release", ticket, member, "", "", "0", "", 0, -1), self._released)
+
+    def _hold(self, milliseconds: int) -> None:
+        """A budget or pause holds the next grant back this long: ask again then (one timer, the earliest)."""
+        if milliseconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time() + milliseconds / 1000
+        if self._kick_timer is not None:
+            if self._kick_at <= due:
+                return
+            self._kick_timer.cancel()
+        self._kick_at = due
+        self._kick_timer = loop.call_at(due, self._kick)
+
+    def _kick(self) -> None:
+        self._kick_timer = None
+        self._heartbeat()
+
+    def finished(self, job: Job, used_tokens: int | None) -> None:
+        # Once the answer is on its way: its record and the lease's release are no part of its latency.
+        asyncio.get_running_loop().call_soon(self._finished, job, used_tokens)
+
+    def _finished(self, job: Job, used_tokens: int | None) -> None:
+        ticket = job.ticket
+        if ticket is None:
+            return
+        self._tickets.pop(ticket, None)
+        if not self.available:
+            return  # Redis forgets it by itself: its lease expires, its ticket goes when this replica rejoins
+        record = json.dumps(self._describe(job), separators=(",", ":"))
+        key = job.key_name or ""
+        if job.lease is not None:
+            used = -1 if used_tokens is None else used_tokens
+            self._queue(
+                self._run("release", ticket, job.lease, key, job.id, "1", record, job.cost, used), self._released
+            )
+            job.lease = None
+        else:
+            self._queue(self._run("withdraw", ticket, key, job.id, record))
+        account = job.key
+        if account is not None and used_tokens is not None and job.started is not None:
+            tpm = self._limits.get(account.name, (0, 0))[1]
+            if tpm and used_tokens != job.cost:
+                self._queue(self._run("spend", account.name, 0, tpm, 0, used_tokens - job.cost, "0"))
+
+    def requeue(self, job: Job, avoid: Member) -> None:
+        ticket, lease = job.ticket, job.lease
+        if ticket is None or not self.available:
+            return
+        self._tickets.pop(ticket, None)
+        job.lease = None
+        if lease is not None:
+            self._queue(self._run("release", ticket, lease, "", "", "0", "", job.cost, -1), self._released)
+        self._queue(self._run("enqueue", *self._enqueue_args(job, "1")), lambda result: self._admitted(job, result))
+
+    def _released(self, result: list[Any]) -> None:
+        self._granted(result[1:])
+        self._hold(result[0])
+
+    def pause(self, member: Member, seconds: float) -> None:
+        if not self.available or seconds <= 0:
+            return
+        milliseconds = max(1, round(seconds * 1000))
+        key = self.store.key("pause", member.name)
+
+        self._queue(("SET", key, "1", "PX", milliseconds, "NX"))
+        self._queue(("PEXPIRE", key, milliseconds, "GT"))  # a longer pause than one already set wins
+
+    # Heartbeat and inbox ------------------------------------------------------------------------------------
+
+    def _description(self) -> str:
+        scheduler = self.scheduler
+        return json.dumps(
+            {
+                "id": self.replica,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": round(self.started, 3),
+                "heartbeat": round(time.time(), 3),
+                "waiting": scheduler.waiting,
+                "running": scheduler.in_flight,
+                "mode": "shared" if self.available else ("local" if self.mode == "local" else "unavailable"),
+            },
+            separators=(",", ":"),
+        )
+
+    def _heartbeat(self) -> None:
+        if not self.available:
+            return
+        leases: list[Arg] = []
+        for ticket, job in self._tickets.items():
+            if job.lease is not None:
+                leases += [ticket, job.lease]
+        self._queue(self._run("heartbeat", self._description(), *leases), self._beaten)
+        self._queue(self._run("view"), self._viewed)
+
+    def _beaten(self, result: list[Any]) -> None:
+        if result[0]:
+            log.warning("replica %s: %d of its leases had expired (was it paused?)", self.replica, result[0])
+        self._granted(result[2:])
+        self._hold(result[1])
+
+    def _viewed(self, result: str) -> None:
+        self.view = json.loads(result)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                self._heartbeat()
+            except Exception:
+                log.exception("the heartbeat failed")
+
+    def gauges(self) -> SharedGauges:
+        """The metrics' view of the shared queue, as the last heartbeat saw it."""
+        view = self.view if self.available else None
+        return SharedGauges(
+            up=self.available,
+            local=not self.available and self.mode == "local",
+            losses=self.losses,
+            waiting=view["waiting"] if view is not None else None,
+            running=view["running"] if view is not None else None,
+            replicas=len(view["replicas"]) if view is not None else None,
+        )
+
+    async def shared_view(self) -> dict[str, Any] | None:
+        """The shared state now (None while Redis is out of reach)."""
+        if not self.available:
+            return None
+        try:
+            self.view = json.loads(await self._call(self._run("view")))
+        except CoordinationUnavailable:
+            return None
+        return self.view
+
+    async def _listen(self) -> None:
+        inbox = self.store.key("in", self.replica)
+        while True:
+            await self._joined.wait()
+            try:
+                popped = await self._blocking.blpop([inbox], timeout=_INBOX_SECONDS)
+                if popped is None:
+                    continue
+                messages = [str(popped[1])]
+                more = await self._blocking.lpop(inbox, 255)
+                if isinstance(more, list):
+                    messages += [str(message) for message in more]
+            except _UNREACHABLE as exc:
+                self._lost(exc)
+                continue
+            for message in messages:
+                try:
+                    self._handle(message)
+                except Exception:
+                    log.exception("handling the inbox message %r failed", message)
+
+    def _handle(self, message: str) -> None:
+        verb, _, rest = message.partition("|")
+        if verb == "g":
+            ticket, _, member = rest.rpartition("|")
+            self._granted([ticket, member])
+        elif verb in ("q", "c"):
+            reply, _, named = rest.partition("|")
+            key, _, request_id = named.rpartition("|")  # a key's name may hold a bar; ids never do
+            self._spawn(self._answer(verb, reply, key, request_id))
+
+    # Requests held by other replicas ------------------------------------------------------------------------
+
+    async def _answer(self, verb: str, reply: str, key: str, request_id: str) -> None:
+        job = self.scheduler.lookup(request_id, key or None)
+        answer: dict[str, Any] | None
+        if job is None:
+            answer = None
+        elif verb == "q":
+            answer = {"request": self._describe(job)}
+        elif not self.scheduler.abort(job, RequestCancelled(f"request {request_id} was cancelled")):
+            answer = {"finished": self._describe(job)}
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_SETTLE_SECONDS):
+                    await job.wait_finished()
+            answer = {"request": self._describe(job)}
+
+        self._queue(("RPUSH", reply, json.dumps(answer)))
+        self._queue(("EXPIRE", reply, 30))
+
+    async def find(self, request_id: str, viewer: KeyAccount | None, cancel: bool) -> dict[str, Any] | None:
+        """A request of `viewer`'s (any key's for an admin) held by another replica, or finished on one:
+        {"request": status} or, for a cancel that came too late, {"finished": status}; None if unknown."""
+        if not self.available:
+            return None
+        own = "" if viewer is None else viewer.name
+        try:
+            owners: dict[str, str] = await self._redis.hgetall(self.store.key("id", request_id))  # type: ignore[assignment]
+            candidates = list(owners.items()) if viewer is not None and viewer.admin else [(own, owners.get(own))]
+            for key, owner in candidates:
+                if owner is None or owner == self.replica:
+                    continue
+                answer = await self._ask(owner, "c" if cancel else "q", key, request_id)
+                if answer is not None:
+                    return answer
+            records: dict[str, str] = await self._redis.hgetall(self.store.key("h", request_id))  # type: ignore[assignment]
+        except _UNREACHABLE:
+            return None
+        record = records.get(own)
+        if record is None and viewer is not None and viewer.admin:
+            record = next(iter(records.values()), None)
+        if record is None:
+            return None
+        return {"finished": json.loads(record)} if cancel else {"request": json.loads(record)}
+
+    async def _ask(self, owner: str, verb: str, key: str, request_id: str) -> dict[str, Any] | None:
+        reply = self.store.key("reply", self.replica, str(next(self._local_ids)))
+        await self._redis.rpush(self.store.key("in", owner), f"{verb}|{reply}|{key}|{request_id}")
+        popped = await self._blocking.blpop([reply], timeout=_ASK_SECONDS)
+        if popped is None:
+            return None
+        answer: dict[str, Any] | None = json.loads(popped[1])
+        return answer
+
+
+class _Reply:
+    """Someone awaits a command's result; `then` handles it first, synchronously, as it arrives."""
+
+    __slots__ = ("future", "then")
+
+    def __init__(self, future: asyncio.Future[Any], then: Callable[[Any], object] | None):
+        self.future = future
+        self.then = then
+
+
+_Sink = _Reply | Callable[[Any], object] | None  # who gets a command's result
+
+
+def _settle(batch: list[tuple[Command, _Sink]], results: list[Any] | None) -> None:
+    """Hand each command's result to its sink; None: Redis could not be reached, every caller is told."""
+    for index, (_, sink) in enumerate(batch):
+        result = CoordinationUnavailable() if results is None else results[index]
+        if isinstance(result, ResponseError):
+            log.error("a shared-queue command failed: %s", result)
+            result = CoordinationUnavailable(f"the shared queue failed: {result}")
+        if isinstance(sink, _Reply):
+            if sink.future.done():
+                continue
+            if isinstance(result, Exception):
+                sink.future.set_exception(result)
+                continue
+            if sink.then is not None:
+                try:
+                    sink.then(result)
+                except Exception:
+                    log.exception("handling a shared-queue result failed")
+            sink.future.set_result(result)
+        elif sink is not None and not isinstance(result, Exception):
+            try:
+                sink(result)
+            except Exception:
+                log.exception("handling a shared-queue result failed")
+
+
+def _shareable(members: list[Member]) -> bool:
+    return bool(members) and all(member.kind == "proxy" for member in members)
+
+
+def _place_seconds(scheduler: Scheduler, job: Job) -> float:
+    pool = job.pool
+    assert pool is not None
+    return eta.pool_wait(pool, 0, job.rank, scheduler.clock(), scheduler.service.average)
