@@ -177,7 +177,7 @@ def _coordinator(
     coordinator = Coordinator(
         settings,
         scheduler,
-        describe=lambda job: request_status(scheduler, job).model_dump(mode="json"),
+        describe=lambda job: request_status(scheduler, job).model_dump_json(),
         accounts=tuple(account for _, account in api_keys),
     )
     metrics.watch_replicas(coordinator.gauges)

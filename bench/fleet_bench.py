@@ -25,9 +25,7 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +38,7 @@ import httpx
 import yaml
 
 from app.backends.llama.backend import default_model_path
-from bench.common import ROOT, Contender, gateway_process, llama_server_binary, percentile
+from bench.common import ROOT, Contender, gateway_process, llama_server_binary, percentile, stop_process
 from testkit.gateway import free_port
 
 SYSTEM = "You are a careful assistant."
@@ -70,14 +68,6 @@ def backends_file(members: list[tuple[str, str, int]], **extra: Any) -> str:
     path = Path(tempfile.mkdtemp(prefix="fleet-bench-")) / "backends.yaml"
     path.write_text(yaml.safe_dump({"backends": entries}))
     return str(path)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 # Scaling ------------------------------------------------------------------------------------------------
@@ -122,7 +112,7 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
                     asyncio.run(closed_loop(url, 2, 1.0))  # warm the connections
                     values.append(asyncio.run(closed_loop(url, 8 * count, args.seconds)))
                 finally:
-                    stop(process)
+                    stop_process(process)
     finally:
         for upstream in upstreams:
             upstream.stop()
@@ -204,7 +194,7 @@ def failover(args: argparse.Namespace) -> dict[str, Any]:
         tally, killed = asyncio.run(mixed_load(url, args.failover_seconds, args.failover_seconds / 3, by_name))
         backends = httpx.get(url + "/v1/queue/status").json()["backends"]
     finally:
-        stop(process)
+        stop_process(process)
         for upstream in upstreams:
             upstream.stop()
     errors = len(tally.whole_errors) + len(tally.streams_refused)
@@ -309,7 +299,7 @@ def affinity(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 hits = asyncio.run(conversations(url, 30, 5, workers=6)).hits
             finally:
-                stop(process)
+                stop_process(process)
             rates[routing] = sum(hits) / len(hits)
             for upstream in upstreams:  # a fresh cache for the next routing
                 upstream.stop()
@@ -352,7 +342,7 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
                 ttft[routing] = turns.ttfts
                 cached[routing] = statistics.fmean(turns.cached) if turns.cached else float("nan")
             finally:
-                stop(process)
+                stop_process(process)
                 for server in servers:
                     server.stop()
     finally:

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,19 +36,11 @@ from typing import Any
 import aiohttp
 import redis
 
-from bench.common import ROOT, Contender, gateway_process
+from bench.common import ROOT, Contender, gateway_process, stop_process
 from bench.proxy_bench import API_KEY, BODY, wrk
 from testkit.gateway import free_port
 from testkit.redis_server import RedisServer
 from testkit.upstream import Behavior, FakeUpstream
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 def replicas(count: int, name: str, **settings: str) -> list[tuple[subprocess.Popen[bytes], str]]:
@@ -160,7 +151,7 @@ def correctness(seconds: float) -> dict[str, Any]:
     finally:
         audit.stop()
         for process, _ in gateways:
-            stop(process)
+            stop_process(process)
         upstream.stop()
         redis_server.stop()
     return {
@@ -207,7 +198,7 @@ def cost(rounds: int, duration: float) -> dict[str, Any]:
                     one = wrk(url, 1, duration, BODY)
                     many = wrk(url, 32, duration, BODY)
                 finally:
-                    stop(process)
+                    stop_process(process)
                 keep(f"{mode}_p50_c1_ms", one["p50_ms"], higher=False)
                 keep(f"{mode}_rps_c32", many["rps"], higher=True)
             three = replicas(3, "three", **common, REDIS_URL=redis.url)
@@ -217,7 +208,7 @@ def cost(rounds: int, duration: float) -> dict[str, Any]:
                 total = asyncio.run(_together([url for _, url in three], duration))
             finally:
                 for process, _ in three:
-                    stop(process)
+                    stop_process(process)
             keep("three_replicas_rps_c32_each", total, higher=True)
     finally:
         upstream.stop()
@@ -268,7 +259,7 @@ def quota(seconds: float) -> dict[str, Any]:
         statuses, elapsed = asyncio.run(_hammer([url for _, url in gateways], seconds))
     finally:
         for process, _ in gateways:
-            stop(process)
+            stop_process(process)
         upstream.stop()
         redis.stop()
     allowed = 60 + int(elapsed * 60 / 60)  # the burst, plus one a second refilled

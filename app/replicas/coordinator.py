@@ -63,7 +63,7 @@ _SETTLE_SECONDS = 4.0  # how long a cancel from another replica waits for the re
 class Coordinator:
     """Shares this replica's requests of upstream pools with the others through Redis (app.queue.shared).
 
-    `describe(job)` is a request's status as the API shows it (kept in Redis once it ends); `accounts` are
+    `describe(job)` is a request's status as the API shows it, in JSON (kept in Redis once it ends); `accounts` are
     the client keys, whose rpm/tpm become shared budgets (their local buckets keep 1/REPLICAS_EXPECTED of
     the limits, for REDIS_FAILURE_MODE=local).
     """
@@ -72,7 +72,7 @@ class Coordinator:
         self,
         settings: Settings,
         scheduler: Scheduler,
-        describe: Callable[[Job], dict[str, Any]],
+        describe: Callable[[Job], str],
         accounts: tuple[KeyAccount, ...] = (),
     ):
         assert settings.redis_url is not None
@@ -538,7 +538,7 @@ class Coordinator:
         self._tickets.pop(ticket, None)
         if not self.available:
             return  # Redis forgets it by itself: its lease expires, its ticket goes when this replica rejoins
-        record = json.dumps(self._describe(job), separators=(",", ":"))
+        record = self._describe(job)
         key = job.key_name or ""
         if job.lease is not None:
             used = -1 if used_tokens is None else used_tokens
@@ -679,20 +679,18 @@ class Coordinator:
 
     async def _answer(self, verb: str, reply: str, key: str, request_id: str) -> None:
         job = self.scheduler.lookup(request_id, key or None)
-        answer: dict[str, Any] | None
         if job is None:
-            answer = None
+            answer = "null"
         elif verb == "q":
-            answer = {"request": self._describe(job)}
+            answer = f'{{"request":{self._describe(job)}}}'
         elif not self.scheduler.abort(job, RequestCancelled(f"request {request_id} was cancelled")):
-            answer = {"finished": self._describe(job)}
+            answer = f'{{"finished":{self._describe(job)}}}'
         else:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_SETTLE_SECONDS):
                     await job.wait_finished()
-            answer = {"request": self._describe(job)}
-
-        self._queue(("RPUSH", reply, json.dumps(answer)))
+            answer = f'{{"request":{self._describe(job)}}}'
+        self._queue(("RPUSH", reply, answer))
         self._queue(("EXPIRE", reply, 30))
 
     async def find(self, request_id: str, viewer: KeyAccount | None, cancel: bool) -> dict[str, Any] | None:

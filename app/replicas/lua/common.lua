@@ -254,9 +254,13 @@ local function grant()
   return mine, hold or 0
 end
 
+local WAITING = {}  -- tickets waiting by pool, as queued_total() counted them
 local function queued_total()
   local total = 0
-  for pool, _ in pairs(TOPO.pools) do total = total + redis.call('ZCARD', P .. ':q:' .. pool) end
+  for pool, _ in pairs(TOPO.pools) do
+    WAITING[pool] = redis.call('ZCARD', P .. ':q:' .. pool)
+    total = total + WAITING[pool]
+  end
   return total
 end
 

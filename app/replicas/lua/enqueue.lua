@@ -25,8 +25,9 @@ redis.call('HSET', ids, key, CALLER)
 local mine, hold = {}, 0
 local info = {rep = CALLER, rank = rank, cost = tonumber(ARGV[8]), avoid = ARGV[14], aff = ARGV[10]}
 local at_once = nil
-if redis.call('ZCARD', P .. ':q:' .. pool) == 0 then  -- nothing waits here: a free slot is its own at once
-  at_once = pick(pool, info)
+local waiting = WAITING[pool] or redis.call('ZCARD', P .. ':q:' .. pool)  -- counted already by the checks
+if waiting == 0 then
+  at_once = pick(pool, info)  -- nothing waits here: a free slot is its own at once
 end
 if at_once then
   lease(pool, ticket, info, at_once, mine)
