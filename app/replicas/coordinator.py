@@ -1,11 +1,11 @@
 """A replica's side of the shared queue: tickets out, grants in, leases renewed, and life without Redis.
 
-Every command goes out through the writer: what is queued while pipelines are out goes in the next one, so a
-burst of requests costs one round trip. Commands need no order between them: a request's withdrawal or
-release is only sent once its ticket's reply is in, and a grant read from the inbox before the reply that
-names its ticket waits for that reply. Grants for this replica come back with the script that made them;
-grants for another are pushed to its inbox, which it reads with a blocking pop: dispatch is driven by events
-(a request arriving, a slot freed, a lease expired at a heartbeat, a budget's refill time), never by polling.
+Commands go out through the writer (app.replicas.writer) and need no order between them: a request's
+withdrawal or release is only sent once its ticket's reply is in, and a grant read from the inbox before the
+reply that names its ticket waits for that reply. Grants for this replica come back with the script that made
+them; grants for another are pushed to its inbox, which it reads with a blocking pop: dispatch is driven by
+events (a request arriving, a slot freed, a lease expired at a heartbeat, a budget's refill time), never by
+polling.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from app.errors import (
     Conflict,
@@ -44,17 +42,14 @@ from app.queue.job import Job
 from app.queue.member import Member
 from app.queue.scheduler import Scheduler
 from app.replicas.store import Store
+from app.replicas.writer import UNREACHABLE, Arg, Command, Writer
 from app.settings import Settings
 from app.types import JobState, Priority
 
 log = logging.getLogger("app.replicas")
 
-Arg = str | int | float  # what a command takes
-Command = tuple[Arg, ...]  # a Redis command and its arguments
 
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 _RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)  # between attempts to reach Redis again, the last repeated
-_PIPELINES = 4  # pipelines out at once, each on a connection of its own
 _ASK_SECONDS = 8.0  # how long a lookup or cancel waits for the replica that holds the request
 _INBOX_SECONDS = 5  # a blocking pop of the inbox returns empty after this long, and is sent again
 _SETTLE_SECONDS = 4.0  # how long a cancel from another replica waits for the request to wind down
@@ -107,9 +102,7 @@ class Coordinator:
         # Grants that came through the inbox before the reply that names their ticket (it is in the pipeline
         # out now): settled once that reply is in.
         self._early: dict[str, str] = {}
-        self._writing = 0  # pipelines out now
-        self._pending: list[tuple[Command, _Sink]] = []
-        self._flush_armed = False
+        self._writer = Writer(self._redis, lambda: self.available, self._lost, self._settle_early)
         self._joined = asyncio.Event()  # set while the shared state is ours to use
         self._tasks: list[asyncio.Task[None]] = []
         self._kick_timer: asyncio.TimerHandle | None = None
@@ -142,7 +135,7 @@ class Coordinator:
         ]
         try:
             await self._join()
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             self._lost(exc)
         else:
             log.info("replica %s shares the queue through Redis (failure mode %s)", self.replica, self.mode)
@@ -154,7 +147,8 @@ class Coordinator:
         if self.available:
             with contextlib.suppress(CoordinationUnavailable, TimeoutError):
                 async with asyncio.timeout(2.0):
-                    await self._call(("PING",))
+                    await self._writer.call(("PING",))
+        self._writer.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -247,7 +241,7 @@ class Coordinator:
             await asyncio.sleep(_RECONNECT_SECONDS[min(attempt, len(_RECONNECT_SECONDS) - 1)])
             try:
                 await self._join()
-            except _UNREACHABLE:
+            except UNREACHABLE:
                 continue
             except (RedisError, GatewayError):
                 log.exception("replica %s could not rejoin the shared state", self.replica)
@@ -260,68 +254,11 @@ class Coordinator:
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
-    # The writer ---------------------------------------------------------------------------------------------
-
-    def _queue(self, command: Command, then: Callable[[Any], object] | None = None) -> None:
-        """Send `command` soon (with whatever else is queued by then); `then` gets its result."""
-        self._pending.append((command, then))
-        if not self._flush_armed:
-            self._flush_armed = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    async def _call(self, command: Command, then: Callable[[Any], object] | None = None) -> Any:
-        """Send `command` now (unless every pipeline is out) and return its result;
-        CoordinationUnavailable if Redis cannot be reached. `then` sees the result first, the moment it
-        arrives: before a grant read from the inbox meanwhile is looked at."""
-        reply = _Reply(asyncio.get_running_loop().create_future(), then)
-        self._pending.append((command, reply))
-        if self._writing < _PIPELINES:
-            batch, self._pending = self._pending, []
-            self._writing += 1
-            await self._send(batch)  # in the caller's task: no hop through another
-        return await reply.future
-
-    def _flush(self) -> None:
-        """Send what is queued, a pipeline on each free connection."""
-        self._flush_armed = False
-        while self._pending and self._writing < _PIPELINES:
-            batch, self._pending = self._pending, []
-            self._writing += 1
-            self._spawn(self._send(batch))
-
-    async def _send(self, batch: list[tuple[Command, _Sink]]) -> None:
-        results: list[Any] | None = None
-        try:
-            if self.available:
-                try:
-                    results = await self._execute([command for command, _ in batch])
-                except _UNREACHABLE as exc:
-                    self._lost(exc)
-                if results is not None and any(isinstance(result, NoScriptError) for result in results):
-                    results = None
-                    self._lost(RedisConnectionError("Redis restarted and forgot the shared state"))
-        finally:
-            self._writing -= 1
-            _settle(batch, results)
-            if self._pending:
-                self._flush()
-        if not self._writing:  # every reply is in: a grant still unknown is for a request that ended
-            early, self._early = self._early, {}
-            for ticket, member in early.items():
-                self._granted([ticket, member])
-
-    async def _execute(self, commands: list[Command]) -> list[Any]:
-        """Each command's result, or the error it met; one alone skips the pipeline's cost."""
-        if len(commands) == 1:
-            try:
-                return [await self._redis.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
-            except ResponseError as exc:  # NoScriptError among them
-                return [exc]
-        pipe = self._redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+    def _settle_early(self) -> None:
+        """Every reply is in: a grant whose ticket is still unknown is for a request that ended."""
+        early, self._early = self._early, {}
+        for ticket, member in early.items():
+            self._granted([ticket, member])
 
     def _args(self, *rest: Arg) -> list[Arg]:
         return [self.store.prefix, self._topology, self.replica, *rest]
@@ -395,7 +332,7 @@ class Coordinator:
         key = job.key
         max_queued = key.max_queued if key is not None and key.max_queued is not None else 0
         try:
-            result = await self._call(
+            result = await self._writer.call(
                 self._run("enqueue", *self._enqueue_args(job, "0", max_queued)),
                 lambda result: self._admitted(job, result) if result[0] == "ok" else None,
             )
@@ -473,7 +410,7 @@ class Coordinator:
                 return
             raise CoordinationUnavailable()
         try:
-            result = await self._call(self._run("spend", key.name, rpm, tpm, 1, cost, "1"))
+            result = await self._writer.call(self._run("spend", key.name, rpm, tpm, 1, cost, "1"))
         except CoordinationUnavailable:
             if self.mode == "local":
                 key.spend(cost)
@@ -492,7 +429,7 @@ class Coordinator:
     def refund(self, key: KeyAccount, cost: int) -> None:
         rpm, tpm = self._limits.get(key.name, (0, 0))
         if (rpm or tpm) and self.available:
-            self._queue(self._run("spend", key.name, rpm, tpm, -1, -cost, "0"))
+            self._writer.queue(self._run("spend", key.name, rpm, tpm, -1, -cost, "0"))
         elif rpm or tpm:
             key.refund(cost)
 
@@ -501,14 +438,14 @@ class Coordinator:
     def _granted(self, flat: list[Any]) -> None:
         for ticket, member in zip(flat[::2], flat[1::2], strict=True):
             job = self._tickets.get(ticket)
-            if job is None and self._writing:
+            if job is None and self._writer.out:
                 self._early[ticket] = member
                 continue
             log.debug("ticket %s granted %s (request %s)", ticket, member, job.id if job is not None else None)
             if job is not None and self.scheduler.granted(job, member):
                 job.lease = member
             else:  # it ended meanwhile: the slot goes on to the next
-                self._queue(self._run("release", ticket, member, "", "", "0", "", 0, -1), self._released)
+                self._writer.queue(self._run("release", ticket, member, "", "", "0", "", 0, -1), self._released)
 
     def _hold(self, milliseconds: int) -> None:
         """A budget or pause holds the next grant back this long: ask again then (one timer, the earliest)."""
@@ -542,17 +479,17 @@ class Coordinator:
         key = job.key_name or ""
         if job.lease is not None:
             used = -1 if used_tokens is None else used_tokens
-            self._queue(
+            self._writer.queue(
                 self._run("release", ticket, job.lease, key, job.id, "1", record, job.cost, used), self._released
             )
             job.lease = None
         else:
-            self._queue(self._run("withdraw", ticket, key, job.id, record))
+            self._writer.queue(self._run("withdraw", ticket, key, job.id, record))
         account = job.key
         if account is not None and used_tokens is not None and job.started is not None:
             tpm = self._limits.get(account.name, (0, 0))[1]
             if tpm and used_tokens != job.cost:
-                self._queue(self._run("spend", account.name, 0, tpm, 0, used_tokens - job.cost, "0"))
+                self._writer.queue(self._run("spend", account.name, 0, tpm, 0, used_tokens - job.cost, "0"))
 
     def requeue(self, job: Job, avoid: Member) -> None:
         ticket, lease = job.ticket, job.lease
@@ -561,8 +498,10 @@ class Coordinator:
         self._tickets.pop(ticket, None)
         job.lease = None
         if lease is not None:
-            self._queue(self._run("release", ticket, lease, "", "", "0", "", job.cost, -1), self._released)
-        self._queue(self._run("enqueue", *self._enqueue_args(job, "1")), lambda result: self._admitted(job, result))
+            self._writer.queue(self._run("release", ticket, lease, "", "", "0", "", job.cost, -1), self._released)
+        self._writer.queue(
+            self._run("enqueue", *self._enqueue_args(job, "1")), lambda result: self._admitted(job, result)
+        )
 
     def _released(self, result: list[Any]) -> None:
         self._granted(result[1:])
@@ -574,8 +513,8 @@ class Coordinator:
         milliseconds = max(1, round(seconds * 1000))
         key = self.store.key("pause", member.name)
 
-        self._queue(("SET", key, "1", "PX", milliseconds, "NX"))
-        self._queue(("PEXPIRE", key, milliseconds, "GT"))  # a longer pause than one already set wins
+        self._writer.queue(("SET", key, "1", "PX", milliseconds, "NX"))
+        self._writer.queue(("PEXPIRE", key, milliseconds, "GT"))  # a longer pause than one already set wins
 
     # Heartbeat and inbox ------------------------------------------------------------------------------------
 
@@ -602,8 +541,8 @@ class Coordinator:
         for ticket, job in self._tickets.items():
             if job.lease is not None:
                 leases += [ticket, job.lease]
-        self._queue(self._run("heartbeat", self._description(), *leases), self._beaten)
-        self._queue(self._run("view"), self._viewed)
+        self._writer.queue(self._run("heartbeat", self._description(), *leases), self._beaten)
+        self._writer.queue(self._run("view"), self._viewed)
 
     def _beaten(self, result: list[Any]) -> None:
         if result[0]:
@@ -639,7 +578,7 @@ class Coordinator:
         if not self.available:
             return None
         try:
-            self.view = json.loads(await self._call(self._run("view")))
+            self.view = json.loads(await self._writer.call(self._run("view")))
         except CoordinationUnavailable:
             return None
         return self.view
@@ -656,7 +595,7 @@ class Coordinator:
                 more = await self._blocking.lpop(inbox, 255)
                 if isinstance(more, list):
                     messages += [str(message) for message in more]
-            except _UNREACHABLE as exc:
+            except UNREACHABLE as exc:
                 self._lost(exc)
                 continue
             for message in messages:
@@ -690,8 +629,8 @@ class Coordinator:
                 async with asyncio.timeout(_SETTLE_SECONDS):
                     await job.wait_finished()
             answer = f'{{"request":{self._describe(job)}}}'
-        self._queue(("RPUSH", reply, answer))
-        self._queue(("EXPIRE", reply, 30))
+        self._writer.queue(("RPUSH", reply, answer))
+        self._writer.queue(("EXPIRE", reply, 30))
 
     async def find(self, request_id: str, viewer: KeyAccount | None, cancel: bool) -> dict[str, Any] | None:
         """A request of `viewer`'s (any key's for an admin) held by another replica, or finished on one:
@@ -709,7 +648,7 @@ class Coordinator:
                 if answer is not None:
                     return answer
             records: dict[str, str] = await self._redis.hgetall(self.store.key("h", request_id))  # type: ignore[assignment]
-        except _UNREACHABLE:
+        except UNREACHABLE:
             return None
         record = records.get(own)
         if record is None and viewer is not None and viewer.admin:
@@ -726,45 +665,6 @@ class Coordinator:
             return None
         answer: dict[str, Any] | None = json.loads(popped[1])
         return answer
-
-
-class _Reply:
-    """Someone awaits a command's result; `then` handles it first, synchronously, as it arrives."""
-
-    __slots__ = ("future", "then")
-
-    def __init__(self, future: asyncio.Future[Any], then: Callable[[Any], object] | None):
-        self.future = future
-        self.then = then
-
-
-_Sink = _Reply | Callable[[Any], object] | None  # who gets a command's result
-
-
-def _settle(batch: list[tuple[Command, _Sink]], results: list[Any] | None) -> None:
-    """Hand each command's result to its sink; None: Redis could not be reached, every caller is told."""
-    for index, (_, sink) in enumerate(batch):
-        result = CoordinationUnavailable() if results is None else results[index]
-        if isinstance(result, ResponseError):
-            log.error("a shared-queue command failed: %s", result)
-            result = CoordinationUnavailable(f"the shared queue failed: {result}")
-        if isinstance(sink, _Reply):
-            if sink.future.done():
-                continue
-            if isinstance(result, Exception):
-                sink.future.set_exception(result)
-                continue
-            if sink.then is not None:
-                try:
-                    sink.then(result)
-                except Exception:
-                    log.exception("handling a shared-queue result failed")
-            sink.future.set_result(result)
-        elif sink is not None and not isinstance(result, Exception):
-            try:
-                sink(result)
-            except Exception:
-                log.exception("handling a shared-queue result failed")
 
 
 def _shareable(members: list[Member]) -> bool:
