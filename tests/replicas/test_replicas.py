@@ -62,11 +62,12 @@ def test_a_backends_max_concurrent_holds_across_replicas(start_replicas: StartRe
 def test_a_high_request_on_one_replica_overtakes_lows_waiting_on_the_others(
     start_replicas: StartReplicas, upstream: FakeUpstream
 ) -> None:
-    upstream.behavior.latency = 0.4
+    upstream.behavior.latency = 3.0  # the one slot stays taken while every other request arrives
     first, second, third = start_replicas(3, MAX_CONCURRENT_REQUESTS="1")
     with Background() as background:
         running = background.post(first.url + "/v1/chat/completions", chat_body("running"))
         assert upstream.wait_for(lambda: upstream.active == 1)
+        upstream.behavior.latency = 0.05
         lows = [
             background.post(gateway.url + "/v1/chat/completions", chat_body(f"low{n}"), {"X-Priority": "low"})
             for n in range(3)
@@ -103,11 +104,12 @@ def test_a_keys_rpm_holds_exactly_across_replicas(start_replicas: StartReplicas,
 def test_a_request_is_looked_up_and_cancelled_through_a_replica_that_does_not_hold_it(
     start_replicas: StartReplicas, upstream: FakeUpstream
 ) -> None:
-    upstream.behavior.latency = 1.0
+    upstream.behavior.latency = 4.0  # the one slot stays taken until the waiting request is cancelled
     holder, other, third = start_replicas(3, MAX_CONCURRENT_REQUESTS="1")
     with Background() as background:
         blocker = background.post(holder.url + "/v1/chat/completions", chat_body("blocker"))
         assert upstream.wait_for(lambda: upstream.active == 1)
+        upstream.behavior.latency = 0.05
         waiting = background.post(holder.url + "/v1/chat/completions", chat_body("w"), {"X-Request-ID": "job-42"})
         assert wait_until(lambda: httpx.get(other.url + "/v1/queue/request/job-42").status_code == 200, timeout=10)
         seen = httpx.get(other.url + "/v1/queue/request/job-42").json()
@@ -128,7 +130,7 @@ def test_a_request_is_looked_up_and_cancelled_through_a_replica_that_does_not_ho
 
 
 def test_status_shows_the_shared_queue_and_every_replica(start_replicas: StartReplicas, upstream: FakeUpstream) -> None:
-    upstream.behavior.latency = 1.0
+    upstream.behavior.latency = 2.5  # long enough for a heartbeat to see one running and two waiting
     replicas = start_replicas(3, MAX_CONCURRENT_REQUESTS="1", LEASE_TTL="3")
     with Background() as background:
         sent = [background.post(g.url + "/v1/chat/completions", chat_body(g.url)) for g in replicas]
