@@ -52,8 +52,12 @@ COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOST=0.0.0.0 \
-    PORT=8091
+    PORT=8091 \
+    DATA_DIR=/app/data
 WORKDIR /app
+# Files, batches and background requests (SQLite): a volume, so a new container resumes them.
+RUN mkdir -p /app/data && chown gateway /app/data
+VOLUME /app/data
 USER gateway
 EXPOSE 8091
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

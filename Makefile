@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CMAKE_ARGS="-DGGML_CUDA=on" make serve builds it for an NVIDIA GPU.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: serve test lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet bench-eta bench-replicas clean
+.PHONY: serve test lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet bench-eta bench-replicas bench-batch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-eta: $(VENV)/.test
 
 bench-replicas: $(VENV)/.test
 	$(BIN)/python -m bench.replicas_bench $(ARGS)
+
+bench-batch: $(VENV)/.test
+	$(BIN)/python -m bench.batch_bench $(ARGS)
 
 bench-local: $(VENV)/.test
 	$(BIN)/python -m bench.local_bench $(ARGS)

@@ -1,4 +1,5 @@
-"""The `llm-queue-gateway` command: serve, status of a running gateway, and a load test with a priority mix."""
+"""The `llm-queue-gateway` command: serve, status of a running gateway, a load test with a priority mix, and
+batches (app.batch_cli)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from app.__main__ import run
+from app.batch_cli import add_batch_commands
 from app.settings import Settings
 from app.types import Priority
 
@@ -102,7 +104,7 @@ def _status(args: argparse.Namespace) -> None:
         f"{status['max_concurrent']} slots busy, {status['queue_size']}/{status['max_queue_size']} waiting"
     )
     queue = Table(title="queue", show_header=True)
-    for column in ("high", "normal", "low", "held by", "est. service"):
+    for column in (*(p.value for p in Priority), "held by", "est. service"):
         queue.add_column(column, justify="right")
     service = status.get("estimated_service_seconds")
     queue.add_row(
@@ -463,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--prompt", default="Write one sentence about queues.", help="the user message sent")
     load.add_argument("--timeout", type=float, default=600, help="seconds a request may take [default: 600]")
     load.set_defaults(handler=_loadtest)
+    add_batch_commands(commands, client_flags)
     return parser
 
 

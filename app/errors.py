@@ -232,6 +232,14 @@ class TooManyConnections(RetryLater):
         super().__init__(f"the gateway already holds {limit} connections (MAX_CONNECTIONS)", retry_after=1.0)
 
 
+class StorageUnavailable(GatewayError):
+    """DATA_DIR's database could not take a write (a full or read-only disk): nothing was accepted."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "storage_unavailable"
+
+
 class BackendNotReady(GatewayError):
     """The backend does not answer yet."""
 

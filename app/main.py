@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 
 from app import __version__
+from app.api import batches as batch_routes
 from app.api import events, openai, ops
 from app.api import queue as queue_routes
 from app.api.connections import ConnectionGuard
@@ -23,6 +24,7 @@ from app.api.middleware import RequestIdMiddleware, RequestIds
 from app.api.shedding import QueueFullShedder
 from app.api.status import request_status
 from app.backends import Backend
+from app.batches import Persisted
 from app.fleet.config import fleet_of_one, load_backends_file
 from app.fleet.fleet import Fleet
 from app.limits.keys import KeyAccount, KeysFileError, load_keys_file
@@ -32,15 +34,20 @@ from app.queue.scheduler import Scheduler
 from app.queue.service import CompletionService
 from app.queue.timeline import SAMPLE_SECONDS
 from app.replicas.coordinator import Coordinator
+from app.schemas import COMPLETION_ROUTES
 from app.settings import Settings
 
 log = logging.getLogger("app.queue")
 
 
 def create_app(
-    settings: Settings, backend: Backend[Any] | None = None, registry: CollectorRegistry | None = None
+    settings: Settings,
+    backend: Backend[Any] | None = None,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """The gateway as an ASGI app; pass a backend or a registry to replace the configured ones (tests).
+    """The gateway as an ASGI app; pass a backend or a registry to replace the configured ones, or the wall
+    clock that batch windows and stored results are timed by (tests).
 
     Raises BackendsFileError or KeysFileError for a bad BACKENDS_FILE or API_KEYS_FILE.
     """
@@ -68,6 +75,7 @@ def create_app(
         await fleet.start()
         if coordinator is not None:
             await coordinator.start()
+        await persisted.start()
         log.info(
             "ready: backends=%s max_concurrent=%d max_queue_size=%d request_timeout=%gs",
             ",".join(f"{m.name}({m.kind})" for m in fleet.members),
@@ -83,6 +91,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
             scheduler.close()
+            await persisted.aclose()  # what did not end is left in the database for the next start
             if coordinator is not None:
                 await coordinator.aclose()
             await fleet.aclose()
@@ -121,18 +130,18 @@ def create_app(
     )
     app.state.api_keys = _key_accounts(settings)
     app.state.coordinator = coordinator = _coordinator(settings, scheduler, metrics, app.state.api_keys)
+    accounts = {account.name: account for _, account in app.state.api_keys}
+    app.state.persisted = persisted = Persisted(settings, app.state.service, accounts, metrics, clock)
     app.state.connections.shedder = QueueFullShedder(
         scheduler,
         app.state.api_keys,
         ids,
-        frozenset(openai.COMPLETION_ROUTES),
+        frozenset(COMPLETION_ROUTES),
         settings.default_priority,
     )
     install_error_handlers(app)
-    app.include_router(openai.router)
-    app.include_router(queue_routes.router)
-    app.include_router(ops.router)
-    app.include_router(events.router)
+    for module in (openai, queue_routes, ops, events, batch_routes):
+        app.include_router(module.router)
     app.add_middleware(openai.CompletionRoutes)  # the completion routes, ahead of FastAPI's stack
     app.add_middleware(RequestIdMiddleware, ids=ids)  # added last: outermost, so every response carries its id
 

@@ -54,6 +54,8 @@ REJECTION_REASONS = (
     "duplicate_request_id",
 )
 CONNECTION_LIMITS = ("headers_too_large", "header_timeout", "body_timeout", "too_many_connections", "idle_evicted")
+BATCH_LINE_OUTCOMES = ("completed", "failed", "expired", "cancelled")
+WEBHOOK_OUTCOMES = ("delivered", "retried", "failed")
 RETRY_REASONS = ("http_429", "http_502", "http_503", "http_504", "connect", "timeout", "protocol")
 
 # Queue waits run from microseconds (idle) to minutes (saturated); durations likewise.
@@ -122,6 +124,10 @@ class Metrics:
         self._budget_remaining: Callable[[], Mapping[str, float]] = dict
         self._breaker_state: Callable[[], int] | None = None
         self._shared: Callable[[], SharedGauges] | None = None
+        self.batch_lines = dict.fromkeys(BATCH_LINE_OUTCOMES, 0)
+        self.webhook_deliveries = dict.fromkeys(WEBHOOK_OUTCOMES, 0)
+        self._batches: Callable[[], Mapping[str, int]] | None = None
+        self._webhooks_pending: Callable[[], int] | None = None
         registry.register(_Exporter(self))
 
     def watch_queue(
@@ -152,6 +158,19 @@ class Metrics:
     def watch_replicas(self, shared: Callable[[], SharedGauges]) -> None:
         """Export the shared queue's state (REDIS_URL), read at each scrape."""
         self._shared = shared
+
+    def watch_batches(self, statuses: Callable[[], Mapping[str, int]], webhooks_pending: Callable[[], int]) -> None:
+        """Batches by status and webhook deliveries still to make, read at each scrape."""
+        self._batches = statuses
+        self._webhooks_pending = webhooks_pending
+
+    def batch_line(self, outcome: str) -> None:
+        """A batch line ended: answered 2xx (completed), answered otherwise (failed), or never (expired, cancelled)."""
+        self.batch_lines[outcome] += 1
+
+    def webhook_delivery(self, outcome: str) -> None:
+        """A webhook attempt: delivered, failed and to be retried, or failed for good."""
+        self.webhook_deliveries[outcome] += 1
 
     def watch_connections(self, open_connections: Callable[[], int]) -> None:
         """Export the number of open client connections, read at each scrape."""
@@ -306,6 +325,19 @@ class _Exporter(Collector):
         yield remaining
         if m._shared is not None:
             yield from _shared_families(m._shared())
+        if m._batches is not None:
+            batches = GaugeMetricFamily("gateway_batches", "Batches by status.", labels=["status"])
+            for status, count in m._batches().items():
+                batches.add_metric([status], count)
+            yield batches
+            yield _counter("gateway_batch_lines", "Batch lines ended, by outcome.", "outcome", m.batch_lines)
+        if m._webhooks_pending is not None:
+            yield _counter(
+                "gateway_webhook_deliveries", "Webhook delivery attempts, by outcome.", "outcome", m.webhook_deliveries
+            )
+            yield GaugeMetricFamily(
+                "gateway_webhook_deliveries_pending", "Webhook events not delivered yet.", value=m._webhooks_pending()
+            )
         if m._breaker_state is not None:
             yield GaugeMetricFamily(
                 "gateway_circuit_breaker_state",

@@ -13,7 +13,11 @@ from typing import Any
 import orjson
 
 from app.errors import InvalidRequest
-from app.types import CompletionKind, Priority
+from app.types import INTERACTIVE, CompletionKind, Priority
+
+# The one table of completion paths: the HTTP routes, the access log, the OpenAPI description and the endpoints a
+# batch may name are all read from it.
+COMPLETION_ROUTES: dict[str, CompletionKind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,7 +57,7 @@ SERVICE_TIERS: dict[str, Priority | None] = {
     "auto": None,
     "flex": Priority.LOW,
 }
-SERVED_TIERS = {Priority.HIGH: "priority", Priority.NORMAL: "default", Priority.LOW: "flex"}
+SERVED_TIERS = {Priority.HIGH: "priority", Priority.NORMAL: "default", Priority.LOW: "flex", Priority.BATCH: "flex"}
 
 
 def _service_tier(value: object) -> str:
@@ -67,9 +71,12 @@ def parse_priority(value: object, param: str) -> Priority:
     """A priority from a header or body value, or a 400 that lists the allowed values."""
     if isinstance(value, str):
         try:
-            return Priority(value.strip().lower())
+            priority = Priority(value.strip().lower())
         except ValueError:
             pass
+        else:
+            if priority in INTERACTIVE:
+                return priority
     raise InvalidRequest(f"{param} must be one of 'high', 'normal', 'low', not {value!r}", param=param)
 
 

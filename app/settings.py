@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import difflib
 from enum import StrEnum
 from pathlib import Path
@@ -12,7 +13,7 @@ from dotenv import dotenv_values
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.types import Priority
+from app.types import INTERACTIVE, Priority
 
 
 class QueueFullBehavior(StrEnum):
@@ -46,7 +47,36 @@ def http_url(value: str) -> str:
     return value.rstrip("/")
 
 
-# Field types with their checks, shared by the settings and the backends file.
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def window_seconds(value: str) -> float:
+    """A batch's completion window (`24h`, `30m`, `90s`, `7d`) in seconds; ValueError if it is not one."""
+    number, unit = value[:-1], value[-1:]
+    if unit not in _UNITS or not number.isdigit() or int(number) < 1:
+        raise ValueError(f"{value!r} is not a window: a whole number and s, m, h or d, like '24h'")
+    return int(number) * _UNITS[unit]
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret (`whsec_` and base64); ValueError if it is not one."""
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise ValueError("a webhook secret is 'whsec_' and the base64 of at least 16 random bytes")
+    return key
+
+
+def webhook_secret(value: str) -> str:
+    """A Standard Webhooks secret, checked."""
+    webhook_key(value)
+    return value
+
+
+# Field types with their checks, shared by the settings, the backends file and the keys file.
+WebhookSecret = Annotated[str, AfterValidator(webhook_secret)]
 FilePath = Annotated[str, AfterValidator(existing_file)]
 ChatTemplate = Annotated[str, AfterValidator(chat_template)]
 BaseUrl = Annotated[str, AfterValidator(http_url)]
@@ -323,7 +353,10 @@ class Settings(BaseSettings):
         default=30.0,
         gt=0,
         le=3600,
-        description="Seconds a client gets to send a request's whole body once its headers are in (408 past it).",
+        description=(
+            "Seconds a client gets to send a request's whole body once its headers are in (408 past it), plus a "
+            "second per 64 KiB it has sent (a large upload at a fair rate is never cut off)."
+        ),
     )
     max_connections: int = Field(
         default=2048,
@@ -403,6 +436,52 @@ class Settings(BaseSettings):
         le=30 * 86_400,
         description="With `REDIS_URL`: seconds a finished request's record stays in Redis for any replica to show.",
     )
+    data_dir: str = Field(
+        default="./data",
+        min_length=1,
+        description=(
+            "Where files, batches, background requests and webhook deliveries are kept (a SQLite database and "
+            "the files beside it); a restart on the same directory resumes them."
+        ),
+    )
+    file_max_bytes: int = Field(
+        default=200_000_000, ge=1, description="Largest file `POST /v1/files` accepts, in bytes (beyond: 413)."
+    )
+    batch_max_in_flight: int = Field(
+        default=8,
+        ge=1,
+        le=10_000,
+        description=(
+            "Batch lines queued or running at once, all batches together. They run below `low`: only while no "
+            "interactive request waits for their backends."
+        ),
+    )
+    batch_completion_windows: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("24h",),
+        description="Comma-separated `completion_window` values a batch may ask for (`30m`, `24h`, `7d`, `90s`).",
+    )
+    async_result_ttl: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="Seconds a background request's result (`Prefer: respond-async`) is kept after it ends.",
+    )
+    webhook_url: BaseUrl | None = Field(
+        default=None,
+        description=(
+            "Where batch and background request events are posted (Standard Webhooks), for keys whose entry "
+            "in `API_KEYS_FILE` names no `webhook_url` of their own."
+        ),
+    )
+    webhook_secret: WebhookSecret | None = Field(
+        default=None,
+        description="The `whsec_...` secret `WEBHOOK_URL`'s deliveries are signed with (HMAC-SHA256).",
+    )
+    webhook_retry_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="First wait before a failed webhook delivery is tried again; each retry doubles it (up to 1 h).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="`debug`, `info`, `warning` or `error`. `warning` silences the access lines."
     )
@@ -420,6 +499,29 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
+
+    @field_validator("batch_completion_windows", mode="before")
+    @classmethod
+    def _split_windows(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(window.strip() for window in value.split(",") if window.strip())
+        if isinstance(value, tuple | list):
+            for window in value:
+                window_seconds(window)  # raises ValueError with the reason
+        return value
+
+    @field_validator("default_priority", mode="before")
+    @classmethod
+    def _interactive_default(cls, value: object) -> object:
+        if isinstance(value, str) and value not in {p.value for p in INTERACTIVE}:
+            raise ValueError(f"Input should be 'high', 'normal' or 'low', not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_webhook(self) -> Settings:
+        if (self.webhook_url is None) != (self.webhook_secret is None):
+            raise ValueError("WEBHOOK_URL and WEBHOOK_SECRET go together: set both or neither")
+        return self
 
     @model_validator(mode="after")
     def _check_reserved_slots(self) -> Settings:

@@ -9,7 +9,10 @@ CompletionKind = Literal["chat", "completion"]
 
 
 class Priority(StrEnum):
-    """A request's priority level; the queue serves high before normal before low.
+    """A request's priority level; the queue serves high before normal before low, and batch lines last.
+
+    BATCH is the gateway's own level for the lines of a batch (app.batches): a client cannot ask for it, it
+    never ages up, and it counts neither in MAX_QUEUE_SIZE nor in a key's max_queued.
 
     `rank` is the one priority-to-rank mapping: the level's index in the queue (0 for high), set once per
     member from the declaration order. `Priority.at(rank)` goes back.
@@ -18,6 +21,7 @@ class Priority(StrEnum):
     HIGH = "high"
     NORMAL = "normal"
     LOW = "low"
+    BATCH = "batch"
 
     rank: int
 
@@ -31,6 +35,7 @@ class Priority(StrEnum):
 
 
 _BY_RANK = tuple(Priority)
+INTERACTIVE = (Priority.HIGH, Priority.NORMAL, Priority.LOW)  # what clients may ask for
 
 
 class JobState(StrEnum):

@@ -28,9 +28,9 @@ from app.settings import Settings, load_settings
 class RunningGateway:
     """A gateway serving on 127.0.0.1:<port> until stop()."""
 
-    def __init__(self, settings: Settings, backend: Backend[Any] | None = None):
+    def __init__(self, settings: Settings, backend: Backend[Any] | None = None, clock: Any = time.time):
         self.settings = settings
-        self.app: FastAPI = create_app(settings, backend=backend)
+        self.app: FastAPI = create_app(settings, backend=backend, clock=clock)
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -94,8 +94,17 @@ def free_port() -> int:
 
 
 def gateway_settings(**overrides: Any) -> Settings:
-    """Settings for a test gateway: no .env read (the tests also clear the settings' variables, see conftest)."""
+    """Settings for a test gateway: no .env read (the tests also clear the settings' variables, see conftest),
+    and a DATA_DIR of its own unless one is given."""
+    overrides.setdefault("data_dir", fresh_data_dir())
     return load_settings(_env_file=None, **overrides)
+
+
+def fresh_data_dir() -> str:
+    """An empty DATA_DIR for one gateway (a test that restarts one on the same data passes it on itself)."""
+    parent = Path(tempfile.gettempdir()) / "llm-queue-gateway-data"
+    parent.mkdir(exist_ok=True)
+    return tempfile.mkdtemp(dir=parent)
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +119,7 @@ def gateway_process_env(**overrides: str) -> dict[str, str]:
     """
     env = {name: value for name, value in os.environ.items() if name.upper() not in SETTING_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return {**env, **overrides}
+    return {**env, "DATA_DIR": fresh_data_dir(), **overrides}
 
 
 def gateway_process_cwd() -> str:

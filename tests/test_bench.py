@@ -23,6 +23,7 @@ from bench.replicas_bench import GrantAudit
         "fleet_bench",
         "eta_bench",
         "replicas_bench",
+        "batch_bench",
     ],
 )
 def test_a_benchmark_module_imports(name: str) -> None:

@@ -36,6 +36,9 @@ log = logging.getLogger("app.connections")
 _OPS_PATHS = frozenset((b"/health", b"/ready", b"/metrics"))
 # How long a connection past MAX_CONNECTIONS gets to send its headers (it holds a descriptor of the reserve).
 _OVERFLOW_HEADER_SECONDS = 1.0
+# Past BODY_TIMEOUT, each byte of a body buys this much more time: a 200 MB upload at 64 KiB/s or better is never
+# cut off, while a byte-a-second body is, at BODY_TIMEOUT and a few microseconds.
+_BODY_BYTES_PER_SECOND = 64 * 1024
 # A limit that bites is logged at most once per this many seconds, with the count since the last line.
 _LOG_EVERY_SECONDS = 10.0
 
@@ -225,6 +228,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         shed = self._shed
+        # A large body still arriving at a fair rate (an upload to /v1/files) gets time for its size; a trickle
+        # does not: a byte a second earns nothing worth having.
+        self.deadline += len(body) / _BODY_BYTES_PER_SECOND
         if shed is None:
             super().on_body(body)
         elif len(shed.body) + len(body) <= self.guard.max_body_bytes:

@@ -78,6 +78,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def owner(caller: KeyAccount | None) -> str:
+    """Who a new file, batch or background request belongs to: the key's name ('' with authentication off)."""
+    return caller.name if caller is not None else ""
+
+
+def viewer(caller: KeyAccount | None) -> str | None:
+    """Whose files, batches and background requests the caller sees: its own, or every key's (None) for an
+    admin key."""
+    return None if caller is not None and caller.admin else owner(caller)
+
+
 def request_id(request: Request) -> str:
     """The id RequestIdMiddleware gave this request."""
     rid: str = request.state.request_id

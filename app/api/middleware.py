@@ -12,8 +12,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import as_gateway_error, error_response
-from app.api.openai import COMPLETION_ROUTES
 from app.errors import InvalidRequest
+from app.schemas import COMPLETION_ROUTES
 
 _VALID_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _ACCESS = {path: logging.getLogger(f"app.access.{kind}") for path, kind in COMPLETION_ROUTES.items()}

@@ -1,7 +1,7 @@
 """The OpenAI routes: completions through the queue, and the backend's model list.
 
-COMPLETION_ROUTES is the one table of completion paths: CompletionRoutes answers them from it, the access log
-names its loggers from it, and the OpenAPI description lists them from it. No other handler exists for them.
+CompletionRoutes answers the paths of COMPLETION_ROUTES (app.schemas), the one table of them; no other handler
+exists for them.
 """
 
 from __future__ import annotations
@@ -18,16 +18,22 @@ from app.api.deps import Caller, FleetDep, authenticate, read_body, request_id
 from app.api.disconnect import DisconnectWatcher
 from app.api.errors import as_gateway_error, error_response, sse_error_event
 from app.api.queue_updates import QueueUpdates, wanted
+from app.api.status import request_status
 from app.backends.base import BackendResponse
 from app.errors import ClientDisconnected, MethodNotAllowed
 from app.limits.keys import KeyAccount
 from app.queue.job import Job
 from app.queue.service import Admitted, CompletionService
-from app.schemas import SERVICE_TIERS, CompletionRequest, parse_completion_request, parse_priority
+from app.schemas import (
+    COMPLETION_ROUTES,
+    SERVICE_TIERS,
+    CompletionRequest,
+    parse_completion_request,
+    parse_priority,
+)
 from app.settings import Settings
 from app.types import CompletionKind, JobState, Priority
 
-COMPLETION_ROUTES: dict[str, CompletionKind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _SUMMARIES = {"chat": "OpenAI chat completions, queued by priority", "completion": "OpenAI text completions, queued"}
 
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
@@ -89,6 +95,15 @@ class CompletionEndpoint:
         completion = completion.served_at(priority)
         headers = request.headers
         timeout = client_timeout(headers)
+        prefer = headers.get("prefer")
+        if prefer is not None and _respond_async(prefer):
+            rid = request_id(request)
+            job = await state.persisted.background.submit(
+                completion, rid, priority, key, headers.get("x-session-id"), timeout
+            )
+            request.state.job = job
+            await _accepted(send, service, job, rid)
+            return
         admitted = await service.accept(
             completion, request_id(request), priority, key, headers.get("x-session-id"), timeout
         )
@@ -173,6 +188,24 @@ async def _answer(
     ]
     await send({"type": "http.response.start", "status": whole.status, "headers": raw})
     await send({"type": "http.response.body", "body": whole.body})
+
+
+def _respond_async(prefer: str) -> bool:
+    """Whether a Prefer header (RFC 7240) asks for respond-async."""
+    return any(part.split(";", 1)[0].strip().lower() == "respond-async" for part in prefer.split(","))
+
+
+async def _accepted(send: Send, service: CompletionService, job: Job, rid: str) -> None:
+    """202 for a background request: its record, and where its result will be."""
+    body = request_status(service.scheduler, job).model_dump_json().encode()
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"location", f"/v1/queue/request/{rid}".encode()),
+        (b"preference-applied", b"respond-async"),
+    ]
+    await send({"type": "http.response.start", "status": 202, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _priority(request: Request, completion: CompletionRequest, default: Priority, key: KeyAccount | None) -> Priority:

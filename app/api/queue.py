@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from app.api.deps import Caller, CoordinatorDep, SchedulerDep
+from app.api.deps import Caller, CoordinatorDep, SchedulerDep, viewer
 from app.api.status import QueueStatus, RequestStatus, queue_status, request_status, shared_status
+from app.batches import Persisted
 from app.errors import Conflict, NotFound, RequestCancelled
 from app.limits.keys import KeyAccount
 from app.queue.job import Job
@@ -32,12 +33,17 @@ def _not_found(request_id: str) -> NotFound:
 
 
 @router.get("/status")
-async def get_queue_status(caller: Caller, scheduler: SchedulerDep, coordinator: CoordinatorDep) -> QueueStatus:
+async def get_queue_status(
+    request: Request, caller: Caller, scheduler: SchedulerDep, coordinator: CoordinatorDep
+) -> QueueStatus:
     """How many wait and run, totals by outcome, and each worker's health (another key's requests as counts);
     with replicas (REDIS_URL), the shared queue and slots, and each replica."""
     status = queue_status(scheduler, caller)
     if coordinator is not None:
         status = shared_status(status, coordinator, await coordinator.shared_view())
+    persisted: Persisted = request.app.state.persisted
+    status.batches = persisted.batches.running(viewer(caller))
+    status.webhooks = dict(persisted.webhooks.counts)
     return status
 
 

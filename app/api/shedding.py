@@ -30,9 +30,9 @@ from app.errors import GatewayError
 from app.limits.keys import KeyAccount
 from app.queue.scheduler import Scheduler
 from app.schemas import SERVICE_TIERS
-from app.types import Priority
+from app.types import INTERACTIVE, Priority
 
-_PRIORITIES = {p.value: p for p in Priority}
+_PRIORITIES = {p.value: p for p in INTERACTIVE}
 
 
 class Shed:

@@ -103,6 +103,13 @@ class QueueStatus(BaseModel):
         "REDIS_FAILURE_MODE=local) or 'unavailable' (Redis cannot be reached; the sizes are this replica's).",
     )
     replicas: list[ReplicaStatus] | None = Field(default=None, description="With REDIS_URL: the live replicas.")
+    batches: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The caller's batches being worked on now (an admin key's: every key's): id, status, counts.",
+    )
+    webhooks: dict[str, int] = Field(
+        default_factory=dict, description="Webhook events by delivery state: pending, delivered, failed."
+    )
 
 
 class RequestStatus(BaseModel):

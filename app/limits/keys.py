@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -10,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import KeyRateLimited
 from app.limits.buckets import TokenBucket
-from app.types import Priority
+from app.settings import BaseUrl, WebhookSecret
+from app.types import INTERACTIVE, Priority
 
 
 class KeyEntry(BaseModel):
@@ -29,6 +31,25 @@ class KeyEntry(BaseModel):
     tpm: int | None = Field(default=None, ge=1, description="Tokens per minute (prompt + max_tokens) it may use.")
     max_queued: int | None = Field(default=None, ge=1, description="Most requests it may have waiting at once.")
     admin: bool = Field(default=False, description="Sees and cancels every key's requests, not only its own.")
+    webhook_url: BaseUrl | None = Field(
+        default=None, description="Where this key's batch and background request events are posted."
+    )
+    webhook_secret: WebhookSecret | None = Field(
+        default=None, description="The `whsec_...` secret they are signed with."
+    )
+
+    @field_validator("max_priority", mode="before")
+    @classmethod
+    def _interactive(cls, value: object) -> object:
+        if isinstance(value, str) and value not in {p.value for p in INTERACTIVE}:
+            raise ValueError(f"must be 'high', 'normal' or 'low', not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_webhook(self) -> KeyEntry:
+        if (self.webhook_url is None) != (self.webhook_secret is None):
+            raise ValueError("webhook_url and webhook_secret go together")
+        return self
 
 
 class _KeysFile(BaseModel):
@@ -81,6 +102,7 @@ class KeyAccount:
     tokens: TokenBucket | None
     waiting: int = 0
     admin: bool = False  # sees and cancels every key's requests
+    webhook: tuple[str, str] | None = None  # (url, secret) its events are posted to, from the keys file
 
     @classmethod
     def build(cls, entry: KeyEntry, clock: Callable[[], float] = time.monotonic) -> KeyAccount:
@@ -91,11 +113,17 @@ class KeyAccount:
             requests=TokenBucket(entry.rpm, 60.0, clock) if entry.rpm else None,
             tokens=TokenBucket(entry.tpm, 60.0, clock) if entry.tpm else None,
             admin=entry.admin,
+            webhook=(entry.webhook_url, entry.webhook_secret) if entry.webhook_url and entry.webhook_secret else None,
         )
 
     @classmethod
     def unlimited(cls, name: str) -> KeyAccount:
         return cls(name=name, max_priority=Priority.HIGH, max_queued=None, requests=None, tokens=None)
+
+    def for_batch(self) -> KeyAccount:
+        """The account a batch line is charged to: the same rate budgets, but a waiting count of its own, so
+        batch lines (bounded by BATCH_MAX_IN_FLIGHT) never fill the key's max_queued."""
+        return dataclasses.replace(self, max_queued=None, waiting=0)
 
     @property
     def counts_tokens(self) -> bool:

@@ -18,22 +18,25 @@ class Aging:
     and only heads are ever looked at. Entries of jobs that left the queue or moved are skipped lazily.
     """
 
-    __slots__ = ("_groups", "period")
+    __slots__ = ("_groups", "levels", "period")
 
     def __init__(self, period: float, levels: int):
         self.period = period
+        self.levels = levels  # the levels that age: a job asking for a level past them stays where it is
         self._groups: dict[tuple[int, int], deque[Job]] = {
             (asked, level): deque() for asked in range(1, levels) for level in range(1, asked + 1)
         }
 
     def level_for(self, job: Job, now: float) -> int:
         """The level a job that asked for its priority has earned by waiting until `now`."""
-        earned = int((now - job.arrived) // self.period)
-        return max(0, job.priority.rank - earned)
+        asked = job.priority.rank
+        if asked >= self.levels:
+            return asked
+        return max(0, asked - int((now - job.arrived) // self.period))
 
     def track(self, job: Job) -> None:
         """Watch a job just queued at level job.rank (a job waits at each level once: it only moves up)."""
-        if job.rank > 0:
+        if 0 < job.rank < self.levels:
             self._groups[job.priority.rank, job.rank].append(job)
 
     def due(self, now: float, queues: Container[object]) -> Iterator[Job]:

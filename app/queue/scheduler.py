@@ -46,7 +46,7 @@ from app.queue.shared import SharedQueue
 from app.queue.slots import Slot
 from app.queue.timeline import Timeline
 from app.settings import QueueFullBehavior
-from app.types import CompletionKind, JobState, Priority
+from app.types import INTERACTIVE, CompletionKind, JobState, Priority
 
 log = logging.getLogger("app.queue")
 
@@ -91,7 +91,7 @@ class Scheduler:
         self.deadline_admission = deadline_admission
         # A running request may be parked this many times for high-priority ones (members with parking room).
         self.preempt_max = preempt_max
-        self.aging = Aging(aging_seconds, len(Priority)) if aging_seconds else None
+        self.aging = Aging(aging_seconds, len(INTERACTIVE)) if aging_seconds else None
         self.totals = Totals()
         self.draining = False
         self.service = ServiceTime(1)  # how long a request holds a slot, and the waits it implies
@@ -240,12 +240,18 @@ class Scheduler:
                 code="duplicate_request_id",
                 param="X-Request-ID",
             )
-        full = self.waiting_in_queue >= self.max_queue_size
+        # A batch line waits behind every interactive request, for as long as its batch's window allows. (The
+        # size compared first: queue_full() counts the lines only when that says full, not on every request.)
+        batch = priority is Priority.BATCH
+        full = not batch and self.waiting_in_queue >= self.max_queue_size and self.queue_full()
         if full and (self.full_behavior is QueueFullBehavior.REJECT or pool.shared):
             raise self.refuse_full(priority)
         now = self.clock()
         at_once = not pool.shared and not pool.queue.size and pool.has_room(priority.rank)
-        lifetime = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
+        if batch and timeout is not None:
+            lifetime = timeout
+        else:
+            lifetime = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
         expected = None if at_once else self._expected_wait(pool, priority, key, lifetime, full, now)
         pool.arrivals[priority.rank].arrived(now)
         job = Job(request_id, kind, priority, key, now, self._wall_clock(), now + lifetime, cost, model, affinity)
@@ -315,6 +321,14 @@ class Scheduler:
             refusals.append(refusal)
         return min(refusals, key=lambda r: r.retry_after) if refusals else None
 
+    def queue_full(self) -> bool:
+        """Whether MAX_QUEUE_SIZE interactive requests wait (batch lines take no place of theirs)."""
+        waiting = self.waiting_in_queue
+        if waiting < self.max_queue_size:
+            return False
+        rank = Priority.BATCH.rank
+        return waiting - sum(pool.queue.count(rank) for pool in self._pools) >= self.max_queue_size
+
     def sheds(self) -> bool:
         """Whether a new request would now be refused for a full queue, and for nothing that comes first.
 
@@ -323,6 +337,7 @@ class Scheduler:
         """
         return (
             self.waiting_in_queue >= self.max_queue_size
+            and self.queue_full()
             and self.full_behavior is QueueFullBehavior.REJECT
             and not self.draining
             and all(self._refusal(pool) is None for pool in self._pools)
@@ -390,7 +405,7 @@ class Scheduler:
         while True:
             self._fill(now)
             moved = False
-            while overflow.size and self.waiting_in_queue < self.max_queue_size:
+            while overflow.size and not self.queue_full():
                 job = overflow.pop()
                 assert job is not None
                 self._enqueue(job, now)

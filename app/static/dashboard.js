@@ -2,7 +2,7 @@
 // Plain browser JavaScript, no library: the page works offline, served by the gateway itself.
 "use strict";
 
-const LEVELS = ["high", "normal", "low"];
+const LEVELS = ["high", "normal", "low", "batch"];
 const KEY_STORE = "llm-queue-gateway-key";
 const keysOn = document.body.dataset.keys === "on";
 let key = sessionStorage.getItem(KEY_STORE) || "";
@@ -167,7 +167,7 @@ function polyline(values, max, color, count) {
 
 function drawCharts(h) {
   const n = h.at.length;
-  const depthMax = Math.max(1, ...h.high, ...h.normal, ...h.low);
+  const depthMax = Math.max(1, ...LEVELS.flatMap((name) => h[name]));
   const style = getComputedStyle(document.documentElement);
   $("depth").innerHTML = LEVELS.map((name) => polyline(h[name], depthMax, style.getPropertyValue("--" + name), n)).join("");
   $("depth-max").textContent = "· max " + depthMax;

@@ -7,9 +7,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from app.api.openai import COMPLETION_ROUTES
 from app.backends.base import BackendResponse, BackendStream, Turn
-from app.schemas import CompletionRequest
+from app.schemas import COMPLETION_ROUTES, CompletionRequest
 from testkit.gateway import RunningGateway, gateway_settings
 
 

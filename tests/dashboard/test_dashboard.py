@@ -21,7 +21,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 
 from app.api.snapshot import LISTED, snapshot
 from app.metrics import Metrics
-from app.types import Priority
+from app.types import INTERACTIVE, Priority
 from testkit.gateway import Background, RunningGateway, chat_body, wait_until
 from testkit.upstream import FakeUpstream
 from tests.queue.test_scheduler import make
@@ -189,7 +189,7 @@ def test_the_events_are_snapshots_sent_on_change_and_every_second(
     first, later = snapshots[0][1], [s for _, s in snapshots[1:]]
     assert first["queue"] == {
         "waiting": 0,
-        "by_priority": {"high": 0, "normal": 0, "low": 0},
+        "by_priority": {"high": 0, "normal": 0, "low": 0, "batch": 0},
         "max_queue_size": 100,
         "in_flight": 0,
         "max_concurrent": 2,
@@ -197,7 +197,7 @@ def test_the_events_are_snapshots_sent_on_change_and_every_second(
     assert later[0]["totals"]["completed"] == 1  # the change, at once
     assert snapshots[3][0] - snapshots[2][0] < 1.6  # unchanged: still at least every second
     assert [slot["busy"] for slot in first["backends"][0]["slots"]] == [False, False]
-    assert set(first["history"]) == {"at", "high", "normal", "low", "wait_p50", "wait_p95"}
+    assert set(first["history"]) == {"at", "high", "normal", "low", "batch", "wait_p50", "wait_p95"}
 
 
 def test_the_events_end_once_a_drain_has_nothing_left_running(start_gateway: StartGateway) -> None:
@@ -216,12 +216,15 @@ def test_the_events_end_once_a_drain_has_nothing_left_running(start_gateway: Sta
 @pytest.mark.anyio
 async def test_a_snapshot_with_ten_thousand_waiting_lists_the_first_few_hundred_per_level() -> None:
     scheduler, _, _ = make(concurrency=1, queue=20_000)
-    levels = list(Priority)
+    levels = list(INTERACTIVE)
     for n in range(10_001):
         scheduler.submit(f"r{n}", "chat", levels[n % 3], None)
     view = snapshot(scheduler, Metrics(CollectorRegistry()), None)
     assert view["queue"]["waiting"] == 10_000
     for name, data in view["waiting"].items():
+        if name == Priority.BATCH:
+            assert data["count"] == 0
+            continue
         assert data["count"] > 3000 and len(data["requests"]) == LISTED, name
     high = view["waiting"]["high"]["requests"]
     assert [r["position"] for r in high[:3]] == [1, 2, 3]

@@ -49,7 +49,7 @@ def test_priority_order_under_saturation(
 
     status = httpx.get(gw.url + "/v1/queue/status").json()
     assert status["queue_size"] == 8 and status["processing_count"] == 1
-    assert status["queue_size_by_priority"] == {"high": 3, "normal": 2, "low": 3}
+    assert status["queue_size_by_priority"] == {"high": 3, "normal": 2, "low": 3, "batch": 0}
     assert status["workers"][0]["busy"] is True
 
     upstream.behavior.hang = False

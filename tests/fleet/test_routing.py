@@ -44,7 +44,7 @@ def test_no_member_ever_exceeds_its_max_concurrent_and_all_share_the_load(
         {
             "model": "m",
             "waiting": 0,
-            "waiting_by_priority": {"high": 0, "normal": 0, "low": 0},
+            "waiting_by_priority": {"high": 0, "normal": 0, "low": 0, "batch": 0},
             "members": ["b0", "b1", "b2"],
         }
     ]

@@ -52,8 +52,8 @@ async def test_requests_go_to_their_models_pool_and_unknown_models_answer_404() 
         s.submit("4", "chat", Priority.NORMAL, None, model="c")
     with pytest.raises(InvalidRequest):
         s.submit("5", "chat", Priority.NORMAL, None, model=None)  # several models: it must say which
-    assert s.pool_sizes(s.pools["a"]) == {"high": 0, "normal": 1, "low": 0}
-    assert s.pool_sizes(s.pools["b"]) == {"high": 0, "normal": 0, "low": 0}
+    assert s.pool_sizes(s.pools["a"]) == {"high": 0, "normal": 1, "low": 0, "batch": 0}
+    assert s.pool_sizes(s.pools["b"]) == {"high": 0, "normal": 0, "low": 0, "batch": 0}
 
 
 async def test_least_loaded_member_first_and_ties_by_latency() -> None:

@@ -52,7 +52,7 @@ async def test_dispatches_at_once_when_idle_then_queues_by_priority_and_arrival(
         ("n2", Priority.NORMAL),
     ]
     jobs = {rid: s.submit(rid, "chat", p, None) for rid, p in order}
-    assert s.queue_sizes() == {"high": 2, "normal": 2, "low": 2}
+    assert s.queue_sizes() == {"high": 2, "normal": 2, "low": 2, "batch": 0}
     assert [s.position(jobs[r]) for r in ("h1", "h2", "n1", "n2", "l1", "l2")] == [1, 2, 3, 4, 5, 6]
 
     served = []

@@ -145,11 +145,11 @@ async def test_aging_raises_a_waiting_request_one_level_per_period() -> None:
     low = s.submit("low", "chat", Priority.LOW, None)
     clock.advance(10.0)
     normal = s.submit("normal", "chat", Priority.NORMAL, None)
-    assert s.queue_sizes() == {"high": 0, "normal": 2, "low": 0}  # low waited a period: now at normal
+    assert s.queue_sizes() == {"high": 0, "normal": 2, "low": 0, "batch": 0}  # low waited a period: now at normal
     assert s.position(low) == 1  # and it was there first
     clock.advance(10.0)
     high = s.submit("high", "chat", Priority.HIGH, None)
-    assert s.queue_sizes() == {"high": 3, "normal": 0, "low": 0}  # everyone waited long enough to climb
+    assert s.queue_sizes() == {"high": 3, "normal": 0, "low": 0, "batch": 0}  # everyone waited long enough to climb
     assert [s.position(j) for j in (low, normal, high)] == [1, 2, 3]
     s.retire(running, None, None)
     assert low.state is JobState.PROCESSING and low.rank == 0 and low.priority is Priority.LOW

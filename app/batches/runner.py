@@ -1,0 +1,457 @@
+"""Runs batches: validates their input, sends their lines through the queue below `low`, and finalizes them.
+
+A batch's life is OpenAI's: validating → in_progress → finalizing → completed; failed (its file did not pass),
+expired (its window ended: the lines that finished are kept, the rest go to the error file as batch_expired),
+cancelling → cancelled (queued lines are withdrawn, running ones finish, the rest are batch_cancelled).
+
+Lines run at Priority.BATCH through the completion service, so the key's budgets, the limiters, the breaker
+and the fleet's routing apply to them as to any request, and the queue dispatches one only when no interactive
+request waits for its backends. BATCH_MAX_IN_FLIGHT lines are queued or running at once, all batches together.
+A refusal before a line reached a backend (a rate limit, an open breaker, a full upstream) is not its answer:
+the line waits and goes again. What a backend answered, 2xx or not, is the line's result, committed when it
+ends. After a restart, every unfinished batch goes on from the lines without a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+
+from app.backends.base import BackendResponse
+from app.batches import objects
+from app.batches.files import Files, ResultFile
+from app.batches.objects import (
+    CANCELLED,
+    CANCELLING,
+    COMPLETED,
+    EXPIRED,
+    FAILED,
+    FINAL,
+    FINALIZING,
+    IN_PROGRESS,
+    VALIDATING,
+)
+from app.batches.store import Line, Store
+from app.batches.validation import check_input
+from app.batches.webhooks import Webhooks
+from app.errors import (
+    BackendNotReady,
+    Conflict,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    RequestTimeout,
+    RetryLater,
+    ShuttingDown,
+    UpstreamHTTPError,
+)
+from app.limits.keys import KeyAccount
+from app.metrics import Metrics
+from app.queue.job import Job
+from app.queue.service import CompletionService
+from app.schemas import COMPLETION_ROUTES, parse_completion_request
+from app.settings import Settings, window_seconds
+from app.types import CompletionKind, Priority
+
+log = logging.getLogger("app.batches")
+
+_SWEEP_SECONDS = 1.0  # how often windows are checked (a batch expires at most this late)
+_RETRY_SECONDS = 1.0  # a line refused without a Retry-After goes again after this long
+_EXPIRED = "This request could not be executed before the completion window expired."
+_CANCELLED = "This request was not executed: the batch was cancelled."
+_METADATA_KEYS, _METADATA_KEY_MAX, _METADATA_VALUE_MAX = 16, 64, 512
+
+
+class _Run:
+    """A batch being worked on: its record, the jobs of its lines in the queue, and why it stops (if it does)."""
+
+    __slots__ = ("jobs", "owner", "record", "stop", "task")
+
+    def __init__(self, owner: str, record: dict[str, Any]):
+        self.owner = owner
+        self.record = record
+        self.jobs: dict[int, Job] = {}
+        self.stop: str | None = None  # CANCELLED, EXPIRED, or "shutdown" (the lines stay for the next start)
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = self.record["request_counts"]
+        return counts
+
+
+class BatchRunner:
+    """The batches of every key: create, read, list, cancel, and the work of running them."""
+
+    def __init__(
+        self,
+        store: Store,
+        files: Files,
+        service: CompletionService,
+        settings: Settings,
+        account: Callable[[str], KeyAccount | None],
+        webhooks: Webhooks,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._store = store
+        self._files = files
+        self._service = service
+        self._settings = settings
+        self._account = account  # the account of an owner's key; raises Unauthorized if it is gone
+        self._webhooks = webhooks
+        self._metrics = metrics
+        self._clock = clock
+        self._windows = {window: window_seconds(window) for window in settings.batch_completion_windows}
+        self._slots = asyncio.Semaphore(settings.batch_max_in_flight)
+        self._runs: dict[str, _Run] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self.statuses: dict[str, int] = dict.fromkeys(objects.STATUSES, 0)  # batches by status, for the metrics
+
+    # Life of the runner -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take up every batch a previous run left unfinished, and start watching the windows."""
+        self.statuses.update(await self._store.batch_statuses())
+        for owner, record in await self._store.unfinished_batches():
+            self._launch(owner, record)
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def aclose(self) -> None:
+        """Stop working: lines in the queue are left without a result, for the next start to run."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for run in list(self._runs.values()):
+            run.stop = run.stop or "shutdown"
+            if run.task is not None:
+                run.task.cancel()
+        tasks = [run.task for run in self._runs.values() if run.task is not None]
+        if self._sweeper is not None:
+            tasks.append(self._sweeper)
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def running(self, owner: str | None) -> list[dict[str, Any]]:
+        """The batches of `owner` (None: every owner's) being worked on now, for the status route."""
+        return [
+            {"id": run.record["id"], "status": run.record["status"], "request_counts": dict(run.counts)}
+            for run in self._runs.values()
+            if owner is None or run.owner == owner
+        ]
+
+    # The API ----------------------------------------------------------------------------------------------
+
+    async def create(
+        self, owner: str, input_file_id: object, endpoint: object, window: object, metadata: object
+    ) -> dict[str, Any]:
+        """A new batch, validating; 400 for a parameter OpenAI would refuse, 404 for a file the key cannot see."""
+        if endpoint not in COMPLETION_ROUTES:
+            allowed = ", ".join(f"'{path}'" for path in COMPLETION_ROUTES)
+            raise InvalidRequest(f"endpoint must be one of {allowed}, not {endpoint!r}", param="endpoint")
+        if not isinstance(window, str) or window not in self._windows:
+            allowed = ", ".join(f"'{w}'" for w in self._windows)
+            raise InvalidRequest(
+                f"completion_window must be one of {allowed}, not {window!r}", param="completion_window"
+            )
+        if not isinstance(input_file_id, str) or not input_file_id:
+            raise InvalidRequest("input_file_id must be the id of an uploaded file", param="input_file_id")
+        checked_metadata = _metadata(metadata)
+        file = await self._files.get(input_file_id, owner)
+        if file.purpose != "batch":
+            raise InvalidRequest(
+                f"file {input_file_id} has purpose {file.purpose!r}, not 'batch'", param="input_file_id"
+            )
+        now = int(self._clock())
+        record = objects.batch_object(
+            objects.batch_id(),
+            input_file_id,
+            endpoint,
+            window,
+            checked_metadata,
+            now,
+            now + int(self._windows[window]),
+        )
+        await self._store.put_batch(record, owner)
+        self.statuses[VALIDATING] += 1
+        self._launch(owner, record)
+        return dict(record)
+
+    async def get(self, batch_id: str, owner: str | None) -> dict[str, Any]:
+        """The batch as of now (a running one's counts are live); 404 if `owner` (None: any) cannot see it."""
+        run = self._runs.get(batch_id)
+        if run is not None and (owner is None or run.owner == owner):
+            return {**run.record, "request_counts": dict(run.counts)}
+        found = await self._store.batch(batch_id)
+        if found is None or (owner is not None and found[0] != owner):
+            raise _not_found(batch_id)
+        return found[1]
+
+    async def newest(self, owner: str | None, after: str | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first, up to `limit` + 1 (the extra one tells that more follow)."""
+        records = await self._store.batches(owner, after, limit + 1)
+        return [self._live(record) for record in records]
+
+    def _live(self, record: dict[str, Any]) -> dict[str, Any]:
+        run = self._runs.get(record["id"])
+        return record if run is None else {**run.record, "request_counts": dict(run.counts)}
+
+    async def cancel(self, batch_id: str, owner: str | None) -> dict[str, Any]:
+        """Begin cancelling: 409 once the batch has ended."""
+        record = await self.get(batch_id, owner)
+        run = self._runs.get(batch_id)
+        if run is None or record["status"] in FINAL:
+            raise Conflict(f"Cannot cancel a batch with status {record['status']}.", code="batch_not_cancellable")
+        if run.stop is None:
+            run.stop = CANCELLED
+            for job in list(run.jobs.values()):
+                if job.started is None:  # a queued line goes back; a running one finishes and is kept
+                    self._service.abort(job, _Stopped("the batch was cancelled"))
+            await self._set_status(run, CANCELLING, "cancelling_at")
+        return {**run.record, "request_counts": dict(run.counts)}
+
+    # The work ---------------------------------------------------------------------------------------------
+
+    def _launch(self, owner: str, record: dict[str, Any]) -> None:
+        run = self._runs[record["id"]] = _Run(owner, record)
+        if record["status"] == CANCELLING:
+            run.stop = CANCELLED
+        run.task = asyncio.create_task(self._drive(run))
+
+    async def _drive(self, run: _Run) -> None:
+        batch = run.record["id"]
+        try:
+            if run.record["status"] == VALIDATING and not await self._validate(run):
+                return
+            if run.record["status"] == IN_PROGRESS:
+                await self._execute(run)
+            if run.stop == "shutdown":
+                return
+            # Lines left without an answer and no stop asked for: the window ended before the sweep saw it.
+            counts = run.counts
+            unanswered = counts["completed"] + counts["failed"] < counts["total"]
+            ended = unanswered and self._clock() >= run.record["expires_at"]
+            await self._finalize(run, run.stop or (EXPIRED if ended else COMPLETED))
+        except asyncio.CancelledError:
+            pass  # the gateway stops; the next start resumes the batch
+        except Exception:
+            log.exception("batch %s failed in the gateway; it resumes at the next start", batch)
+        finally:
+            self._runs.pop(batch, None)
+
+    async def _validate(self, run: _Run) -> bool:
+        """Check the input file and store its lines (in_progress), or fail the batch with what was wrong."""
+        record = run.record
+        try:
+            path = self._files.path(record["input_file_id"])
+            checked = await asyncio.to_thread(check_input, path, record["endpoint"])
+        except OSError as exc:
+            errors = [{"code": "invalid_file", "message": f"the input file cannot be read: {exc}", "line": None}]
+        else:
+            errors = checked.errors
+        if errors:
+            record["errors"] = {"object": "list", "data": errors}
+            await self._set_status(run, FAILED, "failed_at")
+            await self._webhooks.emit(run.owner, "batch.failed", {"id": record["id"]})
+            return False
+        if run.stop is not None:  # cancelled while it was validated: nothing has run
+            return True
+        lines = [Line(n, objects.line_id(), custom_id, body) for n, (custom_id, body) in enumerate(checked.lines)]
+        record["request_counts"] = {"total": len(lines), "completed": 0, "failed": 0}
+        self._move(record["status"], IN_PROGRESS)
+        record["status"], record["in_progress_at"] = IN_PROGRESS, int(self._clock())
+        await self._store.add_lines(record["id"], lines, record, run.owner)
+        return True
+
+    async def _execute(self, run: _Run) -> None:
+        """Send the lines without a result through the queue, BATCH_MAX_IN_FLIGHT at most across batches."""
+        record = run.record
+        counts = await self._store.line_counts(record["id"])
+        run.counts.update(completed=counts.get(COMPLETED, 0), failed=counts.get(FAILED, 0))
+        kind = COMPLETION_ROUTES[record["endpoint"]]
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            async with contextlib.aclosing(self._store.pending_lines(record["id"])) as pages:
+                await self._send(run, pages, kind, tasks)
+            while tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _send(
+        self, run: _Run, pages: AsyncIterator[list[Line]], kind: CompletionKind, tasks: set[asyncio.Task[None]]
+    ) -> None:
+        """Start a task per line as slots free, until the lines run out or the batch stops."""
+        async for page in pages:
+            for line in page:
+                await self._slots.acquire()
+                if run.stop is not None or self._service.scheduler.draining:
+                    self._slots.release()
+                    run.stop = run.stop or "shutdown"
+                    return
+                task = asyncio.create_task(self._line(run, line, kind))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    async def _line(self, run: _Run, line: Line, kind: CompletionKind) -> None:
+        """Run one line until it has an answer, then commit it; leave it without one if the batch stops first."""
+        try:
+            answer = await self._answer(run, line, kind)
+            if answer is None:
+                return
+            status, body = answer
+            outcome = COMPLETED if 200 <= status < 300 else FAILED
+            result = orjson.dumps(objects.answered_line(line.id, line.custom_id, status, body))
+            await self._store.end_line(run.record["id"], line.line, outcome, result)
+            run.counts[outcome] += 1
+            self._metrics.batch_line(outcome)
+        finally:
+            self._slots.release()
+
+    async def _answer(self, run: _Run, line: Line, kind: CompletionKind) -> tuple[int, Any] | None:
+        expires_at = run.record["expires_at"]
+        while run.stop is None:
+            lifetime = expires_at - self._clock()
+            if lifetime <= 0:
+                return None
+            job: Job | None = None
+            try:
+                settings = self._settings
+                request = parse_completion_request(
+                    line.body.encode(), kind, settings.max_tokens_limit, settings.forward_service_tier
+                ).served_at(Priority.BATCH)
+                key = self._account(run.owner)
+                admitted = await self._service.accept(
+                    request, line.id, Priority.BATCH, key.for_batch() if key is not None else None, None, lifetime
+                )
+                job = run.jobs[line.line] = admitted.job
+                async with self._service.run(admitted) as answer:
+                    if not isinstance(answer, BackendResponse):  # a body that asked to stream: refused at validation
+                        raise InvalidRequest("a batch request cannot stream", param="stream")
+                    return answer.status, _json(answer.body)
+            except GatewayError as exc:
+                if run.stop is not None or self._clock() >= expires_at or isinstance(exc, ShuttingDown):
+                    return None
+                if (job is None or job.started is None) and _not_yet(exc):
+                    await asyncio.sleep(max(0.05, getattr(exc, "retry_after", _RETRY_SECONDS)))
+                    continue
+                return _error_answer(exc)
+            finally:
+                run.jobs.pop(line.line, None)
+        return None
+
+    async def _finalize(self, run: _Run, final: str) -> None:
+        """Write the output and error files and end the batch as `final`."""
+        record = run.record
+        batch = record["id"]
+        if final == COMPLETED and record["status"] != FINALIZING:
+            await self._set_status(run, FINALIZING, "finalizing_at")
+        code, message = ("batch_cancelled", _CANCELLED) if final == CANCELLED else ("batch_expired", _EXPIRED)
+        output = ResultFile(self._files, objects.result_file_id(batch, "output"), run.owner, f"{batch}_output.jsonl")
+        errors = ResultFile(self._files, objects.result_file_id(batch, "error"), run.owner, f"{batch}_error.jsonl")
+        completed = failed = 0
+        try:
+            async for page in self._store.results(batch):
+                good, bad = [], []
+                for outcome, result, line in page:
+                    if outcome == COMPLETED:
+                        good.append(result.encode() if result else b"")
+                    elif outcome == FAILED and result:
+                        bad.append(result.encode())
+                    else:
+                        bad.append(orjson.dumps(objects.unanswered_line(line.id, line.custom_id, code, message)))
+                        self._metrics.batch_line(final)
+                completed += len(good)
+                failed += len(bad)
+                await output.add(good)
+                await errors.add(bad)
+            record["output_file_id"] = await output.finish()
+            record["error_file_id"] = await errors.finish()
+        finally:
+            await output.discard()
+            await errors.discard()
+        record["request_counts"] = {
+            "total": record["request_counts"]["total"],
+            "completed": completed,
+            "failed": failed,
+        }
+        await self._set_status(run, final, f"{final}_at")
+        await self._store.drop_lines(batch)
+        await self._webhooks.emit(run.owner, f"batch.{final}", {"id": batch})
+
+    async def _set_status(self, run: _Run, status: str, stamp: str) -> None:
+        record = run.record
+        self._move(record["status"], status)
+        record["status"] = status
+        record[stamp] = int(self._clock())
+        await self._store.put_batch(record, run.owner)
+
+    def _move(self, old: str, new: str) -> None:
+        self.statuses[old] -= 1
+        self.statuses[new] += 1
+
+    async def _sweep(self) -> None:
+        """Expire the batches whose window has ended: their lines in the queue or running stop now."""
+        while True:
+            await asyncio.sleep(_SWEEP_SECONDS)
+            now = self._clock()
+            for run in list(self._runs.values()):
+                if (
+                    run.stop is None
+                    and run.record["status"] in (VALIDATING, IN_PROGRESS)
+                    and now >= run.record["expires_at"]
+                ):
+                    run.stop = EXPIRED
+                    for job in list(run.jobs.values()):
+                        self._service.abort(job, _Stopped("the batch's completion window ended"))
+
+
+class _Stopped(RequestTimeout):
+    """What a line's request is stopped with when its batch expires or is cancelled."""
+
+
+def _not_yet(exc: GatewayError) -> bool:
+    """Whether a refusal before any backend saw the line only means "later" (its answer is still to come)."""
+    return isinstance(exc, RetryLater | BackendNotReady | RequestTimeout)
+
+
+def _error_answer(exc: GatewayError) -> tuple[int, Any]:
+    if isinstance(exc, UpstreamHTTPError):
+        return exc.status_code, _json(exc.raw_body)
+    return exc.status_code, exc.body()
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {
+            "error": {"message": body.decode(errors="replace"), "type": "upstream_error", "param": None, "code": None}
+        }
+
+
+def _not_found(batch_id: str) -> GatewayError:
+    return NotFound(f"No such Batch object: {batch_id}", param="batch_id")
+
+
+def _metadata(value: object) -> dict[str, str] | None:
+    """OpenAI's metadata rules: up to 16 string pairs, keys up to 64 characters, values up to 512."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > _METADATA_KEYS:
+        raise InvalidRequest(f"metadata must be an object of at most {_METADATA_KEYS} pairs", param="metadata")
+    for key, item in value.items():
+        if not isinstance(item, str) or len(key) > _METADATA_KEY_MAX or len(item) > _METADATA_VALUE_MAX:
+            raise InvalidRequest(
+                f"metadata keys are strings of up to {_METADATA_KEY_MAX} characters, values up to "
+                f"{_METADATA_VALUE_MAX}",
+                param="metadata",
+            )
+    return dict(value)
