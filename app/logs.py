@@ -14,6 +14,7 @@ _PREFIXES = (
     ("app.queue", "RequestQueue"),
     ("app.access.chat", "Chat Completions"),
     ("app.access.completion", "Completions"),
+    ("app.access.embedding", "Embeddings"),
     ("app.access", "API"),
     ("app.api", "API"),
     ("app.backends.proxy", "Upstream"),

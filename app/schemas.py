@@ -17,12 +17,20 @@ from app.types import INTERACTIVE, CompletionKind, Priority
 
 # The one table of completion paths: the HTTP routes, the access log, the OpenAPI description and the endpoints a
 # batch may name are all read from it.
-COMPLETION_ROUTES: dict[str, CompletionKind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+COMPLETION_ROUTES: dict[str, CompletionKind] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+}
+_PATHS: dict[CompletionKind, str] = {kind: path.removeprefix("/v1") for path, kind in COMPLETION_ROUTES.items()}
+EMBEDDING_FORMATS = ("float", "base64")
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 
 
 @dataclass(slots=True, frozen=True)
 class CompletionRequest:
-    """One /v1/chat/completions or /v1/completions request, checked; it does not change after parsing."""
+    """One request of COMPLETION_ROUTES (a chat or text completion, or embeddings), checked; it does not change
+    after parsing."""
 
     kind: CompletionKind
     body: bytes  # what is forwarded upstream: the client's bytes, less the gateway's own `priority` field
@@ -46,7 +54,7 @@ class CompletionRequest:
     @property
     def path(self) -> str:
         """The OpenAI path this request goes to, below /v1."""
-        return "/chat/completions" if self.kind == "chat" else "/completions"
+        return _PATHS[self.kind]
 
 
 # OpenAI's `service_tier` as the queue's priorities (None: DEFAULT_PRIORITY), and the tier each priority reports.
@@ -135,6 +143,38 @@ def _check_prompt(payload: dict[str, Any]) -> None:
     raise InvalidRequest("prompt must be a string, a list of strings or a list of token ids", param="prompt")
 
 
+def _check_embedding(payload: dict[str, Any]) -> None:
+    """`input` as OpenAI takes it: a string, a list of strings, token ids, or lists of token ids; none empty."""
+    value = payload.get("input")
+    if value is None:
+        raise InvalidRequest("input is required", param="input")
+    if payload.get("stream") is not None:
+        raise InvalidRequest("embeddings do not stream", param="stream")
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        items = [value]
+    elif isinstance(value, list) and value:
+        items = value
+    else:
+        items = []
+    if not items or len(items) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(
+            f"input must be a non-empty string, list of strings, token ids or lists of token ids "
+            f"(at most {MAX_EMBEDDING_INPUTS})",
+            param="input",
+        )
+    for item in items:
+        strings = isinstance(item, str)
+        ids = isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+        if not (strings or ids) or not item:
+            raise InvalidRequest("each input must be a non-empty string or list of token ids", param="input")
+    encoding = payload.get("encoding_format")
+    if encoding is not None and encoding not in EMBEDDING_FORMATS:
+        raise InvalidRequest(f"encoding_format must be 'float' or 'base64', not {encoding!r}", param="encoding_format")
+    _optional_int(payload, "dimensions", 1)
+
+
 def parse_completion_request(
     raw: bytes, kind: CompletionKind, max_tokens_limit: int | None = None, forward_service_tier: bool = False
 ) -> CompletionRequest:
@@ -165,8 +205,11 @@ def parse_completion_request(
     _check_number(payload, "top_p", 0.0, 1.0)
     if kind == "chat":
         _check_messages(payload)
-    else:
+    elif kind == "completion":
         _check_prompt(payload)
+    else:
+        _check_embedding(payload)
+        stream = False
 
     body_priority = None
     body = raw

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-CompletionKind = Literal["chat", "completion"]
+CompletionKind = Literal["chat", "completion", "embedding"]  # what a request through the queue asks for
 
 
 class Priority(StrEnum):

@@ -17,9 +17,14 @@ high request waits for a slot to free): its time to first token alone (median of
 streams of --preempt-tokens tokens fill the 4 slots; the ratio of the two is the figure (at most 2x with
 preemption). `--preemption-only` runs just that part.
 
+Then the embeddings check: 4 closed-loop clients each sending 8 sentences a request to the gateway's
+/v1/embeddings and to llama-server --embeddings --pooling mean -np 4 on the same GGUF and threads, for
+--embed-seconds each after a warm-up; inputs embedded per second, the gateway's over llama-server's (the
+figure: at least 1.0x). `--embeddings-only` runs just that part.
+
     python -m bench.local_bench [--rounds 3] [--tokens 128] [--threads 2] [--modes greedy,sampled]
                                 [--only gateway,llama-server -np 4] [--json bench/results/local.json]
-                                [--preemption-only] [--preempt-tokens 256]
+                                [--preemption-only] [--preempt-tokens 256] [--embeddings-only] [--embed-seconds 10]
 """
 
 from __future__ import annotations
@@ -235,6 +240,91 @@ def preemption_part(threads: int, tokens: int, rounds: int) -> dict[str, object]
     }
 
 
+EMBED_CLIENTS = 4  # concurrent clients of the embeddings check
+EMBED_INPUTS = 8  # inputs per request
+_WORDS = [
+    "queue",
+    "priority",
+    "slot",
+    "backend",
+    "gateway",
+    "request",
+    "model",
+    "token",
+    "stream",
+    "batch",
+    "window",
+    "lease",
+]
+
+
+def _embedding_inputs(n: int) -> list[str]:
+    """EMBED_INPUTS sentences of 12-30 words, different for each request."""
+    return [
+        " ".join(_WORDS[(n * 7 + i * 3 + k) % len(_WORDS)] for k in range(12 + (n + i) % 19))
+        for i in range(EMBED_INPUTS)
+    ]
+
+
+async def embeddings_rate(contender: Contender, seconds: float) -> float:
+    """Inputs embedded per second by EMBED_CLIENTS closed-loop clients for `seconds` (float vectors, normalized
+    by both contenders)."""
+    end = time.perf_counter() + seconds
+    done = 0
+    counter = iter(range(10**9))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        while time.perf_counter() < end:
+            body = {"model": "m", "input": _embedding_inputs(next(counter)), "encoding_format": "float"}
+            async with session.post(contender.url + "/v1/embeddings", json=body) as response:
+                answer = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{contender.name} answered {response.status}: {answer[:200]!r}")
+                done += len(orjson.loads(answer)["data"])
+
+    async with client() as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(EMBED_CLIENTS)))
+        return done / (time.perf_counter() - started)
+
+
+def embeddings_part(threads: int, rounds: int, seconds: float) -> dict[str, object]:
+    """The gateway's /v1/embeddings on the bundled GGUF against llama-server --embeddings on the same file and
+    threads (mean pooling, 4 slots), alternated for `rounds` rounds."""
+    model = default_model_path()
+    binary = llama_server_binary()
+    rates: dict[str, list[float]] = {"gateway": [], "llama-server --embeddings": []}
+    for round_ in range(rounds):
+        port = free_port()
+        gateway = Contender(
+            "gateway", [sys.executable, "-m", "app"], port, {**gateway_env(threads), "PORT": str(port)}, "/ready"
+        )
+        port = free_port()
+        argv = [binary, "-m", model, "-t", str(threads), "-tb", str(threads), "-c", str(N_CTX * SLOTS)]
+        argv += ["-np", str(SLOTS), "--embeddings", "--pooling", "mean", "--port", str(port)]
+        server = Contender("llama-server --embeddings", argv, port, ready_path="/health")
+        for contender in (gateway, server):
+            contender.start()
+            try:
+                asyncio.run(embeddings_rate(contender, 2.0))  # warm-up: first contexts, first pages
+                rate = asyncio.run(embeddings_rate(contender, seconds))
+            finally:
+                contender.stop()
+            rates[contender.name].append(rate)
+            print(f"round {round_ + 1} {contender.name:<26} {rate:7.1f} inputs/s", flush=True)
+    gateway_median = statistics.median(rates["gateway"])
+    server_median = statistics.median(rates["llama-server --embeddings"])
+    return {
+        "inputs_per_request": EMBED_INPUTS,
+        "clients": EMBED_CLIENTS,
+        "gateway_inputs_per_s_median": round(gateway_median, 1),
+        "llama_server_inputs_per_s_median": round(server_median, 1),
+        "ratio": round(gateway_median / server_median, 3),
+        "rounds": rates,
+    }
+
+
 def gateway_env(threads: int) -> dict[str, str]:
     return {
         "BACKEND": "local",
@@ -310,7 +400,15 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "local.json"))
     parser.add_argument("--preemption-only", action="store_true", help="run only the preemption check")
     parser.add_argument("--preempt-tokens", type=int, default=256, help="tokens of each low stream there")
+    parser.add_argument("--embeddings-only", action="store_true", help="run only the embeddings check")
+    parser.add_argument("--embed-seconds", type=float, default=10.0, help="each contender's embeddings run")
     args = parser.parse_args()
+    if args.embeddings_only:
+        embeddings = embeddings_part(args.threads, args.rounds, args.embed_seconds)
+        print("\nembeddings:", json.dumps({k: v for k, v in embeddings.items() if k != "rounds"}, indent=2))
+        with open(args.json, "w") as out:
+            json.dump({"embeddings": embeddings}, out, indent=2)
+        return
     if args.preemption_only:
         preemption = preemption_part(args.threads, args.preempt_tokens, args.rounds)
         summary = {k: {n: v for n, v in row.items() if n != "rounds"} for k, row in preemption.items()}
@@ -383,6 +481,8 @@ def main() -> None:
     print("\npriority check (gateway):", json.dumps(priority, indent=2))
     preemption = preemption_part(args.threads, args.preempt_tokens, args.rounds)
     print("preemption:", json.dumps({k: {n: v for n, v in r.items() if n != "rounds"} for k, r in preemption.items()}))
+    embeddings = embeddings_part(args.threads, args.rounds, args.embed_seconds)
+    print("embeddings:", json.dumps({k: v for k, v in embeddings.items() if k != "rounds"}))
     with open(args.json, "w") as out:
         json.dump(
             {
@@ -392,6 +492,7 @@ def main() -> None:
                 "rows": rows,
                 "priority": priority,
                 "preemption": preemption,
+                "embeddings": embeddings,
             },
             out,
             indent=2,

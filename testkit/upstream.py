@@ -86,6 +86,7 @@ class FakeUpstream:
         app = web.Application(client_max_size=64 * 1024 * 1024)  # the gateway bounds bodies, not its upstream
         app.router.add_post("/v1/chat/completions", self._completion)
         app.router.add_post("/v1/completions", self._completion)
+        app.router.add_post("/v1/embeddings", self._completion)
         app.router.add_get("/v1/models", self._models)
         return app
 
@@ -265,7 +266,32 @@ def _last_text(path: str, body: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else ""
 
 
+def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    """Vectors of 8 numbers derived from each input's text, so equal inputs get equal vectors."""
+    value = body.get("input")
+    items = (
+        [value]
+        if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int))
+        else value
+    )
+    data = []
+    for index, item in enumerate(items or []):
+        seed = sum(orjson.dumps(item)) + len(str(item))
+        data.append(
+            {"object": "embedding", "index": index, "embedding": [((seed * (k + 1)) % 97) / 97 for k in range(8)]}
+        )
+    tokens = sum(len(str(item)) // 4 + 1 for item in items or [])
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.get("model", "fake-model"),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
 def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    if path.endswith("/embeddings"):
+        return _embeddings(body)
     text = "echo: " + _last_text(path, body)
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     if path.endswith("chat/completions"):

@@ -34,7 +34,11 @@ from app.schemas import (
 from app.settings import Settings
 from app.types import CompletionKind, JobState, Priority
 
-_SUMMARIES = {"chat": "OpenAI chat completions, queued by priority", "completion": "OpenAI text completions, queued"}
+_SUMMARIES = {
+    "chat": "OpenAI chat completions, queued by priority",
+    "completion": "OpenAI text completions, queued",
+    "embedding": "OpenAI embeddings, queued",
+}
 
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 SSE_HEADERS = [
@@ -232,7 +236,7 @@ def completion_openapi() -> dict[str, Any]:
             "post": {
                 "tags": ["openai"],
                 "summary": _SUMMARIES[kind],
-                "operationId": f"{kind}_completions",
+                "operationId": path.removeprefix("/v1/").replace("/", "_"),
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
                 "responses": {
                     "200": {

@@ -162,7 +162,7 @@ class ProxyBackend:
 
     def prompt_tokens(self, prepared: CompletionRequest) -> int:
         """An estimate from the text (the upstream's tokenizer is out of reach)."""
-        return estimate_prompt_tokens(prepared.payload, prepared.kind == "chat")
+        return estimate_prompt_tokens(prepared.payload, prepared.kind)
 
     async def _post(self, request: CompletionRequest, deadline: float) -> aiohttp.ClientResponse:
         """POST the client's body upstream, retrying what may succeed later; the final answer, unread.

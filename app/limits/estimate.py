@@ -28,14 +28,15 @@ def _content_tokens(content: object) -> int:
     return 0
 
 
-def estimate_prompt_tokens(payload: dict[str, Any], chat: bool) -> int:
-    """Prompt tokens of a chat or text completion body, estimated without a tokenizer."""
-    if chat:
+def estimate_prompt_tokens(payload: dict[str, Any], kind: str) -> int:
+    """Prompt tokens of a chat or text completion body (or an embedding request's input), estimated without a
+    tokenizer."""
+    if kind == "chat":
         messages = payload.get("messages") or []
         return TOKENS_PER_REPLY + sum(
             TOKENS_PER_MESSAGE + _content_tokens(m.get("content")) for m in messages if isinstance(m, dict)
         )
-    prompt = payload.get("prompt")
+    prompt = payload.get("input" if kind == "embedding" else "prompt")
     if isinstance(prompt, str):
         return _text_tokens(prompt)
     if isinstance(prompt, list):

@@ -104,7 +104,8 @@ class CompletionService:
         prepared = await backend.prepare(request)
         cost = 0
         if (key is not None and key.counts_tokens) or any(m.counts_tokens for m in members):
-            cost = backend.prompt_tokens(prepared) + (request.max_tokens or self._default_max_tokens)
+            generated = 0 if request.kind == "embedding" else request.max_tokens or self._default_max_tokens
+            cost = backend.prompt_tokens(prepared) + generated
         # Replicas (REDIS_URL) keep the keys' budgets in Redis, and the order of the pools they share.
         shared = scheduler.shared
         if key is not None:

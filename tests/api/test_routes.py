@@ -58,9 +58,11 @@ def test_the_openapi_description_lists_every_completion_route_once(gateway: Runn
 def test_a_bug_while_serving_answers_500_in_the_openai_shape_with_its_request_id(
     gateway: RunningGateway, path: str
 ) -> None:
-    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}
-    for stream in (False, True):
-        response = httpx.post(gateway.url + path, json={**body, "stream": stream}, headers={"X-Request-ID": "bug"})
+    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "input": "hi"}
+    streams = (False, True) if COMPLETION_ROUTES[path] != "embedding" else (None, None)  # embeddings never stream
+    for stream in streams:
+        sent = {**body, "stream": stream} if stream is not None else body
+        response = httpx.post(gateway.url + path, json=sent, headers={"X-Request-ID": "bug"})
         assert response.status_code == 500
         assert response.headers["x-request-id"] == "bug"
         assert response.json()["error"]["type"] == "internal_error"

@@ -121,7 +121,7 @@ def test_bad_batch_parameters_are_400s_and_unknown_ids_404s(start_gateway: Calla
     sdk = client(gateway.url)
     file = upload(sdk, jsonl([chat_line("a")]))
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"endpoint": "/v1/embeddings"}, "endpoint"),
+        ({"endpoint": "/v1/moderations"}, "endpoint"),
         ({"completion_window": "1h"}, "completion_window"),
         ({"metadata": {"k": 1}}, "metadata"),
         ({"input_file_id": 7}, "input_file_id"),
@@ -310,3 +310,18 @@ def test_a_batch_on_the_bundled_model(start_local: Callable[..., RunningGateway]
     bodies = [line["response"]["body"] for line in output]
     assert all(body["usage"]["completion_tokens"] <= 4 and body["choices"][0]["message"]["content"] for body in bodies)
     assert len({body["choices"][0]["message"]["content"] for body in bodies}) == 1  # greedy: the same answer
+
+
+def test_a_batch_of_embeddings(start_gateway: Callable[..., RunningGateway]) -> None:
+    gateway = start_gateway()
+    sdk = client(gateway.url)
+    lines = [
+        {"custom_id": f"e{n}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": f"text {n}"}}
+        for n in range(3)
+    ]
+    file = upload(sdk, jsonl(lines))
+    batch = sdk.batches.create(input_file_id=file.id, endpoint="/v1/embeddings", completion_window="24h")
+    done = wait_status(sdk, batch.id)
+    output = lines_of(sdk, done.output_file_id)
+    assert sorted(line["custom_id"] for line in output) == ["e0", "e1", "e2"]
+    assert all(line["response"]["body"]["object"] == "list" for line in output)

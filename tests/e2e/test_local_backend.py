@@ -194,7 +194,7 @@ def test_unsupported_options_are_400(start_local: StartLocal) -> None:
     msgs = [{"role": "user", "content": "x"}]
     for extra, param in [
         ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": "yes"}, "logprobs"),
         ({"stop": [1, 2]}, "stop"),
         ({"top_k": -1}, "top_k"),
         ({"seed": "x"}, "seed"),

@@ -1,4 +1,4 @@
-"""The in-process llama.cpp backend: OpenAI chat and text completions from a local GGUF model.
+"""The in-process llama.cpp backend: OpenAI chat and text completions, and embeddings, from a local GGUF model.
 
 The engine (engine.py) generates on its own thread; this module prepares requests for it (prompt.py) and
 turns its events back into OpenAI JSON and SSE on the event loop.
@@ -12,6 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from collections.abc import Sequence as Sequence_
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ import orjson
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from app.backends.base import BackendResponse, BackendStream, Turn, Usage
-from app.backends.llama.engine import LlamaEngine, Sequence
-from app.backends.llama.events import Delta, Done, Event, Failed
+from app.backends.llama.embedding import LocalEmbedding, embedding_body, prepare_embedding
+from app.backends.llama.engine import Embedding, LlamaEngine, Sequence
+from app.backends.llama.events import Delta, Done, Embedded, Event, Failed, TokenLogprob
 from app.backends.llama.model import EngineConfig
 from app.backends.llama.prompt import CHATML_TEMPLATE, LocalRequest, Prompter
+from app.backends.llama.tools import read_call
 from app.errors import BackendNotReady, ModelError
 from app.schemas import CompletionRequest
 
@@ -102,6 +105,7 @@ class LlamaBackend:
             self._default_max_tokens,
             model.parses,
             model.detokenize,
+            renders_tools="tools" in template,
         )
 
     async def aclose(self) -> None:
@@ -131,36 +135,70 @@ class LlamaBackend:
 
     # Completions --------------------------------------------------------------------------------------
 
-    async def prepare(self, request: CompletionRequest) -> LocalRequest:
-        """Template and tokenize the prompt on a worker thread (long prompts take a while)."""
+    async def prepare(self, request: CompletionRequest) -> LocalRequest | LocalEmbedding:
+        """Template and tokenize the prompt (or the inputs to embed) on a worker thread (long ones take a while)."""
         if self._prompter is None:
             raise BackendNotReady("the model is not loaded")
+        if request.kind == "embedding":
+            model = self._engine.model
+            return await asyncio.to_thread(
+                prepare_embedding, request, model.tokenize, model.vocab_size, self.n_ctx, model.n_embd
+            )
         return await asyncio.to_thread(self._prompter.prepare, request)
 
-    def prompt_tokens(self, prepared: LocalRequest) -> int:
+    def prompt_tokens(self, prepared: LocalRequest | LocalEmbedding) -> int:
         """The prompt's real token count, by the model's tokenizer."""
-        return len(prepared.prompt)
+        return prepared.tokens if isinstance(prepared, LocalEmbedding) else len(prepared.prompt)
 
-    async def complete(self, prepared: LocalRequest, deadline: float, turn: Turn | None = None) -> BackendResponse:
+    async def complete(
+        self, prepared: LocalRequest | LocalEmbedding, deadline: float, turn: Turn | None = None
+    ) -> BackendResponse:
         """Generate the whole answer (the deadline is the queue's to keep: nothing here retries)."""
+        if isinstance(prepared, LocalEmbedding):
+            return await self._embed(prepared)
         parts: list[str] = []
+        tokens: list[TokenLogprob] = []
         done: Done | None = None
         async for event in self._generate(prepared, turn):
             if isinstance(event, Delta):
                 parts.append(event.text)
+                tokens += event.logprobs
             else:
                 done = event
         assert done is not None
         text = prepared.echo + "".join(parts)
         chat = prepared.kind == "chat"
         content: dict[str, Any] = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        choice = {"index": 0, **content, "logprobs": None, "finish_reason": done.finish_reason}
+        logprobs = logprobs_body(tokens, chat, 0) if prepared.logprobs is not None else None
+        reason = done.finish_reason
+        call = read_call(text, prepared.tools) if prepared.tools is not None else None
+        if call is not None:
+            content = {"message": {"role": "assistant", "content": None, "tool_calls": [call]}}
+            reason = "tool_calls"
+        choice = {"index": 0, **content, "logprobs": logprobs, "finish_reason": reason}
         body = {**self._header(prepared, chunked=False), "choices": [choice], "usage": _usage_body(done)}
         return BackendResponse(200, orjson.dumps(body), usage=Usage(done.prompt_tokens, done.completion_tokens))
 
-    async def stream(self, prepared: LocalRequest, deadline: float, turn: Turn | None = None) -> BackendStream:
+    async def stream(
+        self, prepared: LocalRequest | LocalEmbedding, deadline: float, turn: Turn | None = None
+    ) -> BackendStream:
         """The answer as SSE; the sequence is submitted on the first read."""
+        assert isinstance(prepared, LocalRequest)  # embeddings never stream (app.schemas)
         return _LocalStream(self, prepared, turn)
+
+    async def _embed(self, prepared: LocalEmbedding) -> BackendResponse:
+        """The inputs' vectors, computed between two decode steps of the engine."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        embedding = Embedding(prepared.inputs, events)
+        self._engine.embed(embedding)
+        try:
+            event = await events.get()
+        finally:
+            embedding.cancelled = True  # left early (a timeout, a cancel): the engine skips it
+        if not isinstance(event, Embedded):
+            raise ModelError(event.message if isinstance(event, Failed) else "the model did not embed")
+        body = embedding_body(prepared, event.vectors, self.alias)
+        return BackendResponse(200, body, usage=Usage(prepared.tokens, 0))
 
     def _deliver(self, items: list[tuple[Any, Event]]) -> None:
         """Engine thread: hand one step's events to the event loop in a single wake-up."""
@@ -176,7 +214,13 @@ class LlamaBackend:
         """
         events: asyncio.Queue[Event] = asyncio.Queue()
         sequence = Sequence(
-            prepared.prompt, prepared.sampling, prepared.max_tokens, prepared.stops, events, prepared.urgent
+            prepared.prompt,
+            prepared.sampling,
+            prepared.max_tokens,
+            prepared.stops,
+            events,
+            prepared.urgent,
+            prepared.logprobs,
         )
         engine = self._engine
         engine.submit(sequence)
@@ -186,9 +230,9 @@ class LlamaBackend:
         try:
             while not ended:
                 event = await events.get()
-                if isinstance(event, Failed):
+                if isinstance(event, Failed | Embedded):  # a sequence never gets an Embedded
                     ended = True
-                    raise ModelError(event.message)
+                    raise ModelError(event.message if isinstance(event, Failed) else "the model answered out of turn")
                 ended = isinstance(event, Done)
                 yield event
         finally:
@@ -225,12 +269,20 @@ class _LocalStream(BackendStream):
         chat = prepared.kind == "chat"
         base = self._backend._header(prepared, chunked=True)
 
-        def chunk(text: str | None, reason: str | None, role: bool = False) -> bytes:
+        asked = prepared.logprobs is not None
+        offset = 0  # text completions' logprobs.text_offset runs across the chunks
+
+        def chunk(
+            text: str | None, reason: str | None, role: bool = False, tokens: tuple[TokenLogprob, ...] = ()
+        ) -> bytes:
+            nonlocal offset
+            logprobs = logprobs_body(tokens, chat, offset) if asked and tokens else None
+            offset += len(text or "")
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             return _sse({**base, "choices": [choice]})
 
         events = self._backend._generate(prepared, self._turn)
@@ -239,17 +291,69 @@ class _LocalStream(BackendStream):
                 yield chunk(None, None, role=True)
             elif prepared.echo:
                 yield chunk(prepared.echo, None)
+            # With tools, text that may be a call is held until it is known not to be one (or the answer ends).
+            plan = prepared.tools
+            held: list[str] | None = [] if plan is not None else None
             async for event in events:
                 if isinstance(event, Delta):
-                    yield chunk(event.text, None)
+                    if held is None:
+                        yield chunk(event.text, None, tokens=event.logprobs)
+                        continue
+                    held.append(event.text)
+                    opening = "".join(held).lstrip()
+                    if opening and not opening.startswith("{") and plan is not None and plan.grammar is None:
+                        yield chunk("".join(held), None)
+                        held = None
                     continue
                 self.usage = Usage(event.prompt_tokens, event.completion_tokens)
-                yield chunk(None, event.finish_reason)
+                reason = event.finish_reason
+                if held is not None and plan is not None:
+                    call = read_call("".join(held), plan)
+                    if call is None:
+                        yield chunk("".join(held), None)
+                    else:
+                        yield _sse({**base, "choices": [_call_delta(call)]})
+                        reason = "tool_calls"
+                yield chunk(None, reason)
                 if prepared.include_usage:
                     yield _sse({**base, "choices": [], "usage": _usage_body(event)})
                 yield _SSE_DONE
         finally:
             await events.aclose()
+
+
+def _call_delta(call: dict[str, Any]) -> dict[str, Any]:
+    """A stream's choice carrying a whole tool call (the SDK gathers deltas; one is enough)."""
+    delta = {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **call}]}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+
+
+def logprobs_body(tokens: Sequence_[TokenLogprob], chat: bool, offset: int) -> dict[str, Any]:
+    """OpenAI's logprobs of these tokens: chat's `content` entries, or the text completions' columns (whose
+    text_offset starts at `offset`, the characters of the answer before them)."""
+    if chat:
+        return {
+            "content": [_entry(t.token, t.logprob, [_entry(b, p) for b, p in t.top]) for t in tokens],
+            "refusal": None,
+        }
+    texts = [t.token.decode("utf-8", "replace") for t in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{b.decode("utf-8", "replace"): p for b, p in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def _entry(token: bytes, logprob: float, top: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"token": token.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(token)}
+    if top is not None:
+        entry["top_logprobs"] = top
+    return entry
 
 
 def _sse(body: dict[str, Any]) -> bytes:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.backends.llama import placement
-from app.backends.llama.events import Delta, Done, Event, Failed
+from app.backends.llama.events import Delta, Done, Embedded, Event, Failed, TokenLogprob
 from app.backends.llama.model import EngineConfig, LlamaModel
 from app.backends.llama.sampling import Sampling, build_chain, free_chain, plan
 from app.backends.llama.stop_text import StopText
@@ -50,11 +50,13 @@ class Sequence:
         "history",
         "id",
         "logit_index",
+        "logprobs",
         "max_tokens",
         "next_token",
         "park_id",
         "park_wanted",
         "parked",
+        "pending",
         "prefilled",
         "prompt",
         "sampler",
@@ -72,8 +74,10 @@ class Sequence:
         stops: tuple[str, ...],
         sink: Any,
         urgent: bool = False,
+        logprobs: int | None = None,
     ):
         self.prompt = prompt
+        self.logprobs = logprobs  # None: none asked; else how many alternatives per token
         self.sampling = sampling
         self.max_tokens = max_tokens
         self.text = StopText(stops)
@@ -91,6 +95,18 @@ class Sequence:
         self.park_wanted = False  # asked to give its slot up at the next step (under the engine's lock)
         self.parked = False  # off the batch, its cells kept aside (under the engine's lock)
         self.park_id = -1  # the parking sequence holding its cells while parked
+        self.pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not out yet
+
+
+class Embedding:
+    """Inputs to embed (token ids), and where their Embedded (or Failed) goes."""
+
+    __slots__ = ("cancelled", "inputs", "sink")
+
+    def __init__(self, inputs: list[list[int]], sink: Any):
+        self.inputs = inputs
+        self.sink = sink
+        self.cancelled = False
 
 
 class LlamaEngine:
@@ -102,6 +118,7 @@ class LlamaEngine:
         self._outbox: list[tuple[Any, Event]] = []
         self._cond = threading.Condition()
         self._inbox: list[Sequence] = []
+        self._embeddings: list[Embedding] = []
         self._closing = False
         self._thread: threading.Thread | None = None
         self._model: LlamaModel | None = None
@@ -148,6 +165,15 @@ class LlamaEngine:
             self._inbox.append(sequence)
             self._cond.notify()
 
+    def embed(self, embedding: Embedding) -> None:
+        """Embed the inputs between two steps (on the engine thread, as every computation is)."""
+        with self._cond:
+            if self._closing:
+                self._deliver([(embedding.sink, Failed("the model is shutting down"))])
+                return
+            self._embeddings.append(embedding)
+            self._cond.notify()
+
     def cancel(self, sequence: Sequence) -> None:
         """Stop a sequence at the next step and free its slot; it emits nothing more."""
         sequence.cancelled = True
@@ -189,12 +215,15 @@ class LlamaEngine:
         try:
             while True:
                 with self._cond:
-                    while not self._inbox and not self._active and not self._waiting and not self._closing:
+                    while not (self._inbox or self._embeddings or self._active or self._waiting or self._closing):
                         self._cond.wait()
                     if self._closing:
                         break
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
+                    embeddings, self._embeddings = self._embeddings, []
+                for embedding in embeddings:
+                    self._embed(embedding)
                 self._step()
                 self._flush()
         except Exception:  # a bug here must not leave clients waiting forever
@@ -202,7 +231,13 @@ class LlamaEngine:
         finally:
             with self._cond:
                 self._closing = True
-                orphans = [*self._active, *self._waiting, *self._inbox, *self._parked]
+                orphans: list[Sequence | Embedding] = [
+                    *self._active,
+                    *self._waiting,
+                    *self._inbox,
+                    *self._parked,
+                    *self._embeddings,
+                ]
             self._outbox.extend((s.sink, Failed("the model stopped")) for s in orphans if not s.cancelled)
             self._flush()
             model.free()
@@ -256,8 +291,19 @@ class LlamaEngine:
         for sequence in list(self._active):
             if sequence.logit_index >= 0:
                 token = model.sample(sequence.sampler, sequence.logit_index)
+                if sequence.logprobs is not None:
+                    sequence.pending.append(model.logprob(sequence.logit_index, token, sequence.logprobs))
                 sequence.logit_index = -1
                 self._accept(sequence, token)
+
+    def _embed(self, embedding: Embedding) -> None:
+        if embedding.cancelled:
+            return
+        try:
+            self._outbox.append((embedding.sink, Embedded(self.model.embed(embedding.inputs))))
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            self._outbox.append((embedding.sink, Failed(str(exc))))
 
     def _take_in(self) -> None:
         """Free the slots of cancelled sequences, park those asked to, and place waiting ones in free slots."""
@@ -382,23 +428,34 @@ class LlamaEngine:
     def _accept(self, sequence: Sequence, token: int) -> None:
         model = self.model
         if model.is_end(token):
+            if sequence.pending:
+                sequence.pending.pop()  # the end token is not part of the answer
             self._finish(sequence, "stop")
             return
         sequence.generated += 1
         text, stopped = sequence.text.feed(model.piece(token))
         if text:
-            self._emit(sequence, Delta(text))
+            self._text(sequence, text)
         if stopped:
+            sequence.pending.clear()
             self._finish(sequence, "stop", flush=False)  # what was held back belongs to the stop string
         elif sequence.generated >= sequence.max_tokens:
             self._finish(sequence, "length")
         else:
             sequence.next_token = token
 
+    def _text(self, sequence: Sequence, text: str) -> None:
+        """Emit text, with the logprobs of the tokens fed since the last text (if asked for)."""
+        if sequence.pending:
+            logprobs, sequence.pending = tuple(sequence.pending), []
+            self._emit(sequence, Delta(text, logprobs))
+        else:
+            self._emit(sequence, Delta(text))
+
     def _finish(self, sequence: Sequence, reason: str, flush: bool = True) -> None:
         rest = sequence.text.flush() if flush else ""
-        if rest:
-            self._emit(sequence, Delta(rest))
+        if rest or sequence.pending:
+            self._text(sequence, rest)
         self._release(sequence)  # before Done: the next request may already be on its way here
         self._emit(sequence, Done(reason, len(sequence.prompt), sequence.generated, sequence.cached))
 

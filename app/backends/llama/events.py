@@ -1,4 +1,4 @@
-"""What the engine thread tells the event loop about a sequence: text, then exactly one end."""
+"""What the engine thread tells the event loop: a sequence's text, then exactly one end; an embedding's vectors."""
 
 from __future__ import annotations
 
@@ -6,10 +6,21 @@ from dataclasses import dataclass
 
 
 @dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    """A generated token's bytes and log-probability under the model, with the most likely alternatives."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...]
+
+
+@dataclass(slots=True, frozen=True)
 class Delta:
-    """Text generated since the last event (stop strings already held back or cut)."""
+    """Text generated since the last event (stop strings already held back or cut), and, when the request
+    asked for logprobs, those of the tokens that text came from."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,4 +40,11 @@ class Failed:
     message: str
 
 
-Event = Delta | Done | Failed
+@dataclass(slots=True, frozen=True)
+class Embedded:
+    """An embedding request's vectors, one per input in order, each of unit length."""
+
+    vectors: list[list[float]]
+
+
+Event = Delta | Done | Failed | Embedded

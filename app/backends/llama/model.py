@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp as ll
+import numpy as np
 
+from app.backends.llama.events import TokenLogprob
 from app.backends.llama.sampling import grammar_sampler
 
 log = logging.getLogger("app.backends.llama")
@@ -35,6 +38,7 @@ class EngineConfig:
     n_gpu_layers: int
     n_batch: int = 512
     n_parked: int = 0  # sequences that may be parked at once (preemption), each keeping its cells aside
+    n_embed: int = 8  # embedding inputs evaluated together in one decode, at most
 
 
 class LlamaModel:
@@ -70,9 +74,14 @@ class LlamaModel:
         self._memory = ll.llama_get_memory(self._ctx)
         self.batch = ll.llama_batch_init(config.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(_PIECE_BYTES)
+        self._config = config
+        self._embedder: _Embedder | None = None  # made on the first embedding request
 
     def free(self) -> None:
-        """Release the batch, the context and the model."""
+        """Release the batch, the contexts and the model."""
+        if self._embedder is not None:
+            self._embedder.free()
+            self._embedder = None
         if self.batch is not None:
             ll.llama_batch_free(self.batch)
             self.batch = None
@@ -158,19 +167,24 @@ class LlamaModel:
     def vocab_size(self) -> int:
         return int(ll.llama_vocab_n_tokens(self._vocab))
 
+    @property
+    def n_embd(self) -> int:
+        """The length of the model's embedding vectors."""
+        return int(ll.llama_model_n_embd(self._model))
+
+    # Embeddings -------------------------------------------------------------------------------------
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Each input's vector (mean of its tokens' states, of unit length), n_embed inputs per decode."""
+        if self._embedder is None:
+            self._embedder = _Embedder(self._model, self._config)
+        return self._embedder.embed(inputs)
+
     # Decoding and the KV memory ---------------------------------------------------------------------
 
     def add(self, slot: int, token: int, position: int, logits: bool) -> int:
         """Append a token of sequence `slot` to the batch; its index there."""
-        batch = self.batch
-        index = batch.n_tokens
-        batch.token[index] = token
-        batch.pos[index] = position
-        batch.n_seq_id[index] = 1
-        batch.seq_id[index][0] = slot
-        batch.logits[index] = logits
-        batch.n_tokens = index + 1
-        return int(index)
+        return _add(self.batch, slot, token, position, logits)
 
     def decode(self) -> int:
         """Run the batch (0 on success, llama.cpp's status otherwise) and empty it for the next step."""
@@ -181,6 +195,20 @@ class LlamaModel:
     def sample(self, sampler: Any, index: int) -> int:
         """The next token from the logits at batch index `index`."""
         return int(ll.llama_sampler_sample(sampler, self._ctx, index))
+
+    def logprob(self, index: int, token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability under the logits at batch index `index` (before any sampling setting), and
+        the `top` most likely tokens' (numpy: a pass over the vocabulary in C, not in Python)."""
+        pointer = ll.llama_get_logits_ith(self._ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.vocab_size,))
+        peak = float(logits.max())
+        total = peak + math.log(float(np.exp(logits - peak).sum()))
+        best: tuple[tuple[bytes, float], ...] = ()
+        if top:
+            ids = np.argpartition(logits, -top)[-top:]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = tuple((self.piece(int(i)), float(logits[i]) - total) for i in ids)
+        return TokenLogprob(self.piece(token), float(logits[token]) - total, best)
 
     def clear(self, slot: int) -> None:
         """Forget every cell of a slot."""
@@ -193,6 +221,76 @@ class LlamaModel:
     def copy(self, source: int, target: int) -> None:
         """Give `target` a copy of every cell of `source` (clear `target` first)."""
         ll.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+
+
+def _add(batch: Any, seq: int, token: int, position: int, logits: bool) -> int:
+    """Append a token of sequence `seq` to a llama_batch; its index there."""
+    index = batch.n_tokens
+    batch.token[index] = token
+    batch.pos[index] = position
+    batch.n_seq_id[index] = 1
+    batch.seq_id[index][0] = seq
+    batch.logits[index] = logits
+    batch.n_tokens = index + 1
+    return int(index)
+
+
+class _Embedder:
+    """A second context on the same weights, made for embeddings: mean pooling, up to n_embed sequences of
+    n_ctx tokens in one decode. Sequences do not attend to each other, so an input's vector is the same
+    whatever is batched with it; the memory is cleared after each decode."""
+
+    def __init__(self, model: Any, config: EngineConfig):
+        params = ll.llama_context_default_params()
+        self.n_seq = config.n_embed
+        self.n_tokens = config.n_ctx * config.n_embed
+        params.n_ctx = self.n_tokens
+        params.n_batch = params.n_ubatch = self.n_tokens  # a pooled sequence must be in one micro-batch
+        params.n_seq_max = config.n_embed
+        params.n_threads = params.n_threads_batch = config.n_threads
+        params.embeddings = True
+        params.pooling_type = ll.LLAMA_POOLING_TYPE_MEAN
+        params.kv_unified = True
+        self._ctx = ll.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise RuntimeError("llama.cpp could not create the embedding context (out of memory?)")
+        self._batch = ll.llama_batch_init(self.n_tokens, 0, 1)
+        self._n_embd = int(ll.llama_model_n_embd(model))
+
+    def free(self) -> None:
+        ll.llama_batch_free(self._batch)
+        ll.llama_free(self._ctx)
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        vectors: list[list[float]] = []
+        start = 0
+        while start < len(inputs):
+            end, used = start, 0
+            while end < len(inputs) and end - start < self.n_seq and used + len(inputs[end]) <= self.n_tokens:
+                used += len(inputs[end])
+                end += 1
+            vectors += self._decode(inputs[start:end])
+            start = end
+        return vectors
+
+    def _decode(self, inputs: list[list[int]]) -> list[list[float]]:
+        batch = self._batch
+        batch.n_tokens = 0
+        for seq, tokens in enumerate(inputs):
+            for position, token in enumerate(tokens):
+                _add(batch, seq, token, position, True)
+        status = int(ll.llama_decode(self._ctx, batch))
+        try:
+            if status != 0:
+                raise RuntimeError(f"the model failed to embed (llama_decode status {status})")
+            vectors = []
+            for seq in range(len(inputs)):
+                values = ll.llama_get_embeddings_seq(self._ctx, seq)[: self._n_embd]
+                norm = math.sqrt(sum(v * v for v in values)) or 1.0
+                vectors.append([v / norm for v in values])
+            return vectors
+        finally:
+            ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
 
 
 class _LogForwarder:

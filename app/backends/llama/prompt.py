@@ -12,6 +12,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from app.backends.llama.sampling import Sampling
 from app.backends.llama.structured import grammar_for
+from app.backends.llama.tools import ToolPlan, plan_tools, render_messages
 from app.errors import InvalidRequest
 from app.schemas import SERVED_TIERS, CompletionRequest
 from app.types import CompletionKind, Priority
@@ -38,6 +39,35 @@ class LocalRequest:
     service_tier: str  # the tier it is served at, which the response reports as OpenAI's do
     urgent: bool = False  # served at high priority: its prompt goes through the model alone
     echo: str = ""  # text completions with `echo`: the prompt, sent ahead of the answer
+    logprobs: int | None = None  # None: not asked; else the alternatives wanted per token (0: the token's own)
+    tools: ToolPlan | None = None  # the functions offered (chat), and the grammar of a required call
+
+
+MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's limits
+
+
+def _logprobs(payload: dict[str, Any], kind: str) -> int | None:
+    """The alternatives per token a request asks logprobs for (chat: logprobs true and top_logprobs; text:
+    logprobs N), or None."""
+    most = MAX_TOP_LOGPROBS[kind]
+    if kind == "chat":
+        wanted, top = payload.get("logprobs"), payload.get("top_logprobs")
+        if wanted is None or wanted is False:
+            if top is not None:
+                raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        if wanted is not True:
+            raise InvalidRequest("logprobs must be a boolean", param="logprobs")
+        value, param = (0 if top is None else top), "top_logprobs"
+    else:
+        value, param = payload.get("logprobs"), "logprobs"
+        if value is None:
+            return None
+        if payload.get("echo") is True:
+            raise InvalidRequest("logprobs of an echoed prompt are not supported", param="echo")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+        raise InvalidRequest(f"{param} must be an integer from 0 to {most}", param=param)
+    return value
 
 
 class Prompter:
@@ -52,7 +82,9 @@ class Prompter:
         default_max_tokens: int,
         parses: Callable[[str], bool] = lambda _: True,
         detokenize: Callable[[list[int]], str] = lambda _: "",
+        renders_tools: bool = False,
     ):
+        self._renders_tools = renders_tools  # whether the chat template writes `tools` into the prompt itself
         self._formatter = formatter
         self._parses = parses  # whether llama.cpp accepts a grammar
         self._detokenize = detokenize
@@ -66,8 +98,8 @@ class Prompter:
         payload = request.payload
         if payload.get("n", 1) != 1:
             raise InvalidRequest("the local backend generates one choice per request (n=1)", param="n")
-        if payload.get("logprobs") or payload.get("top_logprobs"):
-            raise InvalidRequest("the local backend does not return logprobs", param="logprobs")
+        logprobs = _logprobs(payload, request.kind)
+        tools = plan_tools(payload) if request.kind == "chat" else None  # checked before they are rendered
         if request.kind == "chat":
             prompt, param = self._chat_prompt(payload), "messages"
         else:
@@ -86,10 +118,15 @@ class Prompter:
         max_tokens = min(request.max_tokens or self._default_max_tokens, room)
         options = payload.get("stream_options")
         grammar = grammar_for(payload.get("response_format"))
+        if tools is not None and tools.grammar is not None:
+            if grammar is not None:
+                raise InvalidRequest(
+                    "a required tool call and response_format cannot both shape the answer", param="response_format"
+                )
+            grammar = tools.grammar
         if grammar is not None and not self._parses(grammar):
-            raise InvalidRequest(
-                "the response_format's schema gives a grammar llama.cpp cannot use", param="response_format"
-            )
+            param = "tools" if tools is not None and grammar is tools.grammar else "response_format"
+            raise InvalidRequest("the schema gives a grammar llama.cpp cannot use", param=param)
         return LocalRequest(
             kind=request.kind,
             prompt=prompt,
@@ -100,6 +137,8 @@ class Prompter:
             service_tier=SERVED_TIERS[request.priority] if request.priority is not None else "default",
             urgent=request.priority is Priority.HIGH,
             echo=self._echo(payload, prompt) if request.kind == "completion" else "",
+            logprobs=logprobs,
+            tools=tools,
         )
 
     def _echo(self, payload: dict[str, Any], tokens: list[int]) -> str:
@@ -117,7 +156,9 @@ class Prompter:
     def _chat_prompt(self, payload: dict[str, Any]) -> list[int]:
         try:
             formatted = self._formatter(
-                messages=payload["messages"], tools=payload.get("tools"), tool_choice=payload.get("tool_choice")
+                messages=render_messages(payload, self._renders_tools),
+                tools=payload.get("tools"),
+                tool_choice=payload.get("tool_choice"),
             )
         except (TemplateError, ValueError, TypeError, KeyError) as exc:
             raise InvalidRequest(
