@@ -22,6 +22,10 @@ Then the embeddings check: 4 closed-loop clients each sending 8 sentences a requ
 --embed-seconds each after a warm-up; inputs embedded per second, the gateway's over llama-server's (the
 figure: at least 1.0x). `--embeddings-only` runs just that part.
 
+Then the grammar's cost: greedy chat completions of up to 128 tokens, one at a time, unconstrained and with a
+`response_format` JSON schema, alternated on one gateway; completion tokens a second of each, and the overhead.
+`--structured-only` runs just that part.
+
     python -m bench.local_bench [--rounds 3] [--tokens 128] [--threads 2] [--modes greedy,sampled]
                                 [--only gateway,llama-server -np 4] [--json bench/results/local.json]
                                 [--preemption-only] [--preempt-tokens 256] [--embeddings-only] [--embed-seconds 10]
@@ -325,6 +329,68 @@ def embeddings_part(threads: int, rounds: int, seconds: float) -> dict[str, obje
     }
 
 
+STRUCTURED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "year": {"type": "integer"},
+        "genres": {"type": "array", "items": {"type": "string"}},
+        "summary": {"type": "string"},
+    },
+    "required": ["title", "year", "genres", "summary"],
+}
+
+
+async def generation_rate(url: str, response_format: dict[str, object] | None, requests: int) -> float:
+    """Completion tokens a second of `requests` one-at-a-time greedy chat completions (128 tokens at most)."""
+    tokens, elapsed = 0, 0.0
+    async with client() as session:
+        for n in range(requests):
+            body: dict[str, object] = {
+                "model": "bench",
+                "messages": [{"role": "user", "content": f"Describe film number {n} as JSON: title, year, genres."}],
+                "max_tokens": 128,
+                "temperature": 0,
+            }
+            if response_format is not None:
+                body["response_format"] = response_format
+            start = time.perf_counter()
+            async with session.post(url + "/v1/chat/completions", json=body) as response:
+                answer = orjson.loads(await response.read())
+            elapsed += time.perf_counter() - start
+            tokens += answer["usage"]["completion_tokens"]
+    return tokens / elapsed
+
+
+def structured_part(threads: int, rounds: int, requests: int) -> dict[str, object]:
+    """JSON-schema generation against unconstrained on one gateway, alternated: the grammar's overhead."""
+    port = free_port()
+    gateway = Contender(
+        "gateway", [sys.executable, "-m", "app"], port, {**gateway_env(threads), "PORT": str(port)}, "/ready"
+    )
+    schema = {"type": "json_schema", "json_schema": {"name": "film", "schema": STRUCTURED_SCHEMA}}
+    rates: dict[str, list[float]] = {"unconstrained": [], "json_schema": []}
+    gateway.start()
+    try:
+        asyncio.run(generation_rate(gateway.url, None, 1))  # warm-up
+        for round_ in range(rounds):
+            for name, response_format in (("unconstrained", None), ("json_schema", schema)):
+                rate = asyncio.run(generation_rate(gateway.url, response_format, requests))
+                rates[name].append(rate)
+                print(f"round {round_ + 1} {name:<14} {rate:6.1f} tokens/s", flush=True)
+    finally:
+        gateway.stop()
+    free, constrained = statistics.median(rates["unconstrained"]), statistics.median(rates["json_schema"])
+    # Each round's pair ran back to back: their ratio is what machine noise disturbs least.
+    ratios = [c / f for c, f in zip(rates["json_schema"], rates["unconstrained"], strict=True)]
+    return {
+        "unconstrained_tokens_per_s_median": round(free, 1),
+        "json_schema_tokens_per_s_median": round(constrained, 1),
+        "grammar_overhead": round(1 - statistics.median(ratios), 3),
+        "rounds": rates,
+    }
+
+
 def gateway_env(threads: int) -> dict[str, str]:
     return {
         "BACKEND": "local",
@@ -401,8 +467,15 @@ def main() -> None:
     parser.add_argument("--preemption-only", action="store_true", help="run only the preemption check")
     parser.add_argument("--preempt-tokens", type=int, default=256, help="tokens of each low stream there")
     parser.add_argument("--embeddings-only", action="store_true", help="run only the embeddings check")
+    parser.add_argument("--structured-only", action="store_true", help="run only the JSON-schema overhead check")
     parser.add_argument("--embed-seconds", type=float, default=10.0, help="each contender's embeddings run")
     args = parser.parse_args()
+    if args.structured_only:
+        structured = structured_part(args.threads, args.rounds, 4)
+        print("\nstructured:", json.dumps({k: v for k, v in structured.items() if k != "rounds"}, indent=2))
+        with open(args.json, "w") as out:
+            json.dump({"structured": structured}, out, indent=2)
+        return
     if args.embeddings_only:
         embeddings = embeddings_part(args.threads, args.rounds, args.embed_seconds)
         print("\nembeddings:", json.dumps({k: v for k, v in embeddings.items() if k != "rounds"}, indent=2))
@@ -483,6 +556,8 @@ def main() -> None:
     print("preemption:", json.dumps({k: {n: v for n, v in r.items() if n != "rounds"} for k, r in preemption.items()}))
     embeddings = embeddings_part(args.threads, args.rounds, args.embed_seconds)
     print("embeddings:", json.dumps({k: v for k, v in embeddings.items() if k != "rounds"}))
+    structured = structured_part(args.threads, args.rounds, 4)
+    print("structured:", json.dumps({k: v for k, v in structured.items() if k != "rounds"}))
     with open(args.json, "w") as out:
         json.dump(
             {
@@ -493,6 +568,7 @@ def main() -> None:
                 "priority": priority,
                 "preemption": preemption,
                 "embeddings": embeddings,
+                "structured": structured,
             },
             out,
             indent=2,

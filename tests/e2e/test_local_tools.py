@@ -17,7 +17,12 @@ WEATHER = {
     "function": {
         "name": "get_weather",
         "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        # Bounded strings: a small model sampled hot may otherwise ramble inside one past max_tokens.
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+        },
     },
 }
 TIME = {
@@ -25,7 +30,11 @@ TIME = {
     "function": {
         "name": "get_time",
         "description": "The time in a time zone",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 40}},
+            "required": ["zone"],
+        },
     },
 }
 ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]

@@ -12,7 +12,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from collections.abc import Sequence as Sequence_
 from pathlib import Path
 from typing import Any
 
@@ -328,7 +327,7 @@ def _call_delta(call: dict[str, Any]) -> dict[str, Any]:
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
-def logprobs_body(tokens: Sequence_[TokenLogprob], chat: bool, offset: int) -> dict[str, Any]:
+def logprobs_body(tokens: list[TokenLogprob] | tuple[TokenLogprob, ...], chat: bool, offset: int) -> dict[str, Any]:
     """OpenAI's logprobs of these tokens: chat's `content` entries, or the text completions' columns (whose
     text_offset starts at `offset`, the characters of the answer before them)."""
     if chat:

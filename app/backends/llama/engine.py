@@ -26,7 +26,7 @@ from typing import Any
 from app.backends.llama import placement
 from app.backends.llama.events import Delta, Done, Embedded, Event, Failed, TokenLogprob
 from app.backends.llama.model import EngineConfig, LlamaModel
-from app.backends.llama.sampling import Sampling, build_chain, free_chain, plan
+from app.backends.llama.sampling import Sampling, build_chain, free_chain, grammar_sampler, plan
 from app.backends.llama.stop_text import StopText
 
 log = logging.getLogger("app.backends.llama")
@@ -47,6 +47,7 @@ class Sequence:
         "cached",
         "cancelled",
         "generated",
+        "grammar",
         "history",
         "id",
         "logit_index",
@@ -90,6 +91,7 @@ class Sequence:
         self.next_token: int | None = None
         self.logit_index = -1
         self.sampler: Any = None
+        self.grammar: Any = None  # llama.cpp's grammar sampler, for response_format or a required tool call
         self.cached = 0  # prompt tokens whose KV was reused from the previous request on this id
         self.history: list[int] = []  # tokens decoded into this sequence's KV cells
         self.park_wanted = False  # asked to give its slot up at the next step (under the engine's lock)
@@ -290,7 +292,7 @@ class LlamaEngine:
             return
         for sequence in list(self._active):
             if sequence.logit_index >= 0:
-                token = model.sample(sequence.sampler, sequence.logit_index)
+                token = model.sample(sequence.sampler, sequence.logit_index, sequence.grammar)
                 if sequence.logprobs is not None:
                     sequence.pending.append(model.logprob(sequence.logit_index, token, sequence.logprobs))
                 sequence.logit_index = -1
@@ -360,7 +362,9 @@ class LlamaEngine:
         sequence.id = slot
         sequence.prefilled = sequence.cached = keep
         sequence.history = self._resident[slot] = prompt[:keep]
-        sequence.sampler = build_chain(plan(sequence.sampling), model.vocab)
+        sequence.sampler = build_chain(plan(sequence.sampling))
+        if sequence.sampling.grammar is not None:
+            sequence.grammar = grammar_sampler(model.vocab, sequence.sampling.grammar)
         bisect.insort(self._active, sequence, key=_by_id)
         self._prompting.append(sequence)
 
@@ -395,8 +399,7 @@ class LlamaEngine:
             sequence.parked = False
         sequence.park_id = -1
         if slot is None:
-            free_chain(sequence.sampler)
-            sequence.sampler = None
+            _free_samplers(sequence)
             return
         self._free_ids.remove(slot)
         model = self.model
@@ -464,12 +467,17 @@ class LlamaEngine:
         if not keep:
             self.model.clear(sequence.id)
             self._resident[sequence.id] = []
-        free_chain(sequence.sampler)
-        sequence.sampler = None
+        _free_samplers(sequence)
         self._active.remove(sequence)
         if sequence.prefilled < len(sequence.prompt):
             self._prompting.remove(sequence)
         self._free_ids.append(sequence.id)
+
+
+def _free_samplers(sequence: Sequence) -> None:
+    free_chain(sequence.sampler)
+    free_chain(sequence.grammar)
+    sequence.sampler = sequence.grammar = None
 
 
 def _by_id(sequence: Sequence) -> int:

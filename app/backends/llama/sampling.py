@@ -39,10 +39,9 @@ Step = tuple[str, tuple[float | int | str, ...]]
 
 
 def plan(sampling: Sampling) -> list[Step]:
-    """The samplers for these options, in the order they run."""
+    """The samplers for these options, in the order they run. A grammar is not one of them: it is checked apart
+    (see LlamaModel.sample), on the token the chain picks, as llama-server does."""
     steps: list[Step] = []
-    if sampling.grammar is not None:  # first: what the grammar forbids is gone before anything else looks
-        steps.append(("grammar", (sampling.grammar,)))
     if sampling.repeat_penalty != 1.0 or sampling.frequency_penalty or sampling.presence_penalty:
         penalties = (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty)
         steps.append(("penalties", (PENALTY_LAST_N, *penalties)))
@@ -61,16 +60,11 @@ def plan(sampling: Sampling) -> list[Step]:
     return steps
 
 
-def build_chain(steps: list[Step], vocab: Any) -> Any:
-    """A llama.cpp sampler chain running `steps` (`vocab`: the model's, for a grammar); the caller frees it with
-    free_chain."""
+def build_chain(steps: list[Step]) -> Any:
+    """A llama.cpp sampler chain running `steps`; the caller frees it with free_chain."""
     chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
     for name, args in steps:
-        if name == "grammar":
-            sampler = grammar_sampler(vocab, str(args[0]))
-            if sampler is None:
-                raise ValueError("the grammar does not parse")
-        elif name == "penalties":
+        if name == "penalties":
             # The bindings declare an old five-argument signature (n_vocab first); llama.cpp now takes four.
             # Passing the look-back in both integer places is right under either.
             last_n = args[0]
@@ -88,5 +82,6 @@ def grammar_sampler(vocab: Any, grammar: str) -> Any:
 
 
 def free_chain(chain: Any) -> None:
-    """Release a chain that build_chain() made."""
-    ll.llama_sampler_free(chain)
+    """Release a chain that build_chain() made, or a grammar sampler."""
+    if chain is not None:
+        ll.llama_sampler_free(chain)
