@@ -25,6 +25,7 @@ COMPLETION_ROUTES: dict[str, CompletionKind] = {
 _PATHS: dict[CompletionKind, str] = {kind: path.removeprefix("/v1") for path, kind in COMPLETION_ROUTES.items()}
 EMBEDDING_FORMATS = ("float", "base64")
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+MAX_CHOICES = 128  # OpenAI's limit on n
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,6 +42,7 @@ class CompletionRequest:
     body_priority: Priority | None
     service_tier: str | None = None  # OpenAI's field as the client sent it (see SERVICE_TIERS)
     priority: Priority | None = None  # the priority it is served at, once the API layer has decided it
+    n: int = 1  # choices asked for (completions)
 
     def served_at(self, priority: Priority) -> CompletionRequest:
         """The same request, with the priority it is served at (the local model reports it as its tier)."""
@@ -200,7 +202,9 @@ def parse_completion_request(
         raise InvalidRequest(f"stream must be a boolean, not {type(stream).__name__}", param="stream")
     max_tokens = _optional_int(payload, "max_tokens", 1, max_tokens_limit)
     completion_tokens = _optional_int(payload, "max_completion_tokens", 1, max_tokens_limit)
-    _optional_int(payload, "n", 1)
+    n = _optional_int(payload, "n", 1)
+    if n is not None and n > MAX_CHOICES:
+        raise InvalidRequest(f"n must be at most {MAX_CHOICES}, not {n}", param="n")
     _check_number(payload, "temperature", 0.0, 2.0)
     _check_number(payload, "top_p", 0.0, 1.0)
     if kind == "chat":
@@ -234,4 +238,5 @@ def parse_completion_request(
         max_tokens=completion_tokens if completion_tokens is not None else max_tokens,
         body_priority=body_priority,
         service_tier=service_tier,
+        n=(n or 1) if kind != "embedding" else 1,
     )

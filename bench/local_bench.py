@@ -26,9 +26,15 @@ Then the grammar's cost: greedy chat completions of up to 128 tokens, one at a t
 `response_format` JSON schema, alternated on one gateway; completion tokens a second of each, and the overhead.
 `--structured-only` runs just that part.
 
+Then choices: a chat completion of n=4 (a prompt of about 600 tokens, 32 sampled tokens a choice, seeds 0-3)
+against the same four choices as four separate requests sent at once (n=1, seed 0, 1, 2, 3), alternated on one
+gateway with four slots, each round with a prompt no slot holds yet; the time of each, and the ratio (the
+figure: n=4 takes less time, its prompt evaluated once). `--choices-only` runs just that part.
+
     python -m bench.local_bench [--rounds 3] [--tokens 128] [--threads 2] [--modes greedy,sampled]
                                 [--only gateway,llama-server -np 4] [--json bench/results/local.json]
                                 [--preemption-only] [--preempt-tokens 256] [--embeddings-only] [--embed-seconds 10]
+                                [--structured-only] [--choices-only]
 """
 
 from __future__ import annotations
@@ -391,6 +397,70 @@ def structured_part(threads: int, rounds: int, requests: int) -> dict[str, objec
     }
 
 
+CHOICES = 4
+CHOICE_TOKENS = 32
+
+
+def _choices_prompt(round_: int) -> list[dict[str, str]]:
+    """About 600 tokens of context no slot holds yet (the round's number comes first), then the question."""
+    facts = " ".join(f"Fact {i}: the lighthouse keeper counted {i * 7 + round_} gulls on day {i}." for i in range(40))
+    return [{"role": "user", "content": f"Round {round_}. {facts} Write a short poem about the gulls."}]
+
+
+async def choices_time(url: str, messages: list[dict[str, str]], together: bool) -> tuple[float, int]:
+    """Seconds for CHOICES answers of one prompt: one request of n=CHOICES, or CHOICES requests at once; and
+    the completion tokens they produced."""
+    body: dict[str, object] = {
+        "model": "bench",
+        "messages": messages,
+        "max_tokens": CHOICE_TOKENS,
+        "temperature": 1.0,
+        "seed": 0,
+    }
+    async with client() as session:
+
+        async def one(extra: dict[str, object]) -> int:
+            async with session.post(url + "/v1/chat/completions", json={**body, **extra}) as response:
+                answer = orjson.loads(await response.read())
+            assert response.status == 200, answer
+            return int(answer["usage"]["completion_tokens"])
+
+        start = time.perf_counter()
+        if together:
+            tokens = await one({"n": CHOICES})
+        else:
+            tokens = sum(await asyncio.gather(*(one({"seed": seed}) for seed in range(CHOICES))))
+        return time.perf_counter() - start, tokens
+
+
+def choices_part(threads: int, rounds: int) -> dict[str, object]:
+    """n=4 against four separate requests on one gateway, alternated, a fresh prompt each time."""
+    port = free_port()
+    gateway = Contender(
+        "gateway", [sys.executable, "-m", "app"], port, {**gateway_env(threads), "PORT": str(port)}, "/ready"
+    )
+    times: dict[str, list[float]] = {"n=4": [], "4 requests": []}
+    gateway.start()
+    try:
+        asyncio.run(choices_time(gateway.url, _choices_prompt(-1), True))  # warm-up
+        for round_ in range(rounds * 2):
+            for name, together in (("n=4", True), ("4 requests", False)):
+                # Each its own prompt: neither finds the other's cells in a slot.
+                prompt = _choices_prompt(2 * round_ + together)
+                seconds, tokens = asyncio.run(choices_time(gateway.url, prompt, together))
+                times[name].append(seconds)
+                print(f"round {round_ + 1} {name:<11} {seconds * 1000:7.0f} ms, {tokens} tokens", flush=True)
+    finally:
+        gateway.stop()
+    ratios = [t / s for t, s in zip(times["n=4"], times["4 requests"], strict=True)]
+    return {
+        "n4_ms_median": round(statistics.median(times["n=4"]) * 1000, 1),
+        "four_requests_ms_median": round(statistics.median(times["4 requests"]) * 1000, 1),
+        "n4_over_four_requests": round(statistics.median(ratios), 3),
+        "rounds": times,
+    }
+
+
 def gateway_env(threads: int) -> dict[str, str]:
     return {
         "BACKEND": "local",
@@ -469,7 +539,14 @@ def main() -> None:
     parser.add_argument("--embeddings-only", action="store_true", help="run only the embeddings check")
     parser.add_argument("--structured-only", action="store_true", help="run only the JSON-schema overhead check")
     parser.add_argument("--embed-seconds", type=float, default=10.0, help="each contender's embeddings run")
+    parser.add_argument("--choices-only", action="store_true", help="run only the n=4 against 4 requests check")
     args = parser.parse_args()
+    if args.choices_only:
+        choices = choices_part(args.threads, args.rounds)
+        print("\nchoices:", json.dumps({k: v for k, v in choices.items() if k != "rounds"}, indent=2))
+        with open(args.json, "w") as out:
+            json.dump({"choices": choices}, out, indent=2)
+        return
     if args.structured_only:
         structured = structured_part(args.threads, args.rounds, 4)
         print("\nstructured:", json.dumps({k: v for k, v in structured.items() if k != "rounds"}, indent=2))
@@ -558,6 +635,8 @@ def main() -> None:
     print("embeddings:", json.dumps({k: v for k, v in embeddings.items() if k != "rounds"}))
     structured = structured_part(args.threads, args.rounds, 4)
     print("structured:", json.dumps({k: v for k, v in structured.items() if k != "rounds"}))
+    choices = choices_part(args.threads, args.rounds)
+    print("choices:", json.dumps({k: v for k, v in choices.items() if k != "rounds"}))
     with open(args.json, "w") as out:
         json.dump(
             {
@@ -569,6 +648,7 @@ def main() -> None:
                 "preemption": preemption,
                 "embeddings": embeddings,
                 "structured": structured,
+                "choices": choices,
             },
             out,
             indent=2,

@@ -153,13 +153,13 @@ def queue_status(scheduler: Scheduler, viewer: KeyAccount | None = None) -> Queu
     totals = scheduler.totals
     return QueueStatus(
         queue_size=scheduler.waiting,
-        processing_count=scheduler.in_flight,
+        processing_count=scheduler.processing,
         max_concurrent=scheduler.max_concurrent,
         max_queue_size=scheduler.max_queue_size,
         total_processed=totals.completed,
         total_failed=totals.failed,
         total_queued=totals.queued,
-        active_requests=scheduler.waiting + scheduler.in_flight,
+        active_requests=scheduler.waiting + scheduler.processing,
         is_running=not scheduler.draining,
         queue_size_by_priority=scheduler.queue_sizes(),
         waiting_for_admission=scheduler.waiting_for_space,

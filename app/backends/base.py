@@ -73,6 +73,10 @@ class Turn:
         """The backend's means to pause and go on, and to count the tokens generated, while the request runs."""
         self._park, self._resume, self._generated = park, resume, generated
 
+    def counting(self, generated: Callable[[], int]) -> None:
+        """The backend's count of the tokens generated, for a request it cannot pause."""
+        self._generated = generated
+
     def done(self) -> None:
         """The backend has let go: nothing is left to pause."""
         self._park = self._resume = None

@@ -69,11 +69,13 @@ class Job:
         "arrived",
         "arrived_wall",
         "avoid",
+        "choices",
         "cost",
         "deadline",
         "error",
         "error_message",
         "eta",
+        "extra_slots",
         "finished",
         "id",
         "key",
@@ -112,6 +114,7 @@ class Job:
         cost: int = 0,
         model: str | None = None,
         affinity: int | None = None,
+        choices: int = 1,
     ):
         self.id = id
         self.kind = kind
@@ -127,6 +130,8 @@ class Job:
         self.error: GatewayError | None = None  # what ends it, until it has ended
         self.error_message: str | None = None  # what ended it, once it has
         self.slot: Slot | None = None
+        self.choices = choices  # n: at the local model, each choice decodes in a slot of its own (Member.slots_for)
+        self.extra_slots: tuple[Slot, ...] = ()  # the slots past the first it holds, while it runs
         self.waiting_in: object | None = None  # the PriorityQueue this job waits in, if any
         self.waiting_level: object | None = None  # and the level there (the queue's own bookkeeping)
         self.turn_key: object = None  # whose turn it takes in the queue's round robin

@@ -71,10 +71,19 @@ class Member:
         self.retiring = False
         self.series = series if series is not None else BackendSeries()  # its metrics, kept by name
 
-    def takes(self, rank: int) -> bool:
-        """Whether a request of level `rank` may take one of its idle slots (the reserved ones are for high)."""
+    def takes(self, rank: int, count: int = 1) -> bool:
+        """Whether a request of level `rank` may take `count` of its idle slots (the reserved ones are for high)."""
         idle = len(self.slots.idle) - self.withheld
-        return idle > self.reserved_high if rank else idle > 0
+        return idle >= self.reserved_high + count if rank else idle >= count
+
+    def slots_for(self, choices: int) -> int:
+        """The slots a request of `choices` choices (n) takes here: one per choice at the local model, which
+        decodes them side by side; one at a proxy, whose upstream answers them all in one request."""
+        return choices if self.kind == "local" else 1
+
+    def could_take(self, rank: int, choices: int) -> bool:
+        """Whether a request of level `rank` and `choices` choices fits here at all, every slot idle."""
+        return self.max_concurrent - (self.reserved_high if rank else 0) >= self.slots_for(choices)
 
     @property
     def holds_work(self) -> bool:

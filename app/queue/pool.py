@@ -47,10 +47,11 @@ class Pool:
         self.arrivals = tuple(ArrivalRate() for _ in range(levels))  # its arrivals per second, by level
         self.shared = False  # dispatched by the replicas' shared queue (app.queue.shared), not from here
 
-    def has_room(self, rank: int) -> bool:
-        """Whether a member has a slot a request of level `rank` may take, and nothing could hold it back."""
-        for member in self.members:  # noqa: SIM110 (a loop: cheaper than any() on every request)
-            if member.takes(rank) and (member.gate is None or member.gate.idle()):
+    def has_room(self, rank: int, choices: int = 1) -> bool:
+        """Whether a member has the slots a request of level `rank` and `choices` choices may take, and nothing
+        could hold it back."""
+        for member in self.members:
+            if member.takes(rank, member.slots_for(choices)) and (member.gate is None or member.gate.idle()):
                 return True
         return False
 
@@ -79,13 +80,18 @@ class Pool:
             return parked_at if parked_at is not None and parked_at.takes(rank) else None
         if len(members) == 1:  # a fleet of one: the hot path
             member = members[0]
-            if not member.takes(rank) or (member.gate is not None and not member.gate.admits(job, now, wake)):
+            if not member.takes(rank, member.slots_for(job.choices)):
+                return None
+            if member.gate is not None and not member.gate.admits(job, now, wake):
                 return None
             return member
         avoid = job.avoid
-        free = [m for m in members if m.takes(rank) and m is not avoid]
+        choices = job.choices
+        free = [m for m in members if m.takes(rank, m.slots_for(choices)) and m is not avoid]
         if not free:
-            if avoid is None or not avoid.takes(rank) or any(m is not avoid and not m.down for m in members):
+            if avoid is None or not avoid.takes(rank, avoid.slots_for(choices)):
+                return None
+            if any(m is not avoid and not m.down for m in members):
                 return None
             free = [avoid]  # it failed there, but every other member is down now
         for member in self._order(job, free):

@@ -219,17 +219,26 @@ class Scheduler:
         model: str | None = None,
         affinity: int | None = None,
         timeout: float | None = None,
+        choices: int = 1,
     ) -> Job:
         """Accept a request for `model`: dispatch it now if a member is free, else queue it; raise if it cannot wait.
 
         `cost` is what the request is charged in tokens when it is dispatched; `key` is its client key's
         account, whose waiting count it joins while it waits; `affinity` names its conversation; `timeout` is
-        the client's own limit in seconds, which applies when it is shorter than REQUEST_TIMEOUT.
+        the client's own limit in seconds, which applies when it is shorter than REQUEST_TIMEOUT; `choices` is
+        its n, which at the local model takes a slot per choice.
         """
         if self.draining:
             self.count_rejection(priority, "shutting_down")
             raise ShuttingDown()
         pool = self.pool_for(model)
+        if choices > 1 and not any(member.could_take(priority.rank, choices) for member in pool.members):
+            most = max(member.max_concurrent for member in pool.members)
+            raise InvalidRequest(
+                f"n is {choices}, and the model decodes each choice in a slot of its own: at most {most} slots "
+                "are there for this priority",
+                param="n",
+            )
         refusal = self._refusal(pool)
         if refusal is not None:
             self.count_rejection(priority, "breaker_open")
@@ -247,14 +256,15 @@ class Scheduler:
         if full and (self.full_behavior is QueueFullBehavior.REJECT or pool.shared):
             raise self.refuse_full(priority)
         now = self.clock()
-        at_once = not pool.shared and not pool.queue.size and pool.has_room(priority.rank)
+        at_once = not pool.shared and not pool.queue.size and pool.has_room(priority.rank, choices)
         if batch and timeout is not None:
             lifetime = timeout
         else:
             lifetime = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
         expected = None if at_once else self._expected_wait(pool, priority, key, lifetime, full, now)
         pool.arrivals[priority.rank].arrived(now)
-        job = Job(request_id, kind, priority, key, now, self._wall_clock(), now + lifetime, cost, model, affinity)
+        deadline = now + lifetime
+        job = Job(request_id, kind, priority, key, now, self._wall_clock(), deadline, cost, model, affinity, choices)
         job.pool = pool
         job.eta = expected
         self._live[job.key_name, request_id] = job
@@ -383,6 +393,9 @@ class Scheduler:
 
     def _start(self, job: Job, member: Member, now: float) -> None:
         job.slot = member.slots.take(job)
+        extra = member.slots_for(job.choices) - 1
+        if extra:
+            job.extra_slots = tuple(member.slots.take(job) for _ in range(extra))
         job.member = member
         job.started = job.slot_taken = now
         job.mark_dispatched()
@@ -452,9 +465,10 @@ class Scheduler:
             return True
         member = pool.choose(job, now, self.dispatch)
         if member is None:
-            if job.rank or job.parked or not self.preempt_max or not self._preempt(pool, now):
+            if job.rank or job.parked or not self.preempt_max:
                 return False
-            member = pool.choose(job, now, self.dispatch)
+            while member is None and self._preempt(pool, now):  # a request of n choices may need several
+                member = pool.choose(job, now, self.dispatch)
             if member is None:
                 return False
         pool.queue.pop()
@@ -564,8 +578,7 @@ class Scheduler:
         member.series.errors += 1
         member.series.failovers += 1
         now = self.clock()
-        member.slots.give(job.slot, False)
-        job.slot = None
+        self._give_back(job, member, False)
         if member.gate is not None:
             member.gate.ended(job, None)
         job.avoid = member
@@ -661,8 +674,7 @@ class Scheduler:
         if slot is not None:
             assert member is not None and job.started is not None
             completed = state is JobState.COMPLETED
-            member.slots.give(slot, completed)
-            job.slot = None
+            self._give_back(job, member, completed)
             held = now - job.started - job.parked_for
             self.service.observe(held)
             if job.pool is not None:
@@ -683,6 +695,14 @@ class Scheduler:
         if job.ticket is not None and self.shared is not None:
             self.shared.finished(job, used)
         self._dispatch(now)
+
+    def _give_back(self, job: Job, member: Member, ok: bool) -> None:
+        """Return the slots a request held at `member` (counted as processed if `ok`, as errors if not)."""
+        assert job.slot is not None
+        member.slots.give(job.slot, ok)
+        for slot in job.extra_slots:
+            member.slots.give(slot, ok)
+        job.slot, job.extra_slots = None, ()
 
     def _remember(self, job: Job) -> None:
         name = job.key_name, job.id
@@ -792,8 +812,15 @@ class Scheduler:
 
     @property
     def in_flight(self) -> int:
-        """Requests at the backends now."""
+        """Slots busy at the backends now (what max_concurrent bounds: a request of n choices at the local
+        model holds n of them)."""
         return sum(member.slots.busy for member in [*self.members.values(), *self.retiring])
+
+    @property
+    def processing(self) -> int:
+        """Requests at the backends now, each counted once however many slots it holds."""
+        members = [*self.members.values(), *self.retiring]
+        return sum(1 for m in members for slot in m.slots.slots if slot.job is not None and slot.job.slot is slot)
 
     @property
     def waiting_in_queue(self) -> int:

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.backends.base import Turn
-from app.errors import RequestCancelled
+from app.errors import InvalidRequest, RequestCancelled
 from app.metrics import Metrics
 from app.queue.job import Job
 from app.queue.member import Member
@@ -128,3 +128,40 @@ async def test_reserved_slots_take_high_requests_only() -> None:
     assert waiting.state is JobState.QUEUED  # the freed slot is the reserved one again
     s.retire(low, None, None)
     assert waiting.state is JobState.PROCESSING
+
+
+async def test_a_request_of_n_choices_takes_n_slots_at_the_local_model_and_one_at_a_proxy() -> None:
+    s, _, _ = make(Member("local", 4, kind="local"))
+    three = s.submit("three", "chat", Priority.NORMAL, None, choices=3)
+    assert three.state is JobState.PROCESSING and len(three.extra_slots) == 2
+    assert s.in_flight == 3 and s.processing == 1
+    # Two choices do not fit in the one slot left; a single one behind them waits its turn rather than pass.
+    pair = s.submit("pair", "chat", Priority.NORMAL, None, choices=2)
+    single = s.submit("single", "chat", Priority.NORMAL, None)
+    assert pair.state is JobState.QUEUED and single.state is JobState.QUEUED
+    s.retire(three, None, None)
+    assert pair.state is JobState.PROCESSING and single.state is JobState.PROCESSING
+    assert s.in_flight == 3 and s.processing == 2
+    s.retire(pair, None, None)
+    s.retire(single, None, None)
+    assert s.in_flight == 0 and sum(slot.processed for slot in s.slots) == 6  # a slot for each choice
+    # More choices than the model has slots (for this level: one is reserved for high) can never run.
+    reserved, _, _ = make(Member("local", 4, kind="local", reserved_high=1))
+    with pytest.raises(InvalidRequest) as refused:
+        reserved.submit("too-wide", "chat", Priority.NORMAL, None, choices=4)
+    assert refused.value.param == "n"
+    assert reserved.submit("high-wide", "chat", Priority.HIGH, None, choices=4).state is JobState.PROCESSING
+    proxy, _, _ = make(Member("proxy", 1))
+    assert proxy.submit("many", "chat", Priority.NORMAL, None, choices=8).state is JobState.PROCESSING
+
+
+async def test_a_high_request_of_n_choices_parks_as_many_as_it_needs() -> None:
+    s, clock, _ = make(Member("local", 3, kind="local", parking=2))
+    log: list[str] = []
+    lows = []
+    for i in range(3):
+        lows.append(running(s, f"low-{i}", Priority.LOW, log))
+        clock.advance(1)
+    high = s.submit("high", "chat", Priority.HIGH, None, choices=2)
+    assert high.state is JobState.PROCESSING and log == ["park low-2", "park low-1"]
+    assert [job.parked for job in lows] == [False, True, True]

@@ -68,6 +68,7 @@ class LlamaBackend:
         self._default_max_tokens = default_max_tokens
         self.alias = alias or Path(path).name.removesuffix(".gguf")
         self.n_ctx = n_ctx
+        self._n_seq = n_seq
         self._chat_template = chat_template
         self._engine = LlamaEngine(
             EngineConfig(
@@ -105,6 +106,7 @@ class LlamaBackend:
             model.parses,
             model.detokenize,
             renders_tools="tools" in template,
+            n_seq=self._n_seq,
         )
 
     async def aclose(self) -> None:
@@ -155,28 +157,34 @@ class LlamaBackend:
         """Generate the whole answer (the deadline is the queue's to keep: nothing here retries)."""
         if isinstance(prepared, LocalEmbedding):
             return await self._embed(prepared)
-        parts: list[str] = []
-        tokens: list[TokenLogprob] = []
-        done: Done | None = None
-        async for event in self._generate(prepared, turn):
+        n = prepared.n
+        parts: list[list[str]] = [[] for _ in range(n)]
+        tokens: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        ends: dict[int, Done] = {}
+        async for index, event in self._generate(prepared, turn):
             if isinstance(event, Delta):
-                parts.append(event.text)
-                tokens += event.logprobs
+                parts[index].append(event.text)
+                tokens[index] += event.logprobs
             else:
-                done = event
-        assert done is not None
-        text = prepared.echo + "".join(parts)
+                ends[index] = event
+        dones = [ends[i] for i in range(n)]
+        choices = [self._choice(prepared, i, "".join(parts[i]), tokens[i], dones[i].finish_reason) for i in range(n)]
+        body = {**self._header(prepared, chunked=False), "choices": choices, "usage": _usage_body(dones)}
+        return BackendResponse(200, orjson.dumps(body), usage=_usage(dones))
+
+    def _choice(
+        self, prepared: LocalRequest, index: int, text: str, tokens: list[TokenLogprob], reason: str
+    ) -> dict[str, Any]:
+        """One whole choice: its message (a tool call, when the answer is one) or text, logprobs and finish."""
+        text = prepared.echo + text
         chat = prepared.kind == "chat"
         content: dict[str, Any] = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         logprobs = logprobs_body(tokens, chat, 0) if prepared.logprobs is not None else None
-        reason = done.finish_reason
         call = read_call(text, prepared.tools) if prepared.tools is not None else None
         if call is not None:
             content = {"message": {"role": "assistant", "content": None, "tool_calls": [call]}}
             reason = "tool_calls"
-        choice = {"index": 0, **content, "logprobs": logprobs, "finish_reason": reason}
-        body = {**self._header(prepared, chunked=False), "choices": [choice], "usage": _usage_body(done)}
-        return BackendResponse(200, orjson.dumps(body), usage=Usage(done.prompt_tokens, done.completion_tokens))
+        return {"index": index, **content, "logprobs": logprobs, "finish_reason": reason}
 
     async def stream(
         self, prepared: LocalRequest | LocalEmbedding, deadline: float, turn: Turn | None = None
@@ -187,11 +195,11 @@ class LlamaBackend:
 
     async def _embed(self, prepared: LocalEmbedding) -> BackendResponse:
         """The inputs' vectors, computed between two decode steps of the engine."""
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        embedding = Embedding(prepared.inputs, events)
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        embedding = Embedding(prepared.inputs, (events, 0))
         self._engine.embed(embedding)
         try:
-            event = await events.get()
+            _, event = await events.get()
         finally:
             embedding.cancelled = True  # left early (a timeout, a cancel): the engine skips it
         if not isinstance(event, Embedded):
@@ -204,41 +212,52 @@ class LlamaBackend:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_fan_out, items)
 
-    async def _generate(self, prepared: LocalRequest, turn: Turn | None) -> AsyncGenerator[Delta | Done, None]:
-        """The sequence's deltas, then its Done; a Failed raises ModelError.
+    async def _generate(
+        self, prepared: LocalRequest, turn: Turn | None
+    ) -> AsyncGenerator[tuple[int, Delta | Done], None]:
+        """Each choice's deltas and then its Done, as (choice index, event), interleaved as they come; a Failed
+        raises ModelError.
 
-        The sequence is submitted on the first iteration, so a generator closed before it starts costs the
-        engine nothing; one left early (timeout, cancel, disconnect) frees its engine slot at the next step.
-        While it runs, the queue may park it through `turn` (preemption) and resume it.
+        The sequences are submitted on the first iteration, so a generator closed before it starts costs the
+        engine nothing; one left early (timeout, cancel, disconnect) frees their engine slots at the next step.
+        While a single choice runs, the queue may park it through `turn` (preemption) and resume it.
         """
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        sequence = Sequence(
-            prepared.prompt,
-            prepared.sampling,
-            prepared.max_tokens,
-            prepared.stops,
-            events,
-            prepared.urgent,
-            prepared.logprobs,
-        )
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        sequences = [
+            Sequence(
+                prepared.prompt,
+                prepared.sampling_of(index),
+                prepared.max_tokens,
+                prepared.stops,
+                (events, index),
+                prepared.urgent,
+                prepared.logprobs,
+            )
+            for index in range(prepared.n)
+        ]
         engine = self._engine
-        engine.submit(sequence)
+        engine.submit(*sequences)
         if turn is not None:
-            turn.pausable(lambda: engine.park(sequence), lambda: engine.resume(sequence), lambda: sequence.generated)
-        ended = False
+            if len(sequences) == 1:
+                one = sequences[0]
+                turn.pausable(lambda: engine.park(one), lambda: engine.resume(one), lambda: one.generated)
+            else:  # several choices hold their slots together: they are not parked
+                turn.counting(lambda: sum(s.generated for s in sequences))
+        running = len(sequences)
         try:
-            while not ended:
-                event = await events.get()
+            while running:
+                index, event = await events.get()
                 if isinstance(event, Failed | Embedded):  # a sequence never gets an Embedded
-                    ended = True
                     raise ModelError(event.message if isinstance(event, Failed) else "the model answered out of turn")
-                ended = isinstance(event, Done)
-                yield event
+                if isinstance(event, Done):
+                    running -= 1
+                yield index, event
         finally:
             if turn is not None:
                 turn.done()
-            if not ended:
-                engine.cancel(sequence)
+            if running:
+                for sequence in sequences:
+                    engine.cancel(sequence)
 
     def _header(self, prepared: LocalRequest, chunked: bool) -> dict[str, Any]:
         """The fields every completion object starts with."""
@@ -267,64 +286,95 @@ class _LocalStream(BackendStream):
         prepared = self._prepared
         chat = prepared.kind == "chat"
         base = self._backend._header(prepared, chunked=True)
-
-        asked = prepared.logprobs is not None
-        offset = 0  # text completions' logprobs.text_offset runs across the chunks
-
-        def chunk(
-            text: str | None, reason: str | None, role: bool = False, tokens: tuple[TokenLogprob, ...] = ()
-        ) -> bytes:
-            nonlocal offset
-            logprobs = logprobs_body(tokens, chat, offset) if asked and tokens else None
-            offset += len(text or "")
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
-            return _sse({**base, "choices": [choice]})
-
+        choices = [_StreamedChoice(index, prepared, base) for index in range(prepared.n)]
         events = self._backend._generate(prepared, self._turn)
+        dones: list[Done | None] = [None] * prepared.n
         try:
-            if chat:
-                yield chunk(None, None, role=True)
-            elif prepared.echo:
-                yield chunk(prepared.echo, None)
-            # With tools, text that may be a call is held until it is known not to be one (or the answer ends).
-            plan = prepared.tools
-            held: list[str] | None = [] if plan is not None else None
-            async for event in events:
+            for choice in choices:
+                if chat:
+                    yield choice.chunk(None, None, role=True)
+                elif prepared.echo:
+                    yield choice.chunk(prepared.echo, None)
+            async for index, event in events:
+                choice = choices[index]
                 if isinstance(event, Delta):
-                    if held is None:
-                        yield chunk(event.text, None, tokens=event.logprobs)
-                        continue
-                    held.append(event.text)
-                    opening = "".join(held).lstrip()
-                    if opening and not opening.startswith("{") and plan is not None and plan.grammar is None:
-                        yield chunk("".join(held), None)
-                        held = None
+                    chunk = choice.text(event)
+                    if chunk:
+                        yield chunk
                     continue
-                self.usage = Usage(event.prompt_tokens, event.completion_tokens)
-                reason = event.finish_reason
-                if held is not None and plan is not None:
-                    call = read_call("".join(held), plan)
-                    if call is None:
-                        yield chunk("".join(held), None)
-                    else:
-                        yield _sse({**base, "choices": [_call_delta(call)]})
-                        reason = "tool_calls"
-                yield chunk(None, reason)
-                if prepared.include_usage:
-                    yield _sse({**base, "choices": [], "usage": _usage_body(event)})
-                yield _SSE_DONE
+                dones[index] = event
+                ended = [done for done in dones if done is not None]
+                if len(ended) == len(dones):
+                    self.usage = _usage(ended)
+                for chunk in choice.end(event.finish_reason):
+                    yield chunk
+            ended = [done for done in dones if done is not None]
+            if prepared.include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage_body(ended)})
+            yield _SSE_DONE
         finally:
             await events.aclose()
 
 
-def _call_delta(call: dict[str, Any]) -> dict[str, Any]:
+class _StreamedChoice:
+    """One choice of a stream: its chunks, the text offset its logprobs count from, and, with tools, the text
+    held until it is known not to be a call (or the answer ends)."""
+
+    __slots__ = ("_base", "_chat", "_held", "_index", "_logprobs", "_offset", "_plan")
+
+    def __init__(self, index: int, prepared: LocalRequest, base: dict[str, Any]):
+        self._index = index
+        self._base = base
+        self._chat = prepared.kind == "chat"
+        self._logprobs = prepared.logprobs is not None
+        self._offset = 0  # text completions' logprobs.text_offset runs across the chunks
+        self._plan = prepared.tools
+        self._held: list[str] | None = [] if prepared.tools is not None else None
+
+    def chunk(
+        self, text: str | None, reason: str | None, role: bool = False, tokens: tuple[TokenLogprob, ...] = ()
+    ) -> bytes:
+        logprobs = logprobs_body(tokens, self._chat, self._offset) if self._logprobs and tokens else None
+        self._offset += len(text or "")
+        index = self._index
+        if self._chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+        return _sse({**self._base, "choices": [choice]})
+
+    def text(self, delta: Delta) -> bytes | None:
+        """The chunk for a delta, or None while it is held."""
+        held, plan = self._held, self._plan
+        if held is None:
+            return self.chunk(delta.text, None, tokens=delta.logprobs)
+        held.append(delta.text)
+        opening = "".join(held).lstrip()
+        if opening and not opening.startswith("{") and plan is not None and plan.grammar is None:
+            self._held = None
+            return self.chunk("".join(held), None)
+        return None
+
+    def end(self, reason: str) -> list[bytes]:
+        """The chunks that end the choice: what was held (or the call it makes), then its finish."""
+        chunks = []
+        held, plan = self._held, self._plan
+        if held is not None and plan is not None:
+            call = read_call("".join(held), plan)
+            if call is None:
+                chunks.append(self.chunk("".join(held), None))
+            else:
+                chunks.append(_sse({**self._base, "choices": [_call_delta(self._index, call)]}))
+                reason = "tool_calls"
+        chunks.append(self.chunk(None, reason))
+        return chunks
+
+
+def _call_delta(index: int, call: dict[str, Any]) -> dict[str, Any]:
     """A stream's choice carrying a whole tool call (the SDK gathers deltas; one is enough)."""
     delta = {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **call}]}
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
 def logprobs_body(tokens: list[TokenLogprob] | tuple[TokenLogprob, ...], chat: bool, offset: int) -> dict[str, Any]:
@@ -360,14 +410,20 @@ def _sse(body: dict[str, Any]) -> bytes:
 
 
 def _fan_out(items: list[tuple[Any, Event]]) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
+    for (queue, index), event in items:
+        queue.put_nowait((index, event))
 
 
-def _usage_body(done: Done) -> dict[str, Any]:
+def _usage(dones: list[Done]) -> Usage:
+    """The prompt counted once (its choices share its evaluation), and every choice's completion."""
+    return Usage(dones[0].prompt_tokens, sum(done.completion_tokens for done in dones))
+
+
+def _usage_body(dones: list[Done]) -> dict[str, Any]:
+    usage = _usage(dones)
     return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens},
     }

@@ -8,6 +8,10 @@ next step rather than when the whole batch ends; its KV cells stay for a later p
 on what is batched beside them. ctypes releases the GIL during llama_decode, so the event loop keeps
 serving HTTP while the model computes.
 
+Choices (n > 1): the first choice's sequence evaluates the prompt; the others are forks of it. At the step
+its prompt's last token is decoded, every fork samples its first token from those same logits with its own
+sampler, then takes a slot holding a copy of the prompt's cells: the prompt is evaluated once for all.
+
 Preemption: a sequence asked to park leaves the batch at the next step with everything it has (its tokens,
 its pending token, its sampler chain); its cells are copied to one of n_parked parking sequences, freeing its
 slot. Resumed, it is copied back into a free slot and goes on from the very token it stopped at, so nothing
@@ -46,6 +50,7 @@ class Sequence:
     __slots__ = (
         "cached",
         "cancelled",
+        "forks",
         "generated",
         "grammar",
         "history",
@@ -98,6 +103,12 @@ class Sequence:
         self.parked = False  # off the batch, its cells kept aside (under the engine's lock)
         self.park_id = -1  # the parking sequence holding its cells while parked
         self.pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not out yet
+        self.forks: list[Sequence] = []  # the other choices, waiting for this one's prompt (see submit)
+
+    @property
+    def generating(self) -> bool:
+        """Whether it has a token to add at the next step (a fork may have one before its prompt is all in)."""
+        return self.next_token is not None and self.prefilled == len(self.prompt)
 
 
 class Embedding:
@@ -158,12 +169,18 @@ class LlamaEngine:
 
     # The request side (any thread) ---------------------------------------------------------------------
 
-    def submit(self, sequence: Sequence) -> None:
-        """Start generating; its events go to `deliver` with sequence.sink."""
+    def submit(self, sequence: Sequence, *forks: Sequence) -> None:
+        """Start generating; its events go to `deliver` with sequence.sink.
+
+        `forks` are further choices of the same prompt (n > 1), each with its own sampling: the prompt is
+        evaluated once, by `sequence`, and each fork goes on from its cells in a slot of its own.
+        """
+        assert all(fork.prompt == sequence.prompt for fork in forks)
         with self._cond:
             if self._closing:
-                self._deliver([(sequence.sink, Failed("the model is shutting down"))])
+                self._deliver([(s.sink, Failed("the model is shutting down")) for s in (sequence, *forks)])
                 return
+            sequence.forks = list(forks)
             self._inbox.append(sequence)
             self._cond.notify()
 
@@ -240,6 +257,7 @@ class LlamaEngine:
                     *self._parked,
                     *self._embeddings,
                 ]
+                orphans += [fork for s in orphans if isinstance(s, Sequence) for fork in s.forks]
             self._outbox.extend((s.sink, Failed("the model stopped")) for s in orphans if not s.cancelled)
             self._flush()
             model.free()
@@ -248,6 +266,8 @@ class LlamaEngine:
         self._copied.clear()
         self._take_in()
         for move in placement.close_gaps([s.id for s in self._active], self._free_ids):
+            if move.source in self._copied:
+                break  # its cells are a copy still to be made: it moves at a later step
             self._move(move)
         model = self.model
         # Every generating sequence adds its one token (that keeps every stream moving) and one prompt, the
@@ -260,17 +280,19 @@ class LlamaEngine:
         # out of order, 23 ms in order).
         prompting = next((s for s in self._prompting if s.urgent), self._prompting[0] if self._prompting else None)
         alone = prompting is not None and prompting.urgent
-        room = self.config.n_batch - (0 if alone else sum(s.next_token is not None for s in self._active))
+        room = self.config.n_batch - (0 if alone else sum(s.generating for s in self._active))
         for sequence in self._active:  # kept in id order
-            if sequence.next_token is not None and not alone:
+            token = sequence.next_token
+            if token is not None and sequence.prefilled == len(sequence.prompt) and not alone:  # generating
                 position = sequence.prefilled + sequence.generated - 1
-                sequence.logit_index = model.add(sequence.id, sequence.next_token, position, True)
-                sequence.history.append(sequence.next_token)
+                sequence.logit_index = model.add(sequence.id, token, position, True)
+                sequence.history.append(token)
                 sequence.next_token = None
             elif sequence is prompting:
                 start = sequence.prefilled
                 end = min(start + room, len(sequence.prompt))
-                last = len(sequence.prompt) - 1
+                # A fork has its first token already: the prompt's last logits were its leader's.
+                last = len(sequence.prompt) - 1 if sequence.next_token is None else -1
                 for position in range(start, end):
                     index = model.add(sequence.id, sequence.prompt[position], position, position == last)
                     if position == last:
@@ -287,16 +309,41 @@ class LlamaEngine:
                 "llama_decode failed with status %d; ending the %d sequences in the batch", status, len(self._active)
             )
             for sequence in list(self._active):
+                forks, sequence.forks = sequence.forks, []
                 self._release(sequence, keep=False)
-                self._emit(sequence, Failed(f"the model failed to decode (status {status})"))
+                for failed in (sequence, *forks):
+                    self._emit(failed, Failed(f"the model failed to decode (status {status})"))
             return
         for sequence in list(self._active):
-            if sequence.logit_index >= 0:
-                token = model.sample(sequence.sampler, sequence.logit_index, sequence.grammar)
-                if sequence.logprobs is not None:
-                    sequence.pending.append(model.logprob(sequence.logit_index, token, sequence.logprobs))
+            index = sequence.logit_index
+            if index >= 0:
+                if sequence.forks:
+                    self._fork(sequence, index)
+                self._pick(sequence, index)
                 sequence.logit_index = -1
-                self._accept(sequence, token)
+
+    def _pick(self, sequence: Sequence, index: int) -> None:
+        """Sample the sequence's next token from the logits at batch index `index`, and take it."""
+        model = self.model
+        token = model.sample(sequence.sampler, index, sequence.grammar)
+        if sequence.logprobs is not None:
+            sequence.pending.append(model.logprob(index, token, sequence.logprobs))
+        self._accept(sequence, token)
+
+    def _fork(self, leader: Sequence, index: int) -> None:
+        """The leader's prompt is in: each fork samples its first token from the same logits, then waits (at
+        the head of the line) for a slot, where it goes on from a copy of the prompt's cells."""
+        forks, leader.forks = leader.forks, []
+        ready = []
+        for fork in forks:
+            if fork.cancelled:
+                continue
+            _build_samplers(fork, self.model.vocab)
+            fork.cached = len(fork.prompt)  # every prompt token was evaluated by the leader
+            self._pick(fork, index)
+            if fork.next_token is not None:  # it did not end on its first token
+                ready.append(fork)
+        self._waiting.extendleft(reversed(ready))
 
     def _embed(self, embedding: Embedding) -> None:
         if embedding.cancelled:
@@ -327,8 +374,11 @@ class LlamaEngine:
         while self._waiting and self._free_ids:
             sequence = self._waiting.popleft()
             if sequence.cancelled:
+                self._hand_down(sequence)
                 if sequence.parked:
                     self._unpark(sequence)
+                else:
+                    _free_samplers(sequence)  # a fork has its own already
             elif not sequence.parked:
                 self._place(sequence)
             elif sequence.park_id in self._copied:
@@ -346,9 +396,12 @@ class LlamaEngine:
             self._deliver(outbox)
 
     def _place(self, sequence: Sequence) -> None:
-        """Give a waiting sequence a slot, reusing whatever prefix of its prompt any slot holds."""
+        """Give a waiting sequence a slot, reusing whatever prefix of its prompt any slot holds (a fork: all of
+        it, from its leader's slot, unless the leader's cells have gone meanwhile)."""
         prompt = sequence.prompt
-        plan_ = placement.place(prompt, self._resident, [s.id for s in self._active], self._free_ids, self._copied)
+        fork = sequence.next_token is not None
+        busy = [s.id for s in self._active]
+        plan_ = placement.place(prompt, self._resident, busy, self._free_ids, self._copied, whole=fork)
         slot, keep = plan_.slot, plan_.keep
         self._free_ids.remove(slot)
         model = self.model
@@ -360,13 +413,14 @@ class LlamaEngine:
             model.clear(slot)  # this memory cannot cut a sequence: start over
             keep = 0
         sequence.id = slot
-        sequence.prefilled = sequence.cached = keep
+        sequence.prefilled = keep
         sequence.history = self._resident[slot] = prompt[:keep]
-        sequence.sampler = build_chain(plan(sequence.sampling))
-        if sequence.sampling.grammar is not None:
-            sequence.grammar = grammar_sampler(model.vocab, sequence.sampling.grammar)
+        if not fork:
+            sequence.cached = keep
+            _build_samplers(sequence, model.vocab)
         bisect.insort(self._active, sequence, key=_by_id)
-        self._prompting.append(sequence)
+        if keep < len(prompt):
+            self._prompting.append(sequence)
 
     def _park(self, sequence: Sequence) -> bool:
         """Take an active sequence off the batch: its cells go to a parking sequence, its slot is freed."""
@@ -463,7 +517,14 @@ class LlamaEngine:
         self._emit(sequence, Done(reason, len(sequence.prompt), sequence.generated, sequence.cached))
 
     def _release(self, sequence: Sequence, keep: bool = True) -> None:
-        """Free the slot; its KV cells stay for a request with the same prefix unless `keep` is False."""
+        """Free the slot; its KV cells stay for a request with the same prefix unless `keep` is False.
+
+        A fork that ended on its first token never had a slot: only its samplers go.
+        """
+        self._hand_down(sequence)
+        if sequence.id < 0:
+            _free_samplers(sequence)
+            return
         if not keep:
             self.model.clear(sequence.id)
             self._resident[sequence.id] = []
@@ -472,6 +533,21 @@ class LlamaEngine:
         if sequence.prefilled < len(sequence.prompt):
             self._prompting.remove(sequence)
         self._free_ids.append(sequence.id)
+
+    def _hand_down(self, sequence: Sequence) -> None:
+        """A leader cancelled before its prompt was in leaves its forks to the first of them still wanted,
+        which then evaluates the prompt itself (next in line)."""
+        heirs = [fork for fork in sequence.forks if not fork.cancelled]
+        sequence.forks = []
+        if heirs:
+            heirs[0].forks = heirs[1:]
+            self._waiting.appendleft(heirs[0])
+
+
+def _build_samplers(sequence: Sequence, vocab: Any) -> None:
+    sequence.sampler = build_chain(plan(sequence.sampling))
+    if sequence.sampling.grammar is not None:
+        sequence.grammar = grammar_sampler(vocab, sequence.sampling.grammar)
 
 
 def _free_samplers(sequence: Sequence) -> None:

@@ -33,7 +33,9 @@ class Move:
     target: int
 
 
-def place(prompt: list[int], resident: list[list[int]], busy: list[int], free: list[int], fresh: set[int]) -> Placement:
+def place(
+    prompt: list[int], resident: list[list[int]], busy: list[int], free: list[int], fresh: set[int], whole: bool = False
+) -> Placement:
     """Choose a free slot for `prompt` and the prefix it reuses.
 
     `resident[i]` is what slot i's cells hold; `busy` the slots generating; `fresh` the slots filled by a
@@ -41,13 +43,15 @@ def place(prompt: list[int], resident: list[list[int]], busy: list[int], free: l
     The slot: fewest runs of consecutive busy ids first (a pass over the weights each, at every step), then
     the longest resident prefix (paid once), then the lowest id. Then, if another slot holds at least
     MIN_COPY_TOKENS more of the prompt (a shared system prompt, most often), its cells are copied. The last
-    prompt token is never reused: its logits give the first generated token.
+    prompt token is never reused: its logits give the first generated token. With `whole` (a fork, whose first
+    token came from its leader's logits), it is, and any slot that holds more of the prompt is copied from.
     """
-    held = [min(common_prefix(tokens, prompt), len(prompt) - 1) for tokens in resident]
+    usable = len(prompt) if whole else len(prompt) - 1
+    held = [min(common_prefix(tokens, prompt), usable) for tokens in resident]
     slot = min(free, key=lambda candidate: (runs([*busy, candidate]), -held[candidate], candidate))
     donors = [other for other in range(len(held)) if other != slot and other not in fresh]
     donor = max(donors, key=held.__getitem__, default=None)
-    if donor is not None and held[donor] - held[slot] >= MIN_COPY_TOKENS:
+    if donor is not None and held[donor] - held[slot] >= (1 if whole else MIN_COPY_TOKENS):
         return Placement(slot, held[donor], copy_from=donor)
     return Placement(slot, held[slot])
 

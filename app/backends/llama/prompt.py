@@ -41,6 +41,15 @@ class LocalRequest:
     echo: str = ""  # text completions with `echo`: the prompt, sent ahead of the answer
     logprobs: int | None = None  # None: not asked; else the alternatives wanted per token (0: the token's own)
     tools: ToolPlan | None = None  # the functions offered (chat), and the grammar of a required call
+    n: int = 1  # choices, each a sequence of its own from the one prompt evaluation
+
+    def sampling_of(self, choice: int) -> Sampling:
+        """Choice `choice`'s sampling: the request's, with `seed` + `choice` as its seed when one is set (so
+        choice i answers as a request of n=1 with that seed would)."""
+        seed = self.sampling.seed
+        if not choice or seed is None:
+            return self.sampling
+        return dataclasses.replace(self.sampling, seed=seed + choice)
 
 
 MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's limits
@@ -83,7 +92,9 @@ class Prompter:
         parses: Callable[[str], bool] = lambda _: True,
         detokenize: Callable[[list[int]], str] = lambda _: "",
         renders_tools: bool = False,
+        n_seq: int = 1,
     ):
+        self._n_seq = n_seq  # sequences decoded at once: the most choices a request may ask for
         self._renders_tools = renders_tools  # whether the chat template writes `tools` into the prompt itself
         self._formatter = formatter
         self._parses = parses  # whether llama.cpp accepts a grammar
@@ -96,8 +107,12 @@ class Prompter:
     def prepare(self, request: CompletionRequest) -> LocalRequest:
         """Check the request and tokenize its prompt; raises InvalidRequest (400) for what the model cannot do."""
         payload = request.payload
-        if payload.get("n", 1) != 1:
-            raise InvalidRequest("the local backend generates one choice per request (n=1)", param="n")
+        if request.n > self._n_seq:
+            raise InvalidRequest(
+                f"n is {request.n}; this model decodes at most {self._n_seq} sequences at once "
+                "(MAX_CONCURRENT_REQUESTS), one per choice",
+                param="n",
+            )
         logprobs = _logprobs(payload, request.kind)
         tools = plan_tools(payload) if request.kind == "chat" else None  # checked before they are rendered
         if request.kind == "chat":
@@ -139,6 +154,7 @@ class Prompter:
             echo=self._echo(payload, prompt) if request.kind == "completion" else "",
             logprobs=logprobs,
             tools=tools,
+            n=request.n,
         )
 
     def _echo(self, payload: dict[str, Any], tokens: list[int]) -> str:

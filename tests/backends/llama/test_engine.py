@@ -186,3 +186,72 @@ def test_a_parked_sequence_resumes_where_it_stopped_and_its_greedy_text_is_uncha
         assert not engine._parked and len(engine._park_ids) == 2
     finally:
         engine.close()
+
+
+def _chat(engine: LlamaEngine, prompt: str) -> list[int]:
+    return engine.model.tokenize(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", True)
+
+
+def test_choices_fork_from_one_prompt_evaluation_and_answer_as_lone_requests_with_their_seeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The tokens each decode carried, as (slot, position): how often each prompt position went through the model.
+    added: list[tuple[int, int]] = []
+    add = LlamaModel.add
+
+    def recording_add(model: LlamaModel, slot: int, token: int, position: int, logits: bool) -> int:
+        added.append((slot, position))
+        return add(model, slot, token, position, logits)
+
+    monkeypatch.setattr(LlamaModel, "add", recording_add)
+    engine, runs = start_engine()
+    try:
+        prompt = _chat(engine, "Write a short poem about the moon and the stars.")
+        sampling = [Sampling(temperature=1.0, seed=40 + i) for i in range(3)]
+        group = [Sequence(prompt, sampling[i], 24, (), ("group", i)) for i in range(3)]
+        engine.submit(*group)
+        runs.wait([("group", i) for i in range(3)])
+        evaluated = [position for _, position in added if position < len(prompt)]
+        for i in range(3):  # each choice alone, on a fresh slot's worth of work
+            added.clear()
+            engine.submit(Sequence(prompt, sampling[i], 24, (), ("alone", i)))
+            runs.wait([("alone", i)])
+    finally:
+        engine.close()
+
+    assert sorted(evaluated) == list(range(len(prompt)))  # every prompt token decoded once, for all three
+    texts = [runs.texts[("group", i)] for i in range(3)]
+    assert texts == [runs.texts[("alone", i)] for i in range(3)]  # choice i is a lone request with seed 40 + i
+    assert len(set(texts)) == 3
+    for i in range(3):
+        done = runs.ends[("group", i)]
+        assert isinstance(done, Done) and done.prompt_tokens == len(prompt)
+
+
+def test_forks_that_end_on_their_first_token_or_are_cancelled_free_everything() -> None:
+    engine, runs = start_engine()
+    try:
+        prompt = _chat(engine, "Say yes.")
+        # One token each: every fork ends at the step its leader's prompt went in, without a slot of its own.
+        short = [Sequence(prompt, Sampling(temperature=1.0, seed=i), 1, (), ("short", i)) for i in range(4)]
+        engine.submit(*short)
+        runs.wait([("short", i) for i in range(4)])
+        assert all(isinstance(runs.ends[("short", i)], Done) for i in range(4))
+        assert all(runs.ends[("short", i)].completion_tokens == 1 for i in range(4))  # type: ignore[union-attr]
+        # A group cancelled while it runs, and one whose leader alone is cancelled before it starts: the
+        # others go on, one of them evaluating the prompt in its place.
+        story = _chat(engine, "Tell me a long story about the sea.")
+        long = [Sequence(story, Sampling(temperature=1.0, seed=i), 200, (), ("long", i)) for i in range(3)]
+        engine.submit(*long)
+        runs.wait_for_text(("long", 2))
+        for sequence in long:
+            engine.cancel(sequence)
+        heirs = [Sequence(prompt, Sampling(temperature=0), 8, (), ("heir", i)) for i in range(3)]
+        heirs[0].cancelled = True
+        engine.submit(*heirs)
+        runs.wait([("heir", 1), ("heir", 2)])
+        runs.run([("after", "Hi.", 4)])
+        assert ("heir", 0) not in runs.ends and not any(("long", i) in runs.ends for i in range(3))
+        assert until(lambda: len(engine._free_ids) == 4 and not engine._active and not engine._waiting)
+    finally:
+        engine.close()

@@ -1,0 +1,156 @@
+"""n > 1 on the bundled model: choices from one prompt evaluation, each a slot, each with its own seed, whole and
+streamed, through the real SDK."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from testkit.gateway import RunningGateway, gateway_settings
+
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def four() -> Iterator[RunningGateway]:
+    gateway = RunningGateway(gateway_settings(backend="local", n_ctx=512, max_concurrent_requests=4)).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def sdk(four: RunningGateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=four.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_each_choice_answers_as_a_lone_request_with_its_seed(sdk: openai.OpenAI) -> None:
+    together = sdk.chat.completions.create(
+        model="local", messages=MESSAGES, max_tokens=16, temperature=1.0, seed=7, n=3
+    )
+    assert [choice.index for choice in together.choices] == [0, 1, 2]
+    alone = [
+        sdk.chat.completions.create(model="local", messages=MESSAGES, max_tokens=16, temperature=1.0, seed=7 + i)
+        for i in range(3)
+    ]
+    texts = [choice.message.content for choice in together.choices]
+    assert texts == [answer.choices[0].message.content for answer in alone]
+    assert len(set(texts)) == 3  # distinct seeds, distinct answers
+    assert together.usage is not None and alone[0].usage is not None
+    # The prompt is counted once (its choices share its evaluation), the completions all.
+    assert together.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert together.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone if a.usage is not None)
+    assert together.usage.total_tokens == together.usage.prompt_tokens + together.usage.completion_tokens
+
+
+def test_streamed_choices_are_the_whole_ones(sdk: openai.OpenAI) -> None:
+    whole = sdk.chat.completions.create(model="local", messages=MESSAGES, max_tokens=12, temperature=0.8, seed=3, n=2)
+    texts = {0: "", 1: ""}
+    finishes: dict[int, str | None] = {}
+    usage = None
+    for chunk in sdk.chat.completions.create(
+        model="local",
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0.8,
+        seed=3,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason is not None:
+                finishes[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+    assert [texts[0], texts[1]] == [choice.message.content for choice in whole.choices]
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}
+    assert usage is not None and whole.usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+
+
+def test_text_choices_with_echo_and_logprobs(sdk: openai.OpenAI) -> None:
+    prompt = "Once upon a time"
+    options = {"model": "local", "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 11}
+    answer = sdk.completions.create(**options, n=3, echo=True)  # type: ignore[call-overload]
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert all(c.text.startswith(prompt) for c in answer.choices)
+    scored = sdk.completions.create(**options, n=2, logprobs=1)  # type: ignore[call-overload]
+    for choice, echoed in zip(scored.choices, answer.choices, strict=False):
+        assert choice.logprobs is not None and "".join(choice.logprobs.tokens or []) == choice.text
+        assert prompt + choice.text == echoed.text  # the same seeds, with or without echo and logprobs
+
+
+def test_a_required_tool_is_called_by_every_choice(sdk: openai.OpenAI) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    answer = sdk.chat.completions.create(
+        model="local", messages=messages, tools=tools, tool_choice="required", n=2, temperature=1.0, seed=5
+    )  # type: ignore[call-overload]
+    for choice in answer.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.tool_calls and choice.message.tool_calls[0].function.name == "get_weather"
+
+
+def test_choices_take_a_slot_each(four: RunningGateway) -> None:
+    """With four slots, a request of three choices leaves room for one: a request of two waits for it to end."""
+    body = {"messages": MESSAGES, "max_tokens": 400, "temperature": 1.0, "n": 3, "stream": True}
+    started = threading.Event()
+    stop = threading.Event()
+
+    def hold() -> None:
+        with httpx.stream("POST", four.url + "/v1/chat/completions", json=body, timeout=60) as response:
+            for _ in response.iter_lines():
+                started.set()
+                if stop.is_set():
+                    return
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert started.wait(30)
+        status = httpx.get(four.url + "/v1/queue/status").json()
+        assert status["processing_count"] == 1
+        assert sum(1 for worker in status["workers"] if worker["busy"]) == 3
+        assert status["backends"][0]["in_flight"] == 3
+        result: dict[str, httpx.Response] = {}
+        waiter = threading.Thread(
+            target=lambda: result.update(
+                pair=httpx.post(
+                    four.url + "/v1/chat/completions",
+                    json={"messages": MESSAGES, "max_tokens": 4, "n": 2},
+                    timeout=60,
+                )
+            )
+        )
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(four.url + "/v1/queue/status").json()["queue_size"] != 1:
+            assert time.monotonic() < deadline, "the request of two choices did not wait"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        holder.join(60)
+    waiter.join(60)
+    assert result["pair"].status_code == 200 and len(result["pair"].json()["choices"]) == 2
+
+
+def test_more_choices_than_slots_is_400(four: RunningGateway) -> None:
+    url = four.url + "/v1/chat/completions"
+    for n in (5, 0, 129, "2"):
+        response = httpx.post(url, json={"messages": MESSAGES, "n": n})
+        assert response.status_code == 400, n
+        assert response.json()["error"]["param"] == "n"
+    assert "MAX_CONCURRENT_REQUESTS" in httpx.post(url, json={"messages": MESSAGES, "n": 5}).json()["error"]["message"]
