@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,10 @@ class Contender:
         self.name = name
         self.argv = argv
         self.port = port
-        self.env = env or {}
+        # A gateway keeps its files and batches under DATA_DIR, which one process holds at a time: each
+        # contender gets its own, so two gateways of one bench never share it (nor the checkout's ./data).
+        self._data = tempfile.TemporaryDirectory(prefix="bench-data-")  # removed with the contender
+        self.env = {"DATA_DIR": self._data.name, **(env or {})}
         self.ready_path = ready_path
         self.process: subprocess.Popen[bytes] | None = None
         self.log = ROOT / "bench" / "results" / f"{name.replace(' ', '_')}.log"

@@ -338,7 +338,7 @@ class LlamaEngine:
         for fork in forks:
             if fork.cancelled:
                 continue
-            _build_samplers(fork, self.model.vocab)
+            _build_samplers(fork, self.model)
             fork.cached = len(fork.prompt)  # every prompt token was evaluated by the leader
             self._pick(fork, index)
             if fork.next_token is not None:  # it did not end on its first token
@@ -417,7 +417,7 @@ class LlamaEngine:
         sequence.history = self._resident[slot] = prompt[:keep]
         if not fork:
             sequence.cached = keep
-            _build_samplers(sequence, model.vocab)
+            _build_samplers(sequence, model)
         bisect.insort(self._active, sequence, key=_by_id)
         if keep < len(prompt):
             self._prompting.append(sequence)
@@ -544,10 +544,10 @@ class LlamaEngine:
             self._waiting.appendleft(heirs[0])
 
 
-def _build_samplers(sequence: Sequence, vocab: Any) -> None:
-    sequence.sampler = build_chain(plan(sequence.sampling))
+def _build_samplers(sequence: Sequence, model: LlamaModel) -> None:
+    sequence.sampler = build_chain(plan(sequence.sampling), model.vocab_size)
     if sequence.sampling.grammar is not None:
-        sequence.grammar = grammar_sampler(vocab, sequence.sampling.grammar)
+        sequence.grammar = grammar_sampler(model.vocab, sequence.sampling.grammar)
 
 
 def _free_samplers(sequence: Sequence) -> None:

@@ -53,6 +53,37 @@ class LocalRequest:
 
 
 MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's limits
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on each bias, either way
+
+# OpenAI parameters the local model does not provide, each with the values that ask nothing of it: any other
+# value answers 400 naming it rather than being ignored. Hints that cannot change an answer pass unread:
+# user, metadata, safety_identifier, prompt_cache_key (the prefix cache needs no key), prediction (a speed
+# hint), parallel_tool_calls (an answer makes one call at most).
+_NOT_PROVIDED: dict[str, tuple[object, ...]] = {
+    "suffix": (None, ""),
+    "functions": (None,),
+    "function_call": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "store": (None, False),
+    "web_search_options": (None,),
+    "verbosity": (None,),
+    "reasoning_effort": (None,),
+}
+_INSTEAD = {"functions": "; use tools", "function_call": "; use tool_choice"}
+
+
+def _check_provided(payload: dict[str, Any], n: int) -> None:
+    """400 naming the first parameter the request asks of the model that it does not provide."""
+    for name, nothing in _NOT_PROVIDED.items():
+        if name in payload and payload[name] not in nothing:
+            raise InvalidRequest(f"{name} is not supported by the local model{_INSTEAD.get(name, '')}", param=name)
+    best_of = payload.get("best_of")
+    if best_of is not None and best_of != n:
+        raise InvalidRequest(
+            "best_of is not supported by the local model (it returns every choice it generates); ask for n",
+            param="best_of",
+        )
 
 
 def _logprobs(payload: dict[str, Any], kind: str) -> int | None:
@@ -107,6 +138,7 @@ class Prompter:
     def prepare(self, request: CompletionRequest) -> LocalRequest:
         """Check the request and tokenize its prompt; raises InvalidRequest (400) for what the model cannot do."""
         payload = request.payload
+        _check_provided(payload, request.n)
         if request.n > self._n_seq:
             raise InvalidRequest(
                 f"n is {request.n}; this model decodes at most {self._n_seq} sequences at once "
@@ -145,7 +177,7 @@ class Prompter:
         return LocalRequest(
             kind=request.kind,
             prompt=prompt,
-            sampling=dataclasses.replace(_sampling(payload), grammar=grammar),
+            sampling=dataclasses.replace(_sampling(payload), grammar=grammar, logit_bias=self._logit_bias(payload)),
             max_tokens=max_tokens,
             stops=_stops(payload.get("stop")),
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
@@ -156,6 +188,29 @@ class Prompter:
             tools=tools,
             n=request.n,
         )
+
+    def _logit_bias(self, payload: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias: token ids (as the JSON object's keys) to a bias from -100 to 100."""
+        value = payload.get("logit_bias")
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            raise InvalidRequest("logit_bias must be an object of token ids to numbers", param="logit_bias")
+        biases = []
+        for key, bias in value.items():
+            token = int(key) if isinstance(key, str) and key.isdigit() else -1
+            if not 0 <= token < self._vocab_size:
+                raise InvalidRequest(
+                    f"logit_bias keys must be token ids from 0 to {self._vocab_size - 1}, not {key!r}",
+                    param="logit_bias",
+                )
+            if isinstance(bias, bool) or not isinstance(bias, int | float) or abs(bias) > MAX_LOGIT_BIAS:
+                raise InvalidRequest(
+                    f"logit_bias values must be numbers from -{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}",
+                    param="logit_bias",
+                )
+            biases.append((token, float(bias)))
+        return tuple(biases)
 
     def _echo(self, payload: dict[str, Any], tokens: list[int]) -> str:
         """The prompt as `echo` repeats it: the client's own string, or its token ids as text."""

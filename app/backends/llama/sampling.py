@@ -32,6 +32,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
     grammar: str | None = None  # GBNF the output must follow (response_format), checked when the request came
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, what is added to its logit), OpenAI's logit_bias
 
 
 # One step of a plan: the sampler's name and its arguments, as llama.cpp's sampler_init_<name> takes them.
@@ -42,6 +43,8 @@ def plan(sampling: Sampling) -> list[Step]:
     """The samplers for these options, in the order they run. A grammar is not one of them: it is checked apart
     (see LlamaModel.sample), on the token the chain picks, as llama-server does."""
     steps: list[Step] = []
+    if sampling.logit_bias:  # first, as llama-server has it: every later step sees the biased logits
+        steps.append(("logit_bias", tuple(value for pair in sampling.logit_bias for value in pair)))
     if sampling.repeat_penalty != 1.0 or sampling.frequency_penalty or sampling.presence_penalty:
         penalties = (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty)
         steps.append(("penalties", (PENALTY_LAST_N, *penalties)))
@@ -60,11 +63,16 @@ def plan(sampling: Sampling) -> list[Step]:
     return steps
 
 
-def build_chain(steps: list[Step]) -> Any:
-    """A llama.cpp sampler chain running `steps`; the caller frees it with free_chain."""
+def build_chain(steps: list[Step], n_vocab: int) -> Any:
+    """A llama.cpp sampler chain running `steps` over a vocabulary of `n_vocab` tokens; the caller frees it with
+    free_chain."""
     chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
     for name, args in steps:
-        if name == "penalties":
+        if name == "logit_bias":
+            pairs = [ll.llama_logit_bias(int(args[i]), float(args[i + 1])) for i in range(0, len(args), 2)]
+            biases = (ll.llama_logit_bias * len(pairs))(*pairs)  # llama.cpp copies them
+            sampler = ll.llama_sampler_init_logit_bias(n_vocab, len(pairs), biases)
+        elif name == "penalties":
             # The bindings declare an old five-argument signature (n_vocab first); llama.cpp now takes four.
             # Passing the look-back in both integer places is right under either.
             last_n = args[0]

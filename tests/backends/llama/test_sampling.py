@@ -36,10 +36,20 @@ def test_penalties_run_first_and_seeds_fit_in_32_bits() -> None:
 
 
 def test_every_plan_builds_a_llama_cpp_chain() -> None:
-    for sampling in (Sampling(temperature=0), Sampling(temperature=0.7, top_p=0.9, min_p=0.1, repeat_penalty=1.2)):
+    for sampling in (
+        Sampling(temperature=0),
+        Sampling(temperature=0.7, top_p=0.9, min_p=0.1, repeat_penalty=1.2),
+        Sampling(temperature=0, logit_bias=((5, -100.0), (7, 2.5))),
+    ):
         steps = plan(sampling)
-        chain = build_chain(steps)
+        chain = build_chain(steps, 49152)
         try:
             assert ll.llama_sampler_chain_n(chain) == len(steps)
         finally:
             free_chain(chain)
+
+
+def test_logit_bias_comes_first() -> None:
+    steps = plan(Sampling(temperature=0.5, repeat_penalty=1.1, logit_bias=((5, -100.0), (7, 2.5))))
+    assert steps[0] == ("logit_bias", (5, -100.0, 7, 2.5))
+    assert steps[1][0] == "penalties"
