@@ -42,7 +42,13 @@ class CompletionRequest:
     body_priority: Priority | None
     service_tier: str | None = None  # OpenAI's field as the client sent it (see SERVICE_TIERS)
     priority: Priority | None = None  # the priority it is served at, once the API layer has decided it
-    n: int = 1  # choices asked for (completions)
+    n: int = 1  # choices asked for (completions), per prompt
+    prompts: int = 1  # prompts it holds (a text completion's `prompt` may be a list of them)
+
+    @property
+    def choices(self) -> int:
+        """The choices of its answer: n for each prompt."""
+        return self.n * self.prompts
 
     def served_at(self, priority: Priority) -> CompletionRequest:
         """The same request, with the priority it is served at (the local model reports it as its tier)."""
@@ -132,16 +138,17 @@ def _check_messages(payload: dict[str, Any]) -> None:
             )
 
 
-def _check_prompt(payload: dict[str, Any]) -> None:
+def _check_prompt(payload: dict[str, Any]) -> int:
+    """How many prompts a text completion's `prompt` holds (token ids are one)."""
     prompt = payload.get("prompt")
     if prompt is None:
         raise InvalidRequest("prompt is required", param="prompt")
     if isinstance(prompt, str):
-        return
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str | int) for p in prompt):
-        return
-    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-        return
+        return 1
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        return 1
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        return len(prompt)
     raise InvalidRequest("prompt must be a string, a list of strings or a list of token ids", param="prompt")
 
 
@@ -207,10 +214,11 @@ def parse_completion_request(
         raise InvalidRequest(f"n must be at most {MAX_CHOICES}, not {n}", param="n")
     _check_number(payload, "temperature", 0.0, 2.0)
     _check_number(payload, "top_p", 0.0, 1.0)
+    prompts = 1
     if kind == "chat":
         _check_messages(payload)
     elif kind == "completion":
-        _check_prompt(payload)
+        prompts = _check_prompt(payload)
     else:
         _check_embedding(payload)
         stream = False
@@ -239,4 +247,5 @@ def parse_completion_request(
         body_priority=body_priority,
         service_tier=service_tier,
         n=(n or 1) if kind != "embedding" else 1,
+        prompts=prompts,
     )

@@ -235,8 +235,8 @@ class Scheduler:
         if choices > 1 and not any(member.could_take(priority.rank, choices) for member in pool.members):
             most = max(member.max_concurrent for member in pool.members)
             raise InvalidRequest(
-                f"n is {choices}, and the model decodes each choice in a slot of its own: at most {most} slots "
-                "are there for this priority",
+                f"the answer has {choices} choices, and the model decodes each in a slot of its own: at most "
+                f"{most} slots are there for this priority",
                 param="n",
             )
         refusal = self._refusal(pool)

@@ -1,4 +1,4 @@
-"""The bundled model behind one gateway, shared by a module's tests of what the local backend answers."""
+"""The bundled model behind one gateway (four slots), shared by a module's tests of what the local backend answers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from testkit.gateway import RunningGateway, gateway_settings
 
 @pytest.fixture(scope="module")
 def local() -> Iterator[RunningGateway]:
-    gateway = RunningGateway(gateway_settings(backend="local", n_ctx=1024, max_concurrent_requests=2)).start()
+    gateway = RunningGateway(gateway_settings(backend="local", n_ctx=1024, max_concurrent_requests=4)).start()
     yield gateway
     gateway.stop()
 

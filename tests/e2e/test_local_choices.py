@@ -5,36 +5,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
-import pytest
 
-from testkit.gateway import RunningGateway, gateway_settings
+from testkit.gateway import RunningGateway
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
-@pytest.fixture(scope="module")
-def four() -> Iterator[RunningGateway]:
-    gateway = RunningGateway(gateway_settings(backend="local", n_ctx=512, max_concurrent_requests=4)).start()
-    yield gateway
-    gateway.stop()
-
-
-@pytest.fixture
-def sdk(four: RunningGateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=four.url + "/v1", api_key="unused", max_retries=0)
-
-
-def test_each_choice_answers_as_a_lone_request_with_its_seed(sdk: openai.OpenAI) -> None:
-    together = sdk.chat.completions.create(
+def test_each_choice_answers_as_a_lone_request_with_its_seed(local_sdk: openai.OpenAI) -> None:
+    together = local_sdk.chat.completions.create(
         model="local", messages=MESSAGES, max_tokens=16, temperature=1.0, seed=7, n=3
     )
     assert [choice.index for choice in together.choices] == [0, 1, 2]
     alone = [
-        sdk.chat.completions.create(model="local", messages=MESSAGES, max_tokens=16, temperature=1.0, seed=7 + i)
+        local_sdk.chat.completions.create(model="local", messages=MESSAGES, max_tokens=16, temperature=1.0, seed=7 + i)
         for i in range(3)
     ]
     texts = [choice.message.content for choice in together.choices]
@@ -47,12 +33,14 @@ def test_each_choice_answers_as_a_lone_request_with_its_seed(sdk: openai.OpenAI)
     assert together.usage.total_tokens == together.usage.prompt_tokens + together.usage.completion_tokens
 
 
-def test_streamed_choices_are_the_whole_ones(sdk: openai.OpenAI) -> None:
-    whole = sdk.chat.completions.create(model="local", messages=MESSAGES, max_tokens=12, temperature=0.8, seed=3, n=2)
+def test_streamed_choices_are_the_whole_ones(local_sdk: openai.OpenAI) -> None:
+    whole = local_sdk.chat.completions.create(
+        model="local", messages=MESSAGES, max_tokens=12, temperature=0.8, seed=3, n=2
+    )
     texts = {0: "", 1: ""}
     finishes: dict[int, str | None] = {}
     usage = None
-    for chunk in sdk.chat.completions.create(
+    for chunk in local_sdk.chat.completions.create(
         model="local",
         messages=MESSAGES,
         max_tokens=12,
@@ -73,19 +61,19 @@ def test_streamed_choices_are_the_whole_ones(sdk: openai.OpenAI) -> None:
     assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
 
 
-def test_text_choices_with_echo_and_logprobs(sdk: openai.OpenAI) -> None:
+def test_text_choices_with_echo_and_logprobs(local_sdk: openai.OpenAI) -> None:
     prompt = "Once upon a time"
     options = {"model": "local", "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 11}
-    answer = sdk.completions.create(**options, n=3, echo=True)  # type: ignore[call-overload]
+    answer = local_sdk.completions.create(**options, n=3, echo=True)  # type: ignore[call-overload]
     assert [c.index for c in answer.choices] == [0, 1, 2]
     assert all(c.text.startswith(prompt) for c in answer.choices)
-    scored = sdk.completions.create(**options, n=2, logprobs=1)  # type: ignore[call-overload]
+    scored = local_sdk.completions.create(**options, n=2, logprobs=1)  # type: ignore[call-overload]
     for choice, echoed in zip(scored.choices, answer.choices, strict=False):
         assert choice.logprobs is not None and "".join(choice.logprobs.tokens or []) == choice.text
         assert prompt + choice.text == echoed.text  # the same seeds, with or without echo and logprobs
 
 
-def test_a_required_tool_is_called_by_every_choice(sdk: openai.OpenAI) -> None:
+def test_a_required_tool_is_called_by_every_choice(local_sdk: openai.OpenAI) -> None:
     tools = [
         {
             "type": "function",
@@ -96,7 +84,7 @@ def test_a_required_tool_is_called_by_every_choice(sdk: openai.OpenAI) -> None:
         }
     ]
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    answer = sdk.chat.completions.create(
+    answer = local_sdk.chat.completions.create(
         model="local", messages=messages, tools=tools, tool_choice="required", n=2, temperature=1.0, seed=5
     )  # type: ignore[call-overload]
     for choice in answer.choices:
@@ -104,14 +92,14 @@ def test_a_required_tool_is_called_by_every_choice(sdk: openai.OpenAI) -> None:
         assert choice.message.tool_calls and choice.message.tool_calls[0].function.name == "get_weather"
 
 
-def test_choices_take_a_slot_each(four: RunningGateway) -> None:
+def test_choices_take_a_slot_each(local: RunningGateway) -> None:
     """With four slots, a request of three choices leaves room for one: a request of two waits for it to end."""
     body = {"messages": MESSAGES, "max_tokens": 400, "temperature": 1.0, "n": 3, "stream": True}
     started = threading.Event()
     stop = threading.Event()
 
     def hold() -> None:
-        with httpx.stream("POST", four.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        with httpx.stream("POST", local.url + "/v1/chat/completions", json=body, timeout=60) as response:
             for _ in response.iter_lines():
                 started.set()
                 if stop.is_set():
@@ -121,7 +109,7 @@ def test_choices_take_a_slot_each(four: RunningGateway) -> None:
     holder.start()
     try:
         assert started.wait(30)
-        status = httpx.get(four.url + "/v1/queue/status").json()
+        status = httpx.get(local.url + "/v1/queue/status").json()
         assert status["processing_count"] == 1
         assert sum(1 for worker in status["workers"] if worker["busy"]) == 3
         assert status["backends"][0]["in_flight"] == 3
@@ -129,7 +117,7 @@ def test_choices_take_a_slot_each(four: RunningGateway) -> None:
         waiter = threading.Thread(
             target=lambda: result.update(
                 pair=httpx.post(
-                    four.url + "/v1/chat/completions",
+                    local.url + "/v1/chat/completions",
                     json={"messages": MESSAGES, "max_tokens": 4, "n": 2},
                     timeout=60,
                 )
@@ -137,7 +125,7 @@ def test_choices_take_a_slot_each(four: RunningGateway) -> None:
         )
         waiter.start()
         deadline = time.monotonic() + 10
-        while httpx.get(four.url + "/v1/queue/status").json()["queue_size"] != 1:
+        while httpx.get(local.url + "/v1/queue/status").json()["queue_size"] != 1:
             assert time.monotonic() < deadline, "the request of two choices did not wait"
             time.sleep(0.02)
     finally:
@@ -147,10 +135,40 @@ def test_choices_take_a_slot_each(four: RunningGateway) -> None:
     assert result["pair"].status_code == 200 and len(result["pair"].json()["choices"]) == 2
 
 
-def test_more_choices_than_slots_is_400(four: RunningGateway) -> None:
-    url = four.url + "/v1/chat/completions"
+def test_more_choices_than_slots_is_400(local: RunningGateway) -> None:
+    url = local.url + "/v1/chat/completions"
     for n in (5, 0, 129, "2"):
         response = httpx.post(url, json={"messages": MESSAGES, "n": n})
         assert response.status_code == 400, n
         assert response.json()["error"]["param"] == "n"
     assert "MAX_CONCURRENT_REQUESTS" in httpx.post(url, json={"messages": MESSAGES, "n": 5}).json()["error"]["message"]
+
+
+def test_several_prompts_answer_n_choices_each_in_prompt_order(local_sdk: openai.OpenAI) -> None:
+    prompts = ["The sky is", "Paris is"]
+    options = {"model": "local", "max_tokens": 6, "temperature": 0.9, "seed": 21}
+    answer = local_sdk.completions.create(prompt=prompts, n=2, echo=True, **options)  # type: ignore[call-overload]
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    alone = [local_sdk.completions.create(prompt=p, **{**options, "seed": 21 + i}) for p in prompts for i in range(2)]
+    for choice, lone, prompt in zip(answer.choices, alone, [p for p in prompts for _ in range(2)], strict=True):
+        assert choice.text == prompt + lone.choices[0].text  # prompt p's choice i: prompt p alone, seed 21 + i
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone[::2] if a.usage is not None)
+    assert answer.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone if a.usage is not None)
+    # Token ids and text mixed in one list, streamed.
+    texts = {0: "", 1: ""}
+    for chunk in local_sdk.completions.create(
+        model="local", prompt=[[504, 3012, 314], "Hello"], max_tokens=4, temperature=0, stream=True
+    ):  # type: ignore[call-overload]
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert all(texts.values())
+
+
+def test_more_sequences_than_slots_over_several_prompts_is_400(local: RunningGateway) -> None:
+    response = httpx.post(local.url + "/v1/completions", json={"prompt": ["a", "b", "c"], "n": 2})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and "6 sequences" in error["message"]
+    mixed = httpx.post(local.url + "/v1/completions", json={"prompt": ["a", 5]})
+    assert mixed.status_code == 400 and mixed.json()["error"]["param"] == "prompt"

@@ -149,7 +149,9 @@ class LlamaBackend:
 
     def prompt_tokens(self, prepared: LocalRequest | LocalEmbedding) -> int:
         """The prompt's real token count, by the model's tokenizer."""
-        return prepared.tokens if isinstance(prepared, LocalEmbedding) else len(prepared.prompt)
+        if isinstance(prepared, LocalEmbedding):
+            return prepared.tokens
+        return sum(len(prompt.tokens) for prompt in prepared.prompts)
 
     async def complete(
         self, prepared: LocalRequest | LocalEmbedding, deadline: float, turn: Turn | None = None
@@ -157,7 +159,7 @@ class LlamaBackend:
         """Generate the whole answer (the deadline is the queue's to keep: nothing here retries)."""
         if isinstance(prepared, LocalEmbedding):
             return await self._embed(prepared)
-        n = prepared.n
+        n = prepared.choices
         parts: list[list[str]] = [[] for _ in range(n)]
         tokens: list[list[TokenLogprob]] = [[] for _ in range(n)]
         ends: dict[int, Done] = {}
@@ -169,14 +171,14 @@ class LlamaBackend:
                 ends[index] = event
         dones = [ends[i] for i in range(n)]
         choices = [self._choice(prepared, i, "".join(parts[i]), tokens[i], dones[i].finish_reason) for i in range(n)]
-        body = {**self._header(prepared, chunked=False), "choices": choices, "usage": _usage_body(dones)}
-        return BackendResponse(200, orjson.dumps(body), usage=_usage(dones))
+        body = {**self._header(prepared, chunked=False), "choices": choices, "usage": _usage_body(dones, prepared.n)}
+        return BackendResponse(200, orjson.dumps(body), usage=_usage(dones, prepared.n))
 
     def _choice(
         self, prepared: LocalRequest, index: int, text: str, tokens: list[TokenLogprob], reason: str
     ) -> dict[str, Any]:
         """One whole choice: its message (a tool call, when the answer is one) or text, logprobs and finish."""
-        text = prepared.echo + text
+        text = prepared.prompt_of(index).echo + text
         chat = prepared.kind == "chat"
         content: dict[str, Any] = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         logprobs = logprobs_body(tokens, chat, 0) if prepared.logprobs is not None else None
@@ -225,18 +227,20 @@ class LlamaBackend:
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         sequences = [
             Sequence(
-                prepared.prompt,
+                prepared.prompt_of(index).tokens,
                 prepared.sampling_of(index),
-                prepared.max_tokens,
+                prepared.prompt_of(index).max_tokens,
                 prepared.stops,
                 (events, index),
                 prepared.urgent,
                 prepared.logprobs,
             )
-            for index in range(prepared.n)
+            for index in range(prepared.choices)
         ]
         engine = self._engine
-        engine.submit(*sequences)
+        n = prepared.n
+        for first in range(0, len(sequences), n):  # each prompt's choices fork from its first
+            engine.submit(*sequences[first : first + n])
         if turn is not None:
             if len(sequences) == 1:
                 one = sequences[0]
@@ -286,15 +290,16 @@ class _LocalStream(BackendStream):
         prepared = self._prepared
         chat = prepared.kind == "chat"
         base = self._backend._header(prepared, chunked=True)
-        choices = [_StreamedChoice(index, prepared, base) for index in range(prepared.n)]
+        choices = [_StreamedChoice(index, prepared, base) for index in range(prepared.choices)]
         events = self._backend._generate(prepared, self._turn)
-        dones: list[Done | None] = [None] * prepared.n
+        dones: list[Done | None] = [None] * prepared.choices
         try:
-            for choice in choices:
+            for index, choice in enumerate(choices):
+                echo = prepared.prompt_of(index).echo
                 if chat:
                     yield choice.chunk(None, None, role=True)
-                elif prepared.echo:
-                    yield choice.chunk(prepared.echo, None)
+                elif echo:
+                    yield choice.chunk(echo, None)
             async for index, event in events:
                 choice = choices[index]
                 if isinstance(event, Delta):
@@ -305,12 +310,12 @@ class _LocalStream(BackendStream):
                 dones[index] = event
                 ended = [done for done in dones if done is not None]
                 if len(ended) == len(dones):
-                    self.usage = _usage(ended)
+                    self.usage = _usage(ended, prepared.n)
                 for chunk in choice.end(event.finish_reason):
                     yield chunk
             ended = [done for done in dones if done is not None]
             if prepared.include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage_body(ended)})
+                yield _sse({**base, "choices": [], "usage": _usage_body(ended, prepared.n)})
             yield _SSE_DONE
         finally:
             await events.aclose()
@@ -414,16 +419,18 @@ def _fan_out(items: list[tuple[Any, Event]]) -> None:
         queue.put_nowait((index, event))
 
 
-def _usage(dones: list[Done]) -> Usage:
-    """The prompt counted once (its choices share its evaluation), and every choice's completion."""
-    return Usage(dones[0].prompt_tokens, sum(done.completion_tokens for done in dones))
+def _usage(dones: list[Done], n: int) -> Usage:
+    """Each prompt counted once (its n choices share its evaluation: its first choice's Done says it), and every
+    choice's completion."""
+    prompts = dones[::n]
+    return Usage(sum(done.prompt_tokens for done in prompts), sum(done.completion_tokens for done in dones))
 
 
-def _usage_body(dones: list[Done]) -> dict[str, Any]:
-    usage = _usage(dones)
+def _usage_body(dones: list[Done], n: int) -> dict[str, Any]:
+    usage = _usage(dones, n)
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": sum(done.cached_tokens for done in dones[::n])},
     }

@@ -27,25 +27,42 @@ CHATML_TEMPLATE = (
 
 
 @dataclass(frozen=True, slots=True)
+class Prompt:
+    """One prompt of a request: its tokens, the tokens its answers may take, and what `echo` sends ahead."""
+
+    tokens: list[int]
+    max_tokens: int
+    echo: str = ""  # text completions with `echo`: the prompt, sent ahead of each answer
+
+
+@dataclass(frozen=True, slots=True)
 class LocalRequest:
     """A request as the local model runs it, and what its response needs to say."""
 
     kind: CompletionKind
-    prompt: list[int]
+    prompts: tuple[Prompt, ...]  # a chat's one; a text completion's one or several (`prompt` as a list)
     sampling: Sampling
-    max_tokens: int
     stops: tuple[str, ...]
     include_usage: bool
     service_tier: str  # the tier it is served at, which the response reports as OpenAI's do
     urgent: bool = False  # served at high priority: its prompt goes through the model alone
-    echo: str = ""  # text completions with `echo`: the prompt, sent ahead of the answer
     logprobs: int | None = None  # None: not asked; else the alternatives wanted per token (0: the token's own)
     tools: ToolPlan | None = None  # the functions offered (chat), and the grammar of a required call
-    n: int = 1  # choices, each a sequence of its own from the one prompt evaluation
+    n: int = 1  # choices per prompt, each a sequence of its own from the one prompt evaluation
 
-    def sampling_of(self, choice: int) -> Sampling:
-        """Choice `choice`'s sampling: the request's, with `seed` + `choice` as its seed when one is set (so
-        choice i answers as a request of n=1 with that seed would)."""
+    @property
+    def choices(self) -> int:
+        """Every choice of every prompt: the answer's `choices`, indexed prompt by prompt as OpenAI does."""
+        return self.n * len(self.prompts)
+
+    def prompt_of(self, index: int) -> Prompt:
+        """The prompt that choice `index` answers."""
+        return self.prompts[index // self.n]
+
+    def sampling_of(self, index: int) -> Sampling:
+        """Choice `index`'s sampling: the request's, with `seed` + its place among its prompt's n choices as
+        its seed when one is set (so it answers as a request of n=1 with that seed would)."""
+        choice = index % self.n
         seed = self.sampling.seed
         if not choice or seed is None:
             return self.sampling
@@ -136,33 +153,24 @@ class Prompter:
         self._default_max_tokens = default_max_tokens
 
     def prepare(self, request: CompletionRequest) -> LocalRequest:
-        """Check the request and tokenize its prompt; raises InvalidRequest (400) for what the model cannot do."""
+        """Check the request and tokenize its prompts; raises InvalidRequest (400) for what the model cannot do."""
         payload = request.payload
         _check_provided(payload, request.n)
-        if request.n > self._n_seq:
-            raise InvalidRequest(
-                f"n is {request.n}; this model decodes at most {self._n_seq} sequences at once "
-                "(MAX_CONCURRENT_REQUESTS), one per choice",
-                param="n",
-            )
         logprobs = _logprobs(payload, request.kind)
         tools = plan_tools(payload) if request.kind == "chat" else None  # checked before they are rendered
         if request.kind == "chat":
-            prompt, param = self._chat_prompt(payload), "messages"
+            texts: list[tuple[list[int], str | None]] = [(self._chat_prompt(payload), None)]
+            param = "messages"
         else:
-            prompt, param = self._text_prompt(payload), "prompt"
-        if not prompt:
-            raise InvalidRequest("the prompt is empty", param=param)
-        if len(prompt) >= self._n_ctx:
+            texts, param = self._text_prompts(payload), "prompt"
+        sequences = request.n * len(texts)
+        if sequences > self._n_seq:
             raise InvalidRequest(
-                f"the prompt is {len(prompt)} tokens; this model's context is {self._n_ctx} tokens per request "
-                "(N_CTX), which must also hold at least one generated token",
-                param=param,
-                code="context_length_exceeded",
+                f"{request.n} choices of {len(texts)} prompts are {sequences} sequences; this model decodes at most "
+                f"{self._n_seq} at once (MAX_CONCURRENT_REQUESTS), one per choice",
+                param="n" if len(texts) == 1 else "prompt",
             )
-        room = self._n_ctx - len(prompt)
-        # Past the context too: finish_reason "length".
-        max_tokens = min(request.max_tokens or self._default_max_tokens, room)
+        prompts = tuple(self._prompt(tokens, given, request, param) for tokens, given in texts)
         options = payload.get("stream_options")
         grammar = grammar_for(payload.get("response_format"))
         if tools is not None and tools.grammar is not None:
@@ -176,18 +184,33 @@ class Prompter:
             raise InvalidRequest("the schema gives a grammar llama.cpp cannot use", param=param)
         return LocalRequest(
             kind=request.kind,
-            prompt=prompt,
+            prompts=prompts,
             sampling=dataclasses.replace(_sampling(payload), grammar=grammar, logit_bias=self._logit_bias(payload)),
-            max_tokens=max_tokens,
             stops=_stops(payload.get("stop")),
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             service_tier=SERVED_TIERS[request.priority] if request.priority is not None else "default",
             urgent=request.priority is Priority.HIGH,
-            echo=self._echo(payload, prompt) if request.kind == "completion" else "",
             logprobs=logprobs,
             tools=tools,
             n=request.n,
         )
+
+    def _prompt(self, tokens: list[int], given: str | None, request: CompletionRequest, param: str) -> Prompt:
+        """A prompt's tokens checked against the context, with its answers' limit and its echo (`given`: the
+        client's own text of it, when it sent text)."""
+        if not tokens:
+            raise InvalidRequest("the prompt is empty", param=param)
+        if len(tokens) >= self._n_ctx:
+            raise InvalidRequest(
+                f"the prompt is {len(tokens)} tokens; this model's context is {self._n_ctx} tokens per request "
+                "(N_CTX), which must also hold at least one generated token",
+                param=param,
+                code="context_length_exceeded",
+            )
+        # Past the context too: finish_reason "length".
+        max_tokens = min(request.max_tokens or self._default_max_tokens, self._n_ctx - len(tokens))
+        echo = self._echo(request.payload, tokens, given) if request.kind == "completion" else ""
+        return Prompt(tokens, max_tokens, echo)
 
     def _logit_bias(self, payload: dict[str, Any]) -> tuple[tuple[int, float], ...]:
         """OpenAI's logit_bias: token ids (as the JSON object's keys) to a bias from -100 to 100."""
@@ -212,17 +235,14 @@ class Prompter:
             biases.append((token, float(bias)))
         return tuple(biases)
 
-    def _echo(self, payload: dict[str, Any], tokens: list[int]) -> str:
+    def _echo(self, payload: dict[str, Any], tokens: list[int], given: str | None) -> str:
         """The prompt as `echo` repeats it: the client's own string, or its token ids as text."""
         echo = payload.get("echo")
         if echo is None or echo is False:
             return ""
         if echo is not True:
             raise InvalidRequest("echo must be a boolean", param="echo")
-        prompt = payload["prompt"]
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        return prompt if isinstance(prompt, str) else self._detokenize(tokens)
+        return given if given is not None else self._detokenize(tokens)
 
     def _chat_prompt(self, payload: dict[str, Any]) -> list[int]:
         try:
@@ -238,17 +258,29 @@ class Prompter:
         # Chat templates write their own BOS where the model wants one.
         return self._tokenize(formatted.prompt, False)
 
-    def _text_prompt(self, payload: dict[str, Any]) -> list[int]:
+    def _text_prompts(self, payload: dict[str, Any]) -> list[tuple[list[int], str | None]]:
+        """A text completion's prompts, as OpenAI takes them (a string, token ids, or a list of either): the
+        tokens of each, with the client's text of it when it sent text."""
         prompt = payload["prompt"]
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
+        if isinstance(prompt, str) or _is_ids(prompt):
+            return [self._text_prompt(prompt)]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+            return [self._text_prompt(p) for p in prompt]
+        raise InvalidRequest("prompt must be a string, token ids, or a list of either", param="prompt")
+
+    def _text_prompt(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
-            return self._tokenize(prompt, True)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            if any(not 0 <= t < self._vocab_size for t in prompt):
-                raise InvalidRequest(f"token ids must be between 0 and {self._vocab_size - 1}", param="prompt")
-            return list(prompt)
-        raise InvalidRequest("the local backend takes one prompt per request", param="prompt")
+            return self._tokenize(prompt, True), prompt
+        if any(not 0 <= t < self._vocab_size for t in prompt):
+            raise InvalidRequest(f"token ids must be between 0 and {self._vocab_size - 1}", param="prompt")
+        return list(prompt), None
+
+
+def _is_ids(value: object) -> bool:
+    """Whether a prompt is token ids (a non-empty list of integers)."""
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def _number(payload: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
