@@ -233,7 +233,8 @@ class Scheduler:
             raise ShuttingDown()
         pool = self.pool_for(model)
         if choices > 1 and not any(member.could_take(priority.rank, choices) for member in pool.members):
-            most = max(member.max_concurrent for member in pool.members)
+            rank = priority.rank
+            most = max(member.max_concurrent - (member.reserved_high if rank else 0) for member in pool.members)
             raise InvalidRequest(
                 f"the answer has {choices} choices, and the model decodes each in a slot of its own: at most "
                 f"{most} slots are there for this priority",

@@ -165,9 +165,10 @@ class Prompter:
             texts, param = self._text_prompts(payload), "prompt"
         sequences = request.n * len(texts)
         if sequences > self._n_seq:
+            asked = f"n is {request.n}" if len(texts) == 1 else f"{len(texts)} prompts of n={request.n} choices"
             raise InvalidRequest(
-                f"{request.n} choices of {len(texts)} prompts are {sequences} sequences; this model decodes at most "
-                f"{self._n_seq} at once (MAX_CONCURRENT_REQUESTS), one per choice",
+                f"{asked}: {sequences} sequences, and this model decodes at most {self._n_seq} at once "
+                "(MAX_CONCURRENT_REQUESTS), one per choice",
                 param="n" if len(texts) == 1 else "prompt",
             )
         prompts = tuple(self._prompt(tokens, given, request, param) for tokens, given in texts)
