@@ -167,7 +167,7 @@ async def _sample_timeline(scheduler: Scheduler, metrics: Metrics) -> None:
 
 def _watch(metrics: Metrics, scheduler: Scheduler, fleet: Fleet) -> None:
     """Point the metrics at what they read at each scrape."""
-    metrics.watch_queue(scheduler.queue_sizes_by_model, lambda: scheduler.in_flight, scheduler.backends_in_flight)
+    metrics.watch_queue(scheduler.queue_sizes_by_model, lambda: scheduler.processing, scheduler.backends_in_flight)
     single = fleet.single
     gate = single.gate if single is not None else None
     limiter = gate.limiter if gate is not None else None

@@ -248,7 +248,9 @@ class _Exporter(Collector):
             {(model, p.value): series for (model, p), series in m.waits.items()},
         )
         in_flight = GaugeMetricFamily(
-            "gateway_backend_in_flight", "Requests running at each backend now.", labels=["backend"]
+            "gateway_backend_in_flight",
+            "Slots busy at each backend now (a request of n choices at the local model holds n).",
+            labels=["backend"],
         )
         for name, count in m._backends_in_flight().items():
             in_flight.add_metric([name], count)

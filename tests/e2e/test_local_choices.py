@@ -3,6 +3,7 @@ streamed, through the real SDK."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -113,6 +114,9 @@ def test_choices_take_a_slot_each(local: RunningGateway) -> None:
         assert status["processing_count"] == 1
         assert sum(1 for worker in status["workers"] if worker["busy"]) == 3
         assert status["backends"][0]["in_flight"] == 3
+        metrics = httpx.get(local.url + "/metrics").text
+        assert "gateway_requests_in_flight 1.0" in metrics  # one request, holding three slots
+        assert re.search(r'gateway_backend_in_flight\{backend="[^"]+"\} 3\.0', metrics)
         result: dict[str, httpx.Response] = {}
         waiter = threading.Thread(
             target=lambda: result.update(
