@@ -76,7 +76,7 @@ async def _fairness_load(url: str, noisy_key: str, quiet_key: str, seconds: floa
 def _waits(gw: RunningGateway, ids: list[str]) -> list[float]:
     waits = []
     for request_id in ids:
-        job = gw.scheduler.lookup(request_id)
+        job = gw.scheduler.registry.lookup_any(request_id)
         if job is not None and job.started is not None:
             waits.append(job.started - job.arrived)
     return waits

@@ -153,7 +153,7 @@ async def background_result(
     if item is None:
         raise NotFound(f"no background request with id {request_id!r}", param="request_id")
     if item.status is None or item.result is None:
-        job = scheduler.lookup(request_id, item.owner or None)
+        job = scheduler.registry.lookup(request_id, item.owner or None)
         record: Any = (
             request_status(scheduler, job).model_dump(mode="json")
             if job is not None

@@ -23,8 +23,8 @@ _CANCEL_SETTLE_SECONDS = 5.0
 def _find(scheduler: Scheduler, request_id: str, caller: KeyAccount | None) -> Job | None:
     """The caller's request of that id (an admin key's: any key's) on this replica."""
     if caller is not None and caller.admin:
-        return scheduler.lookup_any(request_id)
-    return scheduler.lookup(request_id, None if caller is None else caller.name)
+        return scheduler.registry.lookup_any(request_id)
+    return scheduler.registry.lookup(request_id, None if caller is None else caller.name)
 
 
 def _not_found(request_id: str) -> NotFound:

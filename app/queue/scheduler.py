@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from app.backends.base import Usage
@@ -41,6 +40,7 @@ from app.queue.job import Job, Totals, terminal_state
 from app.queue.member import Member
 from app.queue.pool import Pool, Routing
 from app.queue.priority_queue import PriorityQueue
+from app.queue.registry import Registry
 from app.queue.service_time import ServiceTime
 from app.queue.shared import SharedQueue
 from app.queue.slots import Slot
@@ -96,7 +96,6 @@ class Scheduler:
         self.draining = False
         self.service = ServiceTime(1)  # how long a request holds a slot, and the waits it implies
         self.timeline = Timeline()  # the last minutes, for the dashboard (sampled by the app, fed here)
-        self._history_size = history_size
         self._metrics = metrics
         self.clock = clock  # monotonic seconds: the jobs' times are on it
         self._wall_clock = wall_clock
@@ -109,10 +108,7 @@ class Scheduler:
         self._member_pools: dict[Member, tuple[Pool, ...]] = {}
         # QUEUE_FULL_BEHAVIOR=wait: requests that found the queue full, in the same order, waiting for a place.
         self._overflow: PriorityQueue[Job] = PriorityQueue(levels=len(Priority))
-        # By (key name, request id): ids are the client's own, so each key has its own: another key's use of an
-        # id is neither refused nor seen, and never touches this key's record.
-        self._live: dict[tuple[str | None, str], Job] = {}
-        self._history: OrderedDict[tuple[str | None, str], Job] = OrderedDict()
+        self.registry = Registry(history_size)  # the requests known by id, live and ended
         self._deadlines = Deadlines(clock, self._expire)
         self.on_retired: Callable[[Member], object] = lambda _: None  # a removed member's last request ended
         # REDIS_URL: the replicas' shared queue, and whether it dispatches now (else this replica serves alone).
@@ -244,7 +240,7 @@ class Scheduler:
         if refusal is not None:
             self.count_rejection(priority, "breaker_open")
             raise refusal
-        if (key.name if key is not None else None, request_id) in self._live:
+        if self.registry.is_live(key.name if key is not None else None, request_id):
             raise Conflict(
                 f"request id {request_id!r} belongs to a request that is still running",
                 code="duplicate_request_id",
@@ -268,7 +264,7 @@ class Scheduler:
         job = Job(request_id, kind, priority, key, now, self._wall_clock(), deadline, cost, model, affinity, choices)
         job.pool = pool
         job.eta = expected
-        self._live[job.key_name, request_id] = job
+        self.registry.add(job)
         self.totals.queued += 1
         self._deadlines.add(job)
         if at_once:
@@ -503,9 +499,7 @@ class Scheduler:
         self._unqueue(job)
         if job.watched:
             self._deadlines.discard(job)
-        name = job.key_name, job.id
-        if self._live.get(name) is job:
-            del self._live[name]
+        self.registry.drop(job)
         self.totals.queued -= 1
         job.error = error
         job.mark_finished(terminal_state(error), self.clock())
@@ -692,7 +686,7 @@ class Scheduler:
         job.mark_finished(state, now)
         self.totals.ended(state)
         self._metrics.finished(job.priority, state.value, now - job.arrived)
-        self._remember(job)
+        self.registry.ended(job)
         if job.ticket is not None and self.shared is not None:
             self.shared.finished(job, used)
         self._dispatch(now)
@@ -704,16 +698,6 @@ class Scheduler:
         for slot in job.extra_slots:
             member.slots.give(slot, ok)
         job.slot, job.extra_slots = None, ()
-
-    def _remember(self, job: Job) -> None:
-        name = job.key_name, job.id
-        if self._live.get(name) is job:
-            del self._live[name]
-        if self._history_size:
-            self._history.pop(name, None)  # a reused id moves to the newest end
-            self._history[name] = job  # a small record by now: see Job.mark_finished
-            if len(self._history) > self._history_size:
-                self._history.popitem(last=False)
 
     def _expire(self, job: Job) -> None:
         where = "in the queue" if job.started is None else "at the backend"
@@ -735,7 +719,7 @@ class Scheduler:
     def close(self) -> None:
         """Stop everything still running (the drain grace period is over)."""
         self.drain()
-        for job in list(self._live.values()):
+        for job in self.registry.alive():
             self.abort(job, ShuttingDown("the gateway stopped before this request finished"))
         self._deadlines.close()
         for member in [*self.members.values(), *self.retiring]:
@@ -743,19 +727,6 @@ class Scheduler:
                 member.gate.close()
 
     # Reading ----------------------------------------------------------------------------------------------
-
-    def lookup(self, request_id: str, key_name: str | None) -> Job | None:
-        """A live or remembered request of this key (None: authentication off)."""
-        name = key_name, request_id
-        return self._live.get(name) or self._history.get(name)
-
-    def lookup_any(self, request_id: str) -> Job | None:
-        """A live or remembered request of any key, the live first (for admin keys; it scans)."""
-        for jobs in (self._live, self._history):
-            for (_, known), job in reversed(jobs.items()):
-                if known == request_id:
-                    return job
-        return None
 
     def position(self, job: Job) -> int | None:
         """1-based place of a waiting request in its pool, counting the overflow after the queue proper."""

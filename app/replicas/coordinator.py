@@ -617,7 +617,7 @@ class Coordinator:
     # Requests held by other replicas ------------------------------------------------------------------------
 
     async def _answer(self, verb: str, reply: str, key: str, request_id: str) -> None:
-        job = self.scheduler.lookup(request_id, key or None)
+        job = self.scheduler.registry.lookup(request_id, key or None)
         if job is None:
             answer = "null"
         elif verb == "q":

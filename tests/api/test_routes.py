@@ -67,8 +67,8 @@ def test_a_bug_while_serving_answers_500_in_the_openai_shape_with_its_request_id
         assert response.headers["x-request-id"] == "bug"
         assert response.json()["error"]["type"] == "internal_error"
         assert (
-            gateway.scheduler.lookup("bug", None) is not None
-            and gateway.scheduler.lookup("bug", None).state == "failed"
+            gateway.scheduler.registry.lookup("bug", None) is not None
+            and gateway.scheduler.registry.lookup("bug", None).state == "failed"
         )
     assert gateway.scheduler.totals.failed == 2 and gateway.scheduler.in_flight == 0
 

@@ -296,7 +296,7 @@ def test_a_high_request_preempts_low_work_whose_greedy_text_stays_the_same(
     high_body = {**low_body, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 8}
 
     def running_at_the_model() -> bool:
-        job = gw.scheduler.lookup("low", None)
+        job = gw.scheduler.registry.lookup("low", None)
         return job is not None and job.turn is not None and job.turn.can_park
 
     low = background.post(url, low_body, headers={"X-Priority": "low", "X-Request-ID": "low"}, timeout=120)

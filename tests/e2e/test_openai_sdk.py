@@ -53,7 +53,7 @@ def test_extra_fields_are_forwarded_untouched(start_gateway: StartGateway, upstr
     body = upstream.seen[-1].body
     assert body["some_future_param"] == {"nested": [1, 2]} and body["seed"] == 7 and body["temperature"] == 0.3
     assert "priority" not in body
-    record = gw.scheduler.lookup(raw.headers["x-request-id"], None)
+    record = gw.scheduler.registry.lookup(raw.headers["x-request-id"], None)
     assert record is not None and record.priority.value == "high"
 
 

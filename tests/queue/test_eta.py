@@ -119,7 +119,7 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once() -> None:
     error = refused.value
     assert error.status_code == 503 and error.code == "deadline_unreachable"
     assert error.headers["x-queue-eta-ms"] == "2000" and error.retry_after == pytest.approx(1.0)
-    assert s.lookup("late", None) is None and s.waiting == 1  # it never joined
+    assert s.registry.lookup("late", None) is None and s.waiting == 1  # it never joined
     assert sample(registry, "gateway_rejections_total", reason="deadline_unreachable") == 1
     assert s.submit("in-time", "chat", Priority.NORMAL, None, timeout=2.5).state is JobState.QUEUED
     assert s.submit("high", "chat", Priority.HIGH, None, timeout=1.5).state is JobState.QUEUED  # goes first

@@ -179,14 +179,14 @@ async def test_duplicate_live_id_conflicts_but_finished_id_may_be_reused() -> No
         s.submit("same", "chat", Priority.NORMAL, None)
     s.retire(a, None, None)
     again = s.submit("same", "chat", Priority.NORMAL, None)
-    assert s.lookup("same", None) is again
+    assert s.registry.lookup("same", None) is again
 
 
 async def test_history_is_bounded() -> None:
     s, _, _ = make(concurrency=1, history=3)
     for i in range(10):
         s.retire(s.submit(f"r{i}", "completion", Priority.NORMAL, None), None, None)
-    assert [s.lookup(f"r{i}", None) is not None for i in range(10)] == [False] * 7 + [True] * 3
+    assert [s.registry.lookup(f"r{i}", None) is not None for i in range(10)] == [False] * 7 + [True] * 3
 
 
 async def test_wait_mode_holds_overflow_in_priority_order() -> None:
