@@ -250,7 +250,10 @@ class Settings(BaseSettings):
         default=1,
         ge=1,
         le=100_000,
-        description="Most requests at the backend at once; for `local`, the sequences decoded together.",
+        description=(
+            "Most requests at the backend at once; for `local`, the sequences decoded together (a request of `n` "
+            "choices takes `n`)."
+        ),
     )
     max_queue_size: int = Field(default=100, ge=1, le=10_000_000, description="Most requests waiting at once.")
     request_timeout: float = Field(

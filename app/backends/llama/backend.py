@@ -277,7 +277,8 @@ class _LocalStream(BackendStream):
         base = self._backend._header(prepared, chunked=True)
         choices = [StreamedChoice(index, prepared, base) for index in range(prepared.choices)]
         events = self._backend._generate(prepared, self._turn)
-        dones: list[Done | None] = [None] * prepared.choices
+        ends: dict[int, Done] = {}
+        dones: list[Done] = []  # in choice order, once every choice has ended
         try:
             for index, choice in enumerate(choices):
                 echo = prepared.prompt_of(index).echo
@@ -292,15 +293,14 @@ class _LocalStream(BackendStream):
                     if chunk:
                         yield chunk
                     continue
-                dones[index] = event
-                ended = [done for done in dones if done is not None]
-                if len(ended) == len(dones):
-                    self.usage = total_usage(ended, prepared.n)
+                ends[index] = event
+                if len(ends) == len(choices):
+                    dones = [ends[i] for i in range(len(choices))]
+                    self.usage = total_usage(dones, prepared.n)
                 for chunk in choice.end(event.finish_reason):
                     yield chunk
-            ended = [done for done in dones if done is not None]
             if prepared.include_usage:
-                yield sse({**base, "choices": [], "usage": usage_body(ended, prepared.n)})
+                yield sse({**base, "choices": [], "usage": usage_body(dones, prepared.n)})
             yield SSE_DONE
         finally:
             await events.aclose()

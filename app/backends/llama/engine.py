@@ -282,8 +282,9 @@ class LlamaEngine:
         alone = prompting is not None and prompting.urgent
         room = self.config.n_batch - (0 if alone else sum(s.generating for s in self._active))
         for sequence in self._active:  # kept in id order
-            token = sequence.next_token
-            if token is not None and sequence.prefilled == len(sequence.prompt) and not alone:  # generating
+            if sequence.generating and not alone:
+                token = sequence.next_token
+                assert token is not None
                 position = sequence.prefilled + sequence.generated - 1
                 sequence.logit_index = model.add(sequence.id, token, position, True)
                 sequence.history.append(token)
