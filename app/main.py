@@ -168,6 +168,9 @@ async def _sample_timeline(scheduler: Scheduler, metrics: Metrics) -> None:
 def _watch(metrics: Metrics, scheduler: Scheduler, fleet: Fleet) -> None:
     """Point the metrics at what they read at each scrape."""
     metrics.watch_queue(scheduler.queue_sizes_by_model, lambda: scheduler.processing, scheduler.backends_in_flight)
+    metrics.watch_prompt_tokens(
+        lambda: {m.name: m.backend.prompt_tokens_by_source() for m in scheduler.members.values() if m.kind == "local"}
+    )
     single = fleet.single
     gate = single.gate if single is not None else None
     limiter = gate.limiter if gate is not None else None

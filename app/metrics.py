@@ -128,6 +128,7 @@ class Metrics:
         self.webhook_deliveries = dict.fromkeys(WEBHOOK_OUTCOMES, 0)
         self._batches: Callable[[], Mapping[str, int]] | None = None
         self._webhooks_pending: Callable[[], int] | None = None
+        self._prompt_tokens: Callable[[], Mapping[str, Mapping[str, int]]] = dict
         registry.register(_Exporter(self))
 
     def watch_queue(
@@ -147,6 +148,10 @@ class Metrics:
         if series is None:
             series = self.backends[name] = BackendSeries()
         return series
+
+    def watch_prompt_tokens(self, by_backend: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """Export the local models' prompt tokens by source (evaluated, reused), read at each scrape."""
+        self._prompt_tokens = by_backend
 
     def watch_limits(
         self, budget_remaining: Callable[[], Mapping[str, float]], breaker_state: Callable[[], int] | None
@@ -289,6 +294,16 @@ class _Exporter(Collector):
         yield _counter(
             "gateway_tokens", "Tokens of answered requests, as their usage reported them.", "kind", m.token_counts
         )
+        prompt_tokens = CounterMetricFamily(
+            "gateway_prompt_tokens",
+            "Prompt tokens at each local model, by source: evaluated by the model, or reused from the KV cells a "
+            "slot held (a shared prefix, a request's first choice).",
+            labels=["backend", "source"],
+        )
+        for backend, counts in m._prompt_tokens().items():
+            for source, count in counts.items():
+                prompt_tokens.add_metric([backend, source], count)
+        yield prompt_tokens
         yield _counter(
             "gateway_connections_closed",
             "Client connections the gateway closed because a connection limit bit, by reason.",

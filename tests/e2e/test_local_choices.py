@@ -34,6 +34,28 @@ def test_each_choice_answers_as_a_lone_request_with_its_seed(local_sdk: openai.O
     assert together.usage.total_tokens == together.usage.prompt_tokens + together.usage.completion_tokens
 
 
+def prompt_tokens(gateway: RunningGateway) -> dict[str, float]:
+    """gateway_prompt_tokens_total by source, from /metrics."""
+    text = httpx.get(gateway.url + "/metrics").text
+    pattern = r'gateway_prompt_tokens_total\{[^}]*source="(\w+)"[^}]*\} (\S+)'
+    return {source: float(value) for source, value in re.findall(pattern, text)}
+
+
+def test_three_choices_evaluate_their_prompt_once(local: RunningGateway, local_sdk: openai.OpenAI) -> None:
+    before = prompt_tokens(local)
+    messages = [{"role": "user", "content": f"A question no slot has seen: {time.time()}. What is two plus two?"}]
+    answer = local_sdk.chat.completions.create(
+        model="local", messages=messages, max_tokens=8, temperature=1.0, seed=2, n=3
+    )
+    after = prompt_tokens(local)
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    prompt, cached = answer.usage.prompt_tokens, answer.usage.prompt_tokens_details.cached_tokens or 0
+    assert len(answer.choices) == 3
+    # The model evaluated what no slot held, once; the other two choices reused all of it.
+    assert after["evaluated"] - before["evaluated"] == prompt - cached
+    assert after["reused"] - before["reused"] == cached + 2 * prompt
+
+
 def test_streamed_choices_are_the_whole_ones(local_sdk: openai.OpenAI) -> None:
     whole = local_sdk.chat.completions.create(
         model="local", messages=MESSAGES, max_tokens=12, temperature=0.8, seed=3, n=2

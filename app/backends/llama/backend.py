@@ -112,6 +112,10 @@ class LlamaBackend:
         """Stop generating and free the model."""
         await asyncio.to_thread(self._engine.close)
 
+    def prompt_tokens_by_source(self) -> dict[str, int]:
+        """Prompt tokens so far, evaluated by the model or reused from cells a slot held (for the metrics)."""
+        return {"evaluated": self._engine.prompt_evaluated, "reused": self._engine.prompt_reused}
+
     async def health(self) -> None:
         """Ready once the model is loaded and its thread runs."""
         if not self._engine.running:

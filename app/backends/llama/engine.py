@@ -145,6 +145,10 @@ class LlamaEngine:
         self._active: list[Sequence] = []  # in id order
         self._prompting: deque[Sequence] = deque()  # active sequences whose prompt is not all in, in the order placed
         self._waiting: deque[Sequence] = deque()
+        # Prompt tokens so far, by where their KV cells came from: the model (evaluated) or a slot that held them
+        # (reused: the prefix cache, a request's first choice). Written by the engine thread, read by metrics.
+        self.prompt_evaluated = 0
+        self.prompt_reused = 0
 
     def load(self) -> None:
         """Start the engine thread, which loads the model (blocking); raises RuntimeError if llama.cpp cannot."""
@@ -300,6 +304,7 @@ class LlamaEngine:
                         sequence.logit_index = index
                 sequence.history.extend(sequence.prompt[start:end])
                 sequence.prefilled = end
+                self.prompt_evaluated += end - start
                 if end == len(sequence.prompt):
                     self._prompting.remove(sequence)
         if model.batch.n_tokens == 0:
@@ -344,6 +349,8 @@ class LlamaEngine:
             self._pick(fork, index)
             if fork.next_token is not None:  # it did not end on its first token
                 ready.append(fork)
+            else:
+                self.prompt_reused += len(fork.prompt)  # its leader's, all of it: it never takes a slot
         self._waiting.extendleft(reversed(ready))
 
     def _embed(self, embedding: Embedding) -> None:
@@ -415,6 +422,7 @@ class LlamaEngine:
             keep = 0
         sequence.id = slot
         sequence.prefilled = keep
+        self.prompt_reused += keep
         sequence.history = self._resident[slot] = prompt[:keep]
         if not fork:
             sequence.cached = keep
