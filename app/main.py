@@ -79,7 +79,7 @@ def create_app(
         log.info(
             "ready: backends=%s max_concurrent=%d max_queue_size=%d request_timeout=%gs",
             ",".join(f"{m.name}({m.kind})" for m in fleet.members),
-            scheduler.max_concurrent,
+            scheduler.roster.max_concurrent,
             settings.max_queue_size,
             settings.request_timeout,
         )
@@ -162,14 +162,18 @@ async def _sample_timeline(scheduler: Scheduler, metrics: Metrics) -> None:
     while True:
         await asyncio.sleep(SAMPLE_SECONDS)
         totals = scheduler.totals
-        scheduler.timeline.sample(time.time(), scheduler.queue_sizes(), totals.completed, sum(tokens.values()))
+        scheduler.timeline.sample(time.time(), scheduler.waiting_room.sizes(), totals.completed, sum(tokens.values()))
 
 
 def _watch(metrics: Metrics, scheduler: Scheduler, fleet: Fleet) -> None:
     """Point the metrics at what they read at each scrape."""
-    metrics.watch_queue(scheduler.queue_sizes_by_model, lambda: scheduler.processing, scheduler.backends_in_flight)
+    metrics.watch_queue(
+        scheduler.waiting_room.sizes_by_model, lambda: scheduler.roster.processing, scheduler.roster.backends_in_flight
+    )
     metrics.watch_prompt_tokens(
-        lambda: {m.name: m.backend.prompt_tokens_by_source() for m in scheduler.members.values() if m.kind == "local"}
+        lambda: {
+            m.name: m.backend.prompt_tokens_by_source() for m in scheduler.roster.members.values() if m.kind == "local"
+        }
     )
     single = fleet.single
     gate = single.gate if single is not None else None

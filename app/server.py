@@ -97,7 +97,7 @@ def server_config(app: FastAPI) -> uvicorn.Config:
     """uvicorn's configuration for the app: uvloop, httptools behind the connection guard, no access log."""
     settings = app.state.settings
     guard: ConnectionGuard = app.state.connections
-    fit_open_files(guard, app.state.scheduler.max_concurrent)
+    fit_open_files(guard, app.state.scheduler.roster.max_concurrent)
     return uvicorn.Config(
         app,
         host=settings.host,

@@ -42,7 +42,7 @@ class QueueUpdates:
         reported: tuple[int | None, Priority] | None = None
         last_sent = time.monotonic()
         while True:
-            place = (self._scheduler.position(job), Priority.at(job.rank))
+            place = (self._scheduler.waiting_room.position(job), Priority.at(job.rank))
             now = time.monotonic()
             if place != reported and place[0] is not None:
                 await self._body(self._comment(job, *place))

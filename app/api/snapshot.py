@@ -33,10 +33,10 @@ def snapshot(scheduler: Scheduler, metrics: Metrics, viewer: KeyAccount | None) 
         "viewer": None if viewer is None else {"name": viewer.name, "admin": viewer.admin},
         "queue": {
             "waiting": scheduler.waiting,
-            "by_priority": scheduler.queue_sizes(),
-            "max_queue_size": scheduler.max_queue_size,
+            "by_priority": scheduler.waiting_room.sizes(),
+            "max_queue_size": scheduler.waiting_room.capacity,
             "in_flight": scheduler.in_flight,
-            "max_concurrent": scheduler.max_concurrent,
+            "max_concurrent": scheduler.roster.max_concurrent,
         },
         "totals": {
             "queued": totals.queued,
@@ -49,7 +49,9 @@ def snapshot(scheduler: Scheduler, metrics: Metrics, viewer: KeyAccount | None) 
         "rates": {"requests_per_s": round(requests_per_s, 2), "tokens_per_s": round(tokens_per_s, 1)},
         "rejections": dict(metrics.rejections),
         "upstream_errors": dict(metrics.upstream_errors),
-        "backends": [_backend(member, viewer, now) for member in [*scheduler.members.values(), *scheduler.retiring]],
+        "backends": [
+            _backend(member, viewer, now) for member in [*scheduler.roster.members.values(), *scheduler.roster.retiring]
+        ],
         "waiting": _waiting(scheduler, viewer, now),
         "history": _history(scheduler),
     }
@@ -99,9 +101,10 @@ def _backend(member: Member, viewer: KeyAccount | None, now: float) -> dict[str,
 def _waiting(scheduler: Scheduler, viewer: KeyAccount | None, now: float) -> dict[str, Any]:
     """Per level: how many wait, and the first LISTED the viewer may see, in the order they will go."""
     levels: dict[str, Any] = {
-        p.value: {"count": n, "requests": []} for p, n in zip(Priority, scheduler.queue_sizes().values(), strict=True)
+        p.value: {"count": n, "requests": []}
+        for p, n in zip(Priority, scheduler.waiting_room.sizes().values(), strict=True)
     }
-    for pool in scheduler.pools.values():
+    for pool in scheduler.roster.pools.values():
         ahead = 0
         for priority in Priority:
             rank = priority.rank

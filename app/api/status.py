@@ -147,27 +147,27 @@ def queue_status(scheduler: Scheduler, viewer: KeyAccount | None = None) -> Queu
     With keys on, a slot's request id is shown only to the key that sent it (and to admin keys): others see
     that the slot is busy, not whose request it holds.
     """
-    gate = scheduler.gate
+    gate = scheduler.roster.gate
     limiter = gate.limiter if gate is not None else None
     breaker = gate.breaker if gate is not None else None
     totals = scheduler.totals
     return QueueStatus(
         queue_size=scheduler.waiting,
-        processing_count=scheduler.processing,
-        max_concurrent=scheduler.max_concurrent,
-        max_queue_size=scheduler.max_queue_size,
+        processing_count=scheduler.roster.processing,
+        max_concurrent=scheduler.roster.max_concurrent,
+        max_queue_size=scheduler.waiting_room.capacity,
         total_processed=totals.completed,
         total_failed=totals.failed,
         total_queued=totals.queued,
-        active_requests=scheduler.waiting + scheduler.processing,
+        active_requests=scheduler.waiting + scheduler.roster.processing,
         is_running=not scheduler.draining,
-        queue_size_by_priority=scheduler.queue_sizes(),
-        waiting_for_admission=scheduler.waiting_for_space,
+        queue_size_by_priority=scheduler.waiting_room.sizes(),
+        waiting_for_admission=scheduler.waiting_room.for_space,
         total_rejected=totals.rejected,
         total_timed_out=totals.timeout,
         total_cancelled=totals.cancelled,
         queue_full_behavior=scheduler.full_behavior.value,
-        aging_seconds=scheduler.aging.period if scheduler.aging is not None else None,
+        aging_seconds=scheduler.waiting_room.aging.period if scheduler.waiting_room.aging is not None else None,
         dispatch_held_by=gate.held_by if gate is not None else None,
         rate_limits=limiter.status() if limiter is not None else None,
         circuit_breaker=None
@@ -179,7 +179,9 @@ def queue_status(scheduler: Scheduler, viewer: KeyAccount | None = None) -> Queu
             "retry_after_seconds": round(breaker.retry_after(), 3),
         },
         estimated_service_seconds=scheduler.service.average,
-        backends=[_backend_status(member) for member in [*scheduler.members.values(), *scheduler.retiring]],
+        backends=[
+            _backend_status(member) for member in [*scheduler.roster.members.values(), *scheduler.roster.retiring]
+        ],
         pools=[
             PoolStatus(
                 model=pool.model,
@@ -187,8 +189,8 @@ def queue_status(scheduler: Scheduler, viewer: KeyAccount | None = None) -> Queu
                 waiting_by_priority=sizes,
                 members=[member.name for member in pool.members],
             )
-            for pool in scheduler.pools.values()
-            for sizes in (scheduler.pool_sizes(pool),)
+            for pool in scheduler.roster.pools.values()
+            for sizes in (scheduler.waiting_room.pool_sizes(pool),)
         ],
         workers=[
             WorkerStatus(
@@ -198,7 +200,7 @@ def queue_status(scheduler: Scheduler, viewer: KeyAccount | None = None) -> Queu
                 processed=slot.processed,
                 errors=slot.errors,
             )
-            for number, slot in enumerate(scheduler.slots)
+            for number, slot in enumerate(scheduler.roster.slots)
         ],
     )
 
@@ -272,8 +274,8 @@ def request_status(scheduler: Scheduler, job: Job) -> RequestStatus:
         timestamp=job.arrived_wall,
         error=job.error.message if job.error is not None else job.error_message,
         priority=job.priority,
-        position=scheduler.position(job),
-        waiting_for=scheduler.waiting_for(job),
+        position=scheduler.waiting_room.position(job),
+        waiting_for=scheduler.waiting_room.waiting_for(job),
         level=Priority.at(job.rank),
         eta_seconds=_rounded(scheduler.eta(job)),
         eta_at_arrival_seconds=_rounded(job.eta),

@@ -52,7 +52,7 @@ class Fleet:
     def attach(self, scheduler: Scheduler) -> None:
         """Serve through `scheduler`: it gets the members whose models are known."""
         self._scheduler = scheduler
-        scheduler.on_retired = self._retired
+        scheduler.roster.on_retired = self._retired
         scheduler.set_members(self._serving(), self.config.aliases)
 
     def _serving(self) -> list[Member]:
@@ -210,7 +210,7 @@ class Fleet:
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        closing = [*self.members, *self.scheduler.retiring]
+        closing = [*self.members, *self.scheduler.roster.retiring]
         await asyncio.gather(*(member.backend.aclose() for member in closing), return_exceptions=True)
 
     # Answers ----------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from app.errors import (
     GatewayError,
     InvalidRequest,
     KeyQueueLimit,
-    ModelNotFound,
     QueueFull,
     RequestTimeout,
     ShuttingDown,
@@ -39,18 +38,16 @@ from app.queue.gate import DispatchGate
 from app.queue.job import Job, Totals, terminal_state
 from app.queue.member import Member
 from app.queue.pool import Pool, Routing
-from app.queue.priority_queue import PriorityQueue
 from app.queue.registry import Registry
+from app.queue.roster import Roster
 from app.queue.service_time import ServiceTime
 from app.queue.shared import SharedQueue
-from app.queue.slots import Slot
 from app.queue.timeline import Timeline
+from app.queue.waiting import WaitingRoom
 from app.settings import QueueFullBehavior
 from app.types import INTERACTIVE, CompletionKind, JobState, Priority
 
 log = logging.getLogger("app.queue")
-
-ANY_MODEL = "*"  # the pool of members that serve any model name (the fleet of one the settings describe)
 
 
 class Scheduler:
@@ -80,10 +77,8 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ):
-        self.max_queue_size = max_queue_size
         self.request_timeout = request_timeout
         self.full_behavior = full_behavior
-        self.routing = routing
         # A waiting request whose remaining time is under this many average service times is answered 408
         # instead of dispatched: it would most likely be cut off at its timeout, its upstream work wasted.
         self.dispatch_margin = dispatch_margin
@@ -91,7 +86,6 @@ class Scheduler:
         self.deadline_admission = deadline_admission
         # A running request may be parked this many times for high-priority ones (members with parking room).
         self.preempt_max = preempt_max
-        self.aging = Aging(aging_seconds, len(INTERACTIVE)) if aging_seconds else None
         self.totals = Totals()
         self.draining = False
         self.service = ServiceTime(1)  # how long a request holds a slot, and the waits it implies
@@ -99,18 +93,11 @@ class Scheduler:
         self._metrics = metrics
         self.clock = clock  # monotonic seconds: the jobs' times are on it
         self._wall_clock = wall_clock
-        self.members: dict[str, Member] = {}
-        self.retiring: list[Member] = []  # removed by a reload, still running requests
-        self.aliases: dict[str, str] = {}
-        self.pools: dict[str, Pool] = {}  # by model name, ANY_MODEL included
-        self._pools: tuple[Pool, ...] = ()
-        self._queues: frozenset[PriorityQueue[Job]] = frozenset()
-        self._member_pools: dict[Member, tuple[Pool, ...]] = {}
-        # QUEUE_FULL_BEHAVIOR=wait: requests that found the queue full, in the same order, waiting for a place.
-        self._overflow: PriorityQueue[Job] = PriorityQueue(levels=len(Priority))
+        self.roster = Roster(routing)  # the members and the pools of their models
+        aging = Aging(aging_seconds, len(INTERACTIVE)) if aging_seconds else None
+        self.waiting_room = WaitingRoom(max_queue_size, aging, clock)  # where requests wait
         self.registry = Registry(history_size)  # the requests known by id, live and ended
         self._deadlines = Deadlines(clock, self._expire)
-        self.on_retired: Callable[[Member], object] = lambda _: None  # a removed member's last request ended
         # REDIS_URL: the replicas' shared queue, and whether it dispatches now (else this replica serves alone).
         self.shared: SharedQueue | None = None
         self.sharing = False
@@ -121,43 +108,16 @@ class Scheduler:
     def set_members(self, members: list[Member], aliases: Mapping[str, str] | None = None) -> None:
         """Serve with these members from now on (at start, and at each reload); requests waiting stay.
 
-        Pools are rebuilt around the members' models, a pool keeping its queue; a pool no member serves any
-        more answers what waits in it 503. A member left out takes no new work, and on_retired is called once
-        its last request has ended.
+        A pool no member serves any more answers what waits in it 503 (see Roster.replace).
         """
-        levels = len(Priority)
-        kept = {member.name: member for member in members}
-        for member in [*self.members.values(), *self.retiring]:
-            if kept.get(member.name) is not member and member not in self.retiring:
-                member.retiring = True
-                self.retiring.append(member)
-        self.members = kept
-        self.aliases = dict(aliases or {})
-        pools: dict[str, Pool] = {}
-        for member in members:
-            for model in member.models if member.models is not None else (ANY_MODEL,):
-                pool = pools.get(model)
-                if pool is None:
-                    pool = pools[model] = self.pools.get(model) or Pool(model, levels, self.routing)
-                    pool.members = []
-                pool.members.append(member)
-        for model, pool in self.pools.items():
-            if model not in pools:
-                self._close_pool(pool)
-            else:
-                for gone in (m for m in pool.members if m not in pools[model].members):
-                    pool.forget(gone)
-        self.pools = pools
-        self._pools = tuple(pools.values())
-        self._queues = frozenset(pool.queue for pool in self._pools) | {self._overflow}
-        self._member_pools = {m: tuple(p for p in self._pools if m in p.members) for m in members}
+        roster = self.roster
+        for pool in roster.replace(members, aliases):
+            self._close_pool(pool)
+        self.waiting_room.serve(roster.pool_list)
         self.service.slots = max(1, sum(member.max_concurrent for member in members))
         self._mark_shared()
         if self.shared is not None:
             self.shared.fleet_changed()
-        for member in list(self.retiring):
-            if not member.holds_work:
-                self._retired(member)
         self.dispatch()
 
     def share(self, shared: SharedQueue | None, active: bool = True, replicas: int = 1) -> None:
@@ -166,42 +126,22 @@ class Scheduler:
         self.shared = shared
         self.sharing = shared is not None and active
         self._mark_shared()
-        for member in self.members.values():
+        for member in self.roster.members.values():
             alone = max(1, -(-member.max_concurrent // replicas))
             member.withheld = member.max_concurrent - alone if shared is not None and not active else 0
         self.dispatch()
 
     def _mark_shared(self) -> None:
         # An in-process model is this replica's own: only the pools of upstream servers are shared.
-        for pool in self._pools:
+        for pool in self.roster.pool_list:
             pool.shared = self.sharing and all(member.kind == "proxy" for member in pool.members)
 
     def _close_pool(self, pool: Pool) -> None:
-        waiting = [job for job in self._waiting_jobs() if job.pool is pool]
+        waiting = self.waiting_room.jobs(pool)
         for job in waiting:
             self.abort(job, UpstreamUnavailable(f"no backend serves {pool.model!r} any more", retry_after=5.0))
         if waiting:
             log.warning("no backend serves %r any more: %d waiting requests answered 503", pool.model, len(waiting))
-
-    def _retired(self, member: Member) -> None:
-        self.retiring.remove(member)
-        if member.gate is not None:
-            member.gate.close()
-        self.on_retired(member)
-
-    def pool_for(self, model: str | None) -> Pool:
-        """The pool that serves `model` (after aliases): 404 model_not_found if none does."""
-        pools = self.pools
-        if len(pools) == 1 and ANY_MODEL in pools:  # a fleet of one that declares no models: any name
-            return pools[ANY_MODEL]
-        if model is None:
-            if len(pools) == 1:
-                return self._pools[0]
-            raise InvalidRequest("model is required: this gateway serves several models", param="model")
-        pool = pools.get(self.aliases.get(model, model)) or pools.get(ANY_MODEL)
-        if pool is None:
-            raise ModelNotFound(model)
-        return pool
 
     # Admission and dispatch -----------------------------------------------------------------------------
 
@@ -227,7 +167,7 @@ class Scheduler:
         if self.draining:
             self.count_rejection(priority, "shutting_down")
             raise ShuttingDown()
-        pool = self.pool_for(model)
+        pool = self.roster.pool_for(model)
         if choices > 1 and not any(member.could_take(priority.rank, choices) for member in pool.members):
             rank = priority.rank
             most = max(member.max_concurrent - (member.reserved_high if rank else 0) for member in pool.members)
@@ -247,9 +187,10 @@ class Scheduler:
                 param="X-Request-ID",
             )
         # A batch line waits behind every interactive request, for as long as its batch's window allows. (The
-        # size compared first: queue_full() counts the lines only when that says full, not on every request.)
+        # size compared first: full() counts the lines only when that says full, not on every request.)
         batch = priority is Priority.BATCH
-        full = not batch and self.waiting_in_queue >= self.max_queue_size and self.queue_full()
+        room = self.waiting_room
+        full = not batch and room.in_queue >= room.capacity and room.full()
         if full and (self.full_behavior is QueueFullBehavior.REJECT or pool.shared):
             raise self.refuse_full(priority)
         now = self.clock()
@@ -276,9 +217,9 @@ class Scheduler:
         if key is not None:
             key.joined()
         if full:
-            self._overflow.push(job, job.rank, job.key_name)
+            room.wait_for_space(job)
         else:
-            self._enqueue(job, now)
+            room.enqueue(job, now)
             if pool.shared:
                 return job  # its ticket goes to the shared queue next (see refused() and granted())
             if pool.has_free_slot():
@@ -302,10 +243,7 @@ class Scheduler:
                 f"a place frees in about {retry_after:.1f}s",
                 retry_after=retry_after,
             )
-        if full:
-            ahead = pool.queue.size + self._overflow.ahead_of_new(rank, key_name)
-        else:
-            ahead = pool.queue.ahead_of_new(rank, key_name)
+        ahead = self.waiting_room.ahead_of_new(pool, rank, key_name, full)
         expected = eta.pool_wait(pool, ahead, rank, now, self.service.average)
         if expected > lifetime and self.deadline_admission and pool.service.mean is not None:
             self.count_rejection(priority, "deadline_unreachable")
@@ -328,26 +266,19 @@ class Scheduler:
             refusals.append(refusal)
         return min(refusals, key=lambda r: r.retry_after) if refusals else None
 
-    def queue_full(self) -> bool:
-        """Whether MAX_QUEUE_SIZE interactive requests wait (batch lines take no place of theirs)."""
-        waiting = self.waiting_in_queue
-        if waiting < self.max_queue_size:
-            return False
-        rank = Priority.BATCH.rank
-        return waiting - sum(pool.queue.count(rank) for pool in self._pools) >= self.max_queue_size
-
     def sheds(self) -> bool:
         """Whether a new request would now be refused for a full queue, and for nothing that comes first.
 
         The HTTP layer asks this before it does any work for a completion: under a flood of requests past
         capacity, refusing each must cost little, or the flood starves the requests being served.
         """
+        room = self.waiting_room
         return (
-            self.waiting_in_queue >= self.max_queue_size
-            and self.queue_full()
+            room.in_queue >= room.capacity
+            and room.full()
             and self.full_behavior is QueueFullBehavior.REJECT
             and not self.draining
-            and all(self._refusal(pool) is None for pool in self._pools)
+            and all(self._refusal(pool) is None for pool in room.pools)
         )
 
     def refuse_full(self, priority: Priority) -> QueueFull:
@@ -355,7 +286,7 @@ class Scheduler:
         self.count_rejection(priority, "queue_full")
         retry_after = self.service.appointment(self.clock(), eta.place(self.service.slots, self.service.average))
         return QueueFull(
-            f"the queue is full ({self.waiting_in_queue} requests waiting); retry in {retry_after:.1f}s",
+            f"the queue is full ({self.waiting_room.in_queue} requests waiting); retry in {retry_after:.1f}s",
             retry_after=retry_after,
         )
 
@@ -364,29 +295,6 @@ class Scheduler:
         self.totals.rejected += 1
         self._metrics.finished(priority, "rejected", None)
         self._metrics.rejected(reason)
-
-    def _enqueue(self, job: Job, now: float, first: bool = False) -> None:
-        if self.aging is not None:
-            self._promote(now)  # those who earned a level go ahead of this newcomer
-            job.rank = self.aging.level_for(job, now)
-        assert job.pool is not None
-        if first:
-            job.pool.queue.push_first(job, job.rank, job.key_name)
-        else:
-            job.pool.queue.push(job, job.rank, job.key_name)
-        if self.aging is not None:
-            self.aging.track(job)
-
-    def _promote(self, now: float) -> None:
-        """Move every job whose wait has earned it a level up that level (QUEUE_AGING_SECONDS)."""
-        assert self.aging is not None
-        for job in self.aging.due(now, self._queues):
-            queue = job.waiting_in
-            assert isinstance(queue, PriorityQueue)
-            queue.remove(job, job.rank)
-            job.rank -= 1
-            queue.push(job, job.rank, job.key_name)
-            self.aging.track(job)
 
     def _start(self, job: Job, member: Member, now: float) -> None:
         job.slot = member.slots.take(job)
@@ -409,22 +317,15 @@ class Scheduler:
 
     def _dispatch(self, now: float) -> None:
         """Fill idle slots from the pools as far as the gates allow, refilling the queue from the overflow."""
-        if self.aging is not None:
-            self._promote(now)
-        overflow = self._overflow
+        room = self.waiting_room
+        room.promote(now)
         while True:
             self._fill(now)
-            moved = False
-            while overflow.size and not self.queue_full():
-                job = overflow.pop()
-                assert job is not None
-                self._enqueue(job, now)
-                moved = True
-            if not moved:
+            if not room.admit_overflow(now):
                 return
 
     def _fill(self, now: float) -> None:
-        pools = self._pools
+        pools = self.roster.pool_list
         if len(pools) == 1:
             pool = pools[0]
             if pool.shared:
@@ -449,7 +350,7 @@ class Scheduler:
             pool = min(waiting, key=_head_order)
             if not self._dispatch_head(pool, now) or not pool.queue.size:
                 waiting.remove(pool)
-        for member, served in self._member_pools.items():
+        for member, served in self.roster.member_pools.items():
             if member.gate is not None and member.gate.held_by is not None and not any(p.queue.size for p in served):
                 member.gate.release(now)
 
@@ -480,7 +381,7 @@ class Scheduler:
     def granted(self, job: Job, member_name: str) -> bool:
         """The shared queue gave `job` a slot at the member of that name: dispatch it there; False if it no
         longer waits for one (it ended meanwhile), and the slot goes back."""
-        member = self.members.get(member_name)
+        member = self.roster.members.get(member_name)
         if job.state is not JobState.QUEUED or job.error is not None or job.waiting_in is None or member is None:
             return False
         if not member.slots.idle:
@@ -507,7 +408,7 @@ class Scheduler:
 
     def abort_shared(self, error: GatewayError) -> int:
         """Answer `error` to every request waiting for a shared pool (its queue is out of reach); how many."""
-        waiting = [job for job in self._waiting_jobs() if job.pool is not None and job.pool.shared]
+        waiting = [job for job in self.waiting_room.jobs() if job.pool is not None and job.pool.shared]
         for job in waiting:
             self.abort(job, error)
         return len(waiting)
@@ -526,7 +427,7 @@ class Scheduler:
         preemption.park(victim, now)
         if victim.key is not None:
             victim.key.joined()
-        self._enqueue(victim, now, first=True)  # the head of its level: it resumes before what waited there
+        self.waiting_room.enqueue(victim, now, first=True)  # the head of its level: it resumes before what waited there
         self._metrics.preempted(victim.priority)
         assert victim.member is not None
         log.info(
@@ -582,17 +483,16 @@ class Scheduler:
         job.mark_requeued()
         if job.key is not None:
             job.key.joined()
-        self._enqueue(job, now, first=True)
+        self.waiting_room.enqueue(job, now, first=True)
         if pool.shared and self.shared is not None:
             self.shared.requeue(job, member)
-        if member.retiring and not member.holds_work:
-            self._retired(member)
+        self.roster.check_retired(member)
         self._dispatch(now)
         return True
 
     def breaker_changed(self, state: BreakerState) -> None:
         """The breaker of the one member changed (the scheduler alone, as its tests use it)."""
-        self.member_changed(next(iter(self.members.values())), state)
+        self.member_changed(next(iter(self.roster.members.values())), state)
 
     def member_changed(self, member: Member, state: BreakerState) -> None:
         """A member's breaker opened (what waits for a pool it leaves without members is answered 503 now),
@@ -602,13 +502,13 @@ class Scheduler:
             return
         if member.gate is not None and member.gate.breaker is not None:
             self.paused(member, member.gate.breaker.retry_after())
-        for pool in self._member_pools.get(member, ()):
+        for pool in self.roster.member_pools.get(member, ()):
             if not pool.all_down():
                 continue
             # Nothing that waits can run before a cooldown ends: tell it now rather than at its timeout.
             refusal = self._refusal(pool)
             retry_after = refusal.retry_after if refusal is not None else 1.0
-            waiting = [job for job in self._waiting_jobs() if job.pool is pool]
+            waiting = self.waiting_room.jobs(pool)
             for job in waiting:
                 self.abort(
                     job,
@@ -632,11 +532,7 @@ class Scheduler:
         return True
 
     def _unqueue(self, job: Job) -> None:
-        if job.waiting_in is None:
-            return
-        if job.pool is None or not job.pool.queue.remove(job, job.rank):
-            self._overflow.remove(job, job.rank)
-        if job.key is not None:
+        if self.waiting_room.remove(job) and job.key is not None:
             job.key.left()
 
     def retire(self, job: Job, error: GatewayError | None, usage: Usage | None) -> None:
@@ -661,8 +557,7 @@ class Scheduler:
         if job.parked:
             assert member is not None
             preemption.unpark(job, member)
-            if member.retiring and not member.holds_work:
-                self._retired(member)
+            self.roster.check_retired(member)
         if usage is not None:
             self._metrics.tokens(usage.prompt_tokens, usage.completion_tokens)
         slot = job.slot
@@ -679,8 +574,7 @@ class Scheduler:
                 member.series.latency.observe(held)
             elif state is JobState.FAILED:
                 member.series.errors += 1
-            if member.retiring and not member.holds_work:
-                self._retired(member)
+            self.roster.check_retired(member)
         if error is not None and job.error is None:
             job.error = error
         job.mark_finished(state, now)
@@ -703,15 +597,12 @@ class Scheduler:
         where = "in the queue" if job.started is None else "at the backend"
         self.abort(job, RequestTimeout(f"request timed out after {job.deadline - job.arrived:g}s ({where})"))
 
-    def _waiting_jobs(self) -> list[Job]:
-        return [job for pool in self._pools for job in pool.queue.items()] + self._overflow.items()
-
     def drain(self) -> None:
         """Stop taking work and answer every waiting request 503; running ones go on to the end."""
         if self.draining:
             return
         self.draining = True
-        waiting = self._waiting_jobs()
+        waiting = self.waiting_room.jobs()
         for job in waiting:
             self.abort(job, ShuttingDown())
         log.info("draining: %d waiting requests answered 503, %d running", len(waiting), self.in_flight)
@@ -722,120 +613,31 @@ class Scheduler:
         for job in self.registry.alive():
             self.abort(job, ShuttingDown("the gateway stopped before this request finished"))
         self._deadlines.close()
-        for member in [*self.members.values(), *self.retiring]:
-            if member.gate is not None:
-                member.gate.close()
+        self.roster.close()
 
     # Reading ----------------------------------------------------------------------------------------------
-
-    def position(self, job: Job) -> int | None:
-        """1-based place of a waiting request in its pool, counting the overflow after the queue proper."""
-        rank = job.rank
-        pool = job.pool
-        if pool is None:
-            return None
-        place = pool.queue.position(job, rank)
-        if place is not None:
-            return place
-        place = self._overflow.position(job, rank)
-        return None if place is None else len(pool.queue) + place
-
-    def queue_sizes(self) -> dict[str, int]:
-        """Waiting requests by the level they wait at (aging may have raised them), overflow included."""
-        if self.aging is not None:
-            self._promote(self.clock())
-        return {
-            p.value: sum(pool.queue.count(p.rank) for pool in self._pools) + self._overflow.count(p.rank)
-            for p in Priority
-        }
-
-    def pool_sizes(self, pool: Pool) -> dict[str, int]:
-        """Requests waiting for `pool`'s model by level, those waiting for queue space included."""
-        sizes = {p.value: pool.queue.count(p.rank) for p in Priority}
-        if self._overflow.size:
-            for job in self._overflow.items():
-                if job.pool is pool:
-                    sizes[Priority.at(job.rank).value] += 1
-        return sizes
-
-    def queue_sizes_by_model(self) -> dict[tuple[str, str], int]:
-        """Waiting requests by (model pool, level), for the metrics."""
-        if self.aging is not None:
-            self._promote(self.clock())
-        return {(pool.model, p): n for pool in self._pools for p, n in self.pool_sizes(pool).items()}
-
-    def backends_in_flight(self) -> dict[str, int]:
-        """Requests running at each backend, by name (a member being replaced counts with its successor)."""
-        counts: dict[str, int] = {}
-        for member in [*self.members.values(), *self.retiring]:
-            counts[member.name] = counts.get(member.name, 0) + member.slots.busy
-        return counts
-
-    @property
-    def gate(self) -> DispatchGate | None:
-        """The gate of a fleet of one; None with several members (each has its own)."""
-        members = self.members
-        return next(iter(members.values())).gate if len(members) == 1 else None
-
-    @property
-    def max_concurrent(self) -> int:
-        """Requests the fleet runs at once."""
-        return sum(member.max_concurrent for member in self.members.values())
+    # The counts of what waits and what runs are the waiting room's and the roster's; these two are asked
+    # everywhere.
 
     @property
     def in_flight(self) -> int:
-        """Slots busy at the backends now (what max_concurrent bounds: a request of n choices at the local
-        model holds n of them)."""
-        return sum(member.slots.busy for member in [*self.members.values(), *self.retiring])
-
-    @property
-    def processing(self) -> int:
-        """Requests at the backends now, each counted once however many slots it holds."""
-        members = [*self.members.values(), *self.retiring]
-        return sum(1 for m in members for slot in m.slots.slots if slot.job is not None and slot.job.slot is slot)
-
-    @property
-    def waiting_in_queue(self) -> int:
-        """Requests in the queue proper (what MAX_QUEUE_SIZE bounds)."""
-        pools = self._pools
-        if len(pools) == 1:
-            return pools[0].queue.size
-        return sum(pool.queue.size for pool in pools)
+        """Slots busy at the backends now (see Roster.in_flight)."""
+        return self.roster.in_flight
 
     @property
     def waiting(self) -> int:
         """Requests waiting, overflow included."""
-        return self.waiting_in_queue + len(self._overflow)
-
-    @property
-    def waiting_for_space(self) -> int:
-        """Requests that found the queue full and wait for a place in it (QUEUE_FULL_BEHAVIOR=wait)."""
-        return len(self._overflow)
-
-    @property
-    def slots(self) -> list[Slot]:
-        """The backends' slots, busy or not, member by member."""
-        return [slot for member in self.members.values() for slot in member.slots.slots]
+        room = self.waiting_room
+        return room.in_queue + room.for_space
 
     def eta(self, job: Job) -> float | None:
         """Estimated seconds until a waiting request is dispatched (app.queue.eta); None once it is not waiting."""
         if job.state is not JobState.QUEUED or job.pool is None:
             return None
-        place = self.position(job)
+        place = self.waiting_room.position(job)
         return (
             None if place is None else eta.pool_wait(job.pool, place - 1, job.rank, self.clock(), self.service.average)
         )
-
-    def waiting_for(self, job: Job) -> str | None:
-        """What a waiting request waits for: a place in the queue, a budget, or a backend slot."""
-        if job.state is not JobState.QUEUED:
-            return None
-        if job.waiting_in is self._overflow:
-            return "queue_space"
-        for member in job.pool.members if job.pool is not None else ():
-            if member.gate is not None and member.gate.held_by is not None:
-                return member.gate.held_by
-        return "backend_slot"
 
 
 def _head_order(pool: Pool) -> tuple[int, float]:

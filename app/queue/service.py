@@ -96,9 +96,9 @@ class CompletionService:
         KeyQueueLimit (429), QueueFull, BreakerOpen or ShuttingDown (503), Conflict (409).
         """
         scheduler = self.scheduler
-        pool = scheduler.pool_for(request.model)
-        if request.model is not None and request.model in scheduler.aliases:
-            request = request.for_model(scheduler.aliases[request.model])
+        pool = scheduler.roster.pool_for(request.model)
+        if request.model is not None and request.model in scheduler.roster.aliases:
+            request = request.for_model(scheduler.roster.aliases[request.model])
         members = pool.members
         backend = members[0].backend
         prepared = await backend.prepare(request)

@@ -206,8 +206,10 @@ class Coordinator:
 
     def _shared_jobs(self) -> list[Job]:
         scheduler = self.scheduler
-        jobs = [job for pool in scheduler.pools.values() for job in pool.queue.items() if _shareable(pool.members)]
-        for member in scheduler.members.values():
+        jobs = [
+            job for pool in scheduler.roster.pools.values() for job in pool.queue.items() if _shareable(pool.members)
+        ]
+        for member in scheduler.roster.members.values():
             if member.kind == "proxy":
                 jobs += [slot.job for slot in member.slots.slots if slot.job is not None]
         return jobs
@@ -271,14 +273,14 @@ class Coordinator:
         scheduler = self.scheduler
         pools: dict[str, list[str]] = {}
         members: dict[str, list[int]] = {}
-        for model, pool in scheduler.pools.items():
+        for model, pool in scheduler.roster.pools.items():
             if not _shareable(pool.members):
                 continue
             pools[model] = [member.name for member in pool.members]
             for member in pool.members:
                 rpm, tpm = self._rate_limits(member)
                 members[member.name] = [member.max_concurrent, member.reserved_high, rpm, tpm]
-        aging = scheduler.aging.period if scheduler.aging is not None else 0
+        aging = scheduler.waiting_room.aging.period if scheduler.waiting_room.aging is not None else 0
         fleet = {
             "pools": pools,
             "members": members,

@@ -30,7 +30,7 @@ def full_gateway(start_gateway: StartGateway, upstream: FakeUpstream, **settings
         background.post(gw.url + "/v1/chat/completions", CHAT, headers=headers)
     assert upstream.wait_for(lambda: upstream.active == 1)
     deadline = time.monotonic() + 5
-    while gw.call(lambda: gw.scheduler.queue_sizes()["normal"]) < 1 and time.monotonic() < deadline:
+    while gw.call(lambda: gw.scheduler.waiting_room.sizes()["normal"]) < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     try:
         yield gw

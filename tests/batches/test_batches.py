@@ -153,7 +153,7 @@ def test_interactive_requests_go_before_any_further_batch_line(
         answers = [
             background.post(url, chat_body(f"interactive-{p}"), {"X-Priority": p}) for p in ("low", "normal", "high")
         ]
-        assert wait_until(lambda: gateway.scheduler.waiting_in_queue >= 6, timeout=5)  # 3 interactive + 3 lines
+        assert wait_until(lambda: gateway.scheduler.waiting_room.in_queue >= 6, timeout=5)  # 3 interactive + 3 lines
         assert all(answer.result().status_code == 200 for answer in answers)
     wait_status(sdk, batch.id)
     order = [seen.body["messages"][0]["content"] for seen in upstream.seen]
@@ -263,7 +263,7 @@ def test_waiting_lines_take_no_place_of_the_keys_or_the_queues(
     gateway = start_gateway(MAX_CONCURRENT_REQUESTS=1, BATCH_MAX_IN_FLIGHT=5, MAX_QUEUE_SIZE=2, API_KEYS_FILE=str(keys))
     sdk = client(gateway.url, "sk-team")
     batch = submit(sdk, [chat_line(f"r{n}") for n in range(6)])
-    assert wait_until(lambda: gateway.scheduler.waiting_in_queue == 4, timeout=10)  # one line runs, four wait
+    assert wait_until(lambda: gateway.scheduler.waiting_room.in_queue == 4, timeout=10)  # one line runs, four wait
     headers = {"Authorization": "Bearer sk-team"}
     answer = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body("mine"), headers=headers, timeout=10)
     assert answer.status_code == 200  # neither the key's max_queued nor MAX_QUEUE_SIZE counted the lines

@@ -100,7 +100,7 @@ def test_batched_equals_alone_for_greedy(start_local: StartLocal) -> None:
         return [r.choices[0].message.content for r in replies]
 
     assert asyncio.run(together()) == alone
-    workers = gw.scheduler.slots
+    workers = gw.scheduler.roster.slots
     # The sequential ones all reused slot 0; the concurrent four needed every slot at once.
     assert [w.processed for w in workers] == [5, 1, 1, 1]
 

@@ -26,7 +26,7 @@ def test_upstream_500_is_502_in_openai_shape(start_gateway: StartGateway, upstre
         error = response.json()["error"]
         assert error["type"] == "upstream_error" and error["message"] == "the upstream answered 500"
     assert gw.scheduler.totals.failed == 2
-    assert gw.scheduler.slots[0].errors == 2
+    assert gw.scheduler.roster.slots[0].errors == 2
 
 
 def test_upstream_4xx_passes_through_with_its_headers(start_gateway: StartGateway, upstream: FakeUpstream) -> None:

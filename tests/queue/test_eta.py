@@ -46,7 +46,7 @@ async def test_the_wait_counts_releases_then_rounds_then_higher_arrivals() -> No
     s.submit("b", "chat", Priority.HIGH, None)
     clock.advance(0.4)
     s.submit("c", "chat", Priority.HIGH, None)  # they free in 0.4 s, 0.6 s and 1 s
-    pool = s.pools["*"]
+    pool = s.roster.pools["*"]
     outlook = eta.Outlook(pool, 0, clock.now, None)
     assert outlook.wait(0) == pytest.approx(0.4)  # the first slot to free
     assert outlook.wait(2) == pytest.approx(1.0)
@@ -159,4 +159,4 @@ async def test_turns_of_several_keys_count_in_the_arrival_estimate() -> None:
         s.submit(f"a{n}", "chat", Priority.NORMAL, a)
     first_of_b = s.submit("b0", "chat", Priority.NORMAL, b)  # one turn of a's goes before it, not four
     assert first_of_b.eta == pytest.approx(2.0)
-    assert s.position(first_of_b) == 2
+    assert s.waiting_room.position(first_of_b) == 2

@@ -45,15 +45,15 @@ def with_breaker(name: str, slots: int, models: tuple[str, ...] = ("a",)) -> Mem
 
 async def test_requests_go_to_their_models_pool_and_unknown_models_answer_404() -> None:
     s, _, _ = make([Member("x", 1, models=("a",)), Member("y", 1, models=("b",))])
-    assert s.submit("1", "chat", Priority.NORMAL, None, model="a").member is s.members["x"]
-    assert s.submit("2", "chat", Priority.NORMAL, None, model="b").member is s.members["y"]
-    assert s.submit("3", "chat", Priority.NORMAL, None, model="public").pool is s.pools["a"]  # an alias
+    assert s.submit("1", "chat", Priority.NORMAL, None, model="a").member is s.roster.members["x"]
+    assert s.submit("2", "chat", Priority.NORMAL, None, model="b").member is s.roster.members["y"]
+    assert s.submit("3", "chat", Priority.NORMAL, None, model="public").pool is s.roster.pools["a"]  # an alias
     with pytest.raises(ModelNotFound):
         s.submit("4", "chat", Priority.NORMAL, None, model="c")
     with pytest.raises(InvalidRequest):
         s.submit("5", "chat", Priority.NORMAL, None, model=None)  # several models: it must say which
-    assert s.pool_sizes(s.pools["a"]) == {"high": 0, "normal": 1, "low": 0, "batch": 0}
-    assert s.pool_sizes(s.pools["b"]) == {"high": 0, "normal": 0, "low": 0, "batch": 0}
+    assert s.waiting_room.pool_sizes(s.roster.pools["a"]) == {"high": 0, "normal": 1, "low": 0, "batch": 0}
+    assert s.waiting_room.pool_sizes(s.roster.pools["b"]) == {"high": 0, "normal": 0, "low": 0, "batch": 0}
 
 
 async def test_least_loaded_member_first_and_ties_by_latency() -> None:
@@ -100,7 +100,9 @@ async def test_reroute_puts_the_request_first_and_never_on_the_same_member_next(
     assert blocker.member is other
     waiting = s.submit("3", "chat", Priority.NORMAL, None, model="a")
     assert s.reroute(job, UpstreamError("refused", kind="connect"))
-    assert job.state is JobState.QUEUED and s.position(job) == 1  # first of its level: it was first already
+    assert (
+        job.state is JobState.QUEUED and s.waiting_room.position(job) == 1
+    )  # first of its level: it was first already
     assert failed_at is not None and failed_at.down  # a connection refused marks the member down at once
     assert failed_at.series.failovers == 1 and failed_at.series.errors == 1
     s.retire(blocker, None, None)
@@ -139,18 +141,18 @@ async def test_a_reload_keeps_waiting_requests_and_retires_removed_members_when_
     old, kept = Member("old", 1, models=("a",)), Member("kept", 1, models=("a", "b"))
     s, _, _ = make([old, kept])
     retired: list[str] = []
-    s.on_retired = lambda member: retired.append(member.name)
+    s.roster.on_retired = lambda member: retired.append(member.name)
     on_old = s.submit("1", "chat", Priority.NORMAL, None, model="a")
     on_kept = s.submit("2", "chat", Priority.NORMAL, None, model="a")
     waiting_a = s.submit("3", "chat", Priority.NORMAL, None, model="a")
     waiting_b = s.submit("4", "chat", Priority.NORMAL, None, model="b")
     new = Member("new", 2, models=("a",))
     s.set_members([kept, new])
-    assert old.retiring and retired == [] and s.retiring == [old]
+    assert old.retiring and retired == [] and s.roster.retiring == [old]
     assert waiting_a.member is new  # the newcomer takes what waited
-    assert {m.name: m.models for m in s.members.values()} == {"kept": ("a", "b"), "new": ("a",)}
+    assert {m.name: m.models for m in s.roster.members.values()} == {"kept": ("a", "b"), "new": ("a",)}
     s.retire(on_old, None, None)
-    assert retired == ["old"] and s.retiring == []
+    assert retired == ["old"] and s.roster.retiring == []
     s.set_members([new])  # nobody serves b any more
     assert isinstance(waiting_b.error, UpstreamUnavailable)
     s.retire(on_kept, None, None)

@@ -55,7 +55,7 @@ async def test_a_high_request_parks_the_latest_lowest_and_it_resumes_first_in_it
     high = s.submit("high", "chat", Priority.HIGH, None)
     assert high.state is JobState.PROCESSING and log == ["park low-2"]  # the lowest, most recently started
     assert last_low.state is JobState.QUEUED and last_low.parked and last_low.slot is None
-    assert s.position(last_low) == 1 and s.position(waiting_low) == 2  # the head of its level
+    assert s.waiting_room.position(last_low) == 1 and s.waiting_room.position(waiting_low) == 2  # the head of its level
     assert registry.get_sample_value("gateway_preemptions_total", {"priority": "low"}) == 1
     clock.advance(1)
     s.retire(high, None, None)
@@ -78,7 +78,7 @@ async def test_a_high_request_parks_the_latest_lowest_and_it_resumes_first_in_it
     assert last_low.state is JobState.PROCESSING and log[-1] == "resume low-2"
     for job in (normal, last_low, waiting_low):
         s.retire(job, None, None)
-    assert s.in_flight == 0 and s.members["local"].parked == 0 and s.totals.completed == 8
+    assert s.in_flight == 0 and s.roster.members["local"].parked == 0 and s.totals.completed == 8
 
 
 async def test_a_request_is_parked_at_most_preempt_max_times_and_parking_room_is_bounded() -> None:
@@ -103,7 +103,7 @@ async def test_a_request_is_parked_at_most_preempt_max_times_and_parking_room_is
     assert first.parked
     s.abort(first, RequestCancelled("gone"))
     s.retire(first, RequestCancelled("gone"), None)
-    assert s.members["local"].parked == 0 and first.state is JobState.CANCELLED
+    assert s.roster.members["local"].parked == 0 and first.state is JobState.CANCELLED
 
 
 async def test_preemption_off_or_at_a_proxy_leaves_the_high_request_waiting() -> None:
@@ -134,17 +134,17 @@ async def test_a_request_of_n_choices_takes_n_slots_at_the_local_model_and_one_a
     s, _, _ = make(Member("local", 4, kind="local"))
     three = s.submit("three", "chat", Priority.NORMAL, None, choices=3)
     assert three.state is JobState.PROCESSING and len(three.extra_slots) == 2
-    assert s.in_flight == 3 and s.processing == 1
+    assert s.in_flight == 3 and s.roster.processing == 1
     # Two choices do not fit in the one slot left; a single one behind them waits its turn rather than pass.
     pair = s.submit("pair", "chat", Priority.NORMAL, None, choices=2)
     single = s.submit("single", "chat", Priority.NORMAL, None)
     assert pair.state is JobState.QUEUED and single.state is JobState.QUEUED
     s.retire(three, None, None)
     assert pair.state is JobState.PROCESSING and single.state is JobState.PROCESSING
-    assert s.in_flight == 3 and s.processing == 2
+    assert s.in_flight == 3 and s.roster.processing == 2
     s.retire(pair, None, None)
     s.retire(single, None, None)
-    assert s.in_flight == 0 and sum(slot.processed for slot in s.slots) == 6  # a slot for each choice
+    assert s.in_flight == 0 and sum(slot.processed for slot in s.roster.slots) == 6  # a slot for each choice
     # More choices than the model has slots (for this level: one is reserved for high) can never run.
     reserved, _, _ = make(Member("local", 4, kind="local", reserved_high=1))
     with pytest.raises(InvalidRequest) as refused:

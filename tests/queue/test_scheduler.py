@@ -52,8 +52,8 @@ async def test_dispatches_at_once_when_idle_then_queues_by_priority_and_arrival(
         ("n2", Priority.NORMAL),
     ]
     jobs = {rid: s.submit(rid, "chat", p, None) for rid, p in order}
-    assert s.queue_sizes() == {"high": 2, "normal": 2, "low": 2, "batch": 0}
-    assert [s.position(jobs[r]) for r in ("h1", "h2", "n1", "n2", "l1", "l2")] == [1, 2, 3, 4, 5, 6]
+    assert s.waiting_room.sizes() == {"high": 2, "normal": 2, "low": 2, "batch": 0}
+    assert [s.waiting_room.position(jobs[r]) for r in ("h1", "h2", "n1", "n2", "l1", "l2")] == [1, 2, 3, 4, 5, 6]
 
     served = []
     current = running
@@ -138,7 +138,7 @@ async def test_running_job_aborted_inside_scope_raises_its_error_and_frees_slot(
     assert not task.cancelled()  # the scope turned the cancellation into the job's error
     s.retire(a, a.error, None)
     assert a.state is JobState.TIMEOUT and b.state is JobState.PROCESSING
-    assert s.slots[0].errors == 1
+    assert s.roster.slots[0].errors == 1
 
 
 async def test_outside_cancellation_is_not_swallowed_by_the_scope() -> None:
@@ -195,11 +195,11 @@ async def test_wait_mode_holds_overflow_in_priority_order() -> None:
     s.submit("b", "chat", Priority.LOW, None)  # fills the queue
     c = s.submit("c", "chat", Priority.LOW, None)  # overflow
     d = s.submit("d", "chat", Priority.HIGH, None)  # overflow, ahead of c
-    assert s.waiting_for_space == 2
-    assert s.position(d) == 2 and s.position(c) == 3
+    assert s.waiting_room.for_space == 2
+    assert s.waiting_room.position(d) == 2 and s.waiting_room.position(c) == 3
     s.retire(a, None, None)  # b runs, d enters the queue
-    assert s.waiting_for_space == 1
-    assert s.position(d) == 1 and s.position(c) == 2
+    assert s.waiting_room.for_space == 1
+    assert s.waiting_room.position(d) == 1 and s.waiting_room.position(c) == 2
 
 
 async def test_drain_answers_waiting_and_refuses_new_but_running_goes_on() -> None:

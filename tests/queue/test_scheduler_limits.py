@@ -48,8 +48,8 @@ def make(
 
 
 def held_by(s: Scheduler) -> str | None:
-    assert s.gate is not None
-    return s.gate.held_by
+    assert s.roster.gate is not None
+    return s.roster.gate.held_by
 
 
 async def test_requests_budget_holds_dispatch_and_wakes_exactly_when_it_refills() -> None:
@@ -60,14 +60,16 @@ async def test_requests_budget_holds_dispatch_and_wakes_exactly_when_it_refills(
     c = s.submit("c", "chat", Priority.HIGH, None)
     assert a.state is b.state is JobState.PROCESSING
     assert c.state is JobState.QUEUED  # slots are free, the budget is not
-    assert held_by(s) == "rate_limit_requests" and s.waiting_for(c) == "rate_limit_requests"
+    assert held_by(s) == "rate_limit_requests" and s.waiting_room.waiting_for(c) == "rate_limit_requests"
     # One request refills in 60 s / 2, and the jitter guard gives it a little to spare.
-    assert s.gate is not None and s.gate.hold_until == pytest.approx(clock.now + 30.0 + JITTER_GUARD_SECONDS)
+    assert s.roster.gate is not None and s.roster.gate.hold_until == pytest.approx(
+        clock.now + 30.0 + JITTER_GUARD_SECONDS
+    )
     clock.advance(30.0 + JITTER_GUARD_SECONDS)
     s.dispatch()  # what the hold timer does at that instant
-    assert c.state is JobState.PROCESSING and held_by(s) is None and s.gate.hold_until is None
+    assert c.state is JobState.PROCESSING and held_by(s) is None and s.roster.gate.hold_until is None
     assert registry.get_sample_value("gateway_rate_limit_wait_seconds_sum") == pytest.approx(30.05)
-    assert s.gate.limiter is not None and s.gate.limiter.status()["requests_per_minute"]["remaining"] == 0
+    assert s.roster.gate.limiter is not None and s.roster.gate.limiter.status()["requests_per_minute"]["remaining"] == 0
 
 
 async def test_tokens_budget_keeps_priority_order_and_settles_real_usage() -> None:
@@ -145,12 +147,22 @@ async def test_aging_raises_a_waiting_request_one_level_per_period() -> None:
     low = s.submit("low", "chat", Priority.LOW, None)
     clock.advance(10.0)
     normal = s.submit("normal", "chat", Priority.NORMAL, None)
-    assert s.queue_sizes() == {"high": 0, "normal": 2, "low": 0, "batch": 0}  # low waited a period: now at normal
-    assert s.position(low) == 1  # and it was there first
+    assert s.waiting_room.sizes() == {
+        "high": 0,
+        "normal": 2,
+        "low": 0,
+        "batch": 0,
+    }  # low waited a period: now at normal
+    assert s.waiting_room.position(low) == 1  # and it was there first
     clock.advance(10.0)
     high = s.submit("high", "chat", Priority.HIGH, None)
-    assert s.queue_sizes() == {"high": 3, "normal": 0, "low": 0, "batch": 0}  # everyone waited long enough to climb
-    assert [s.position(j) for j in (low, normal, high)] == [1, 2, 3]
+    assert s.waiting_room.sizes() == {
+        "high": 3,
+        "normal": 0,
+        "low": 0,
+        "batch": 0,
+    }  # everyone waited long enough to climb
+    assert [s.waiting_room.position(j) for j in (low, normal, high)] == [1, 2, 3]
     s.retire(running, None, None)
     assert low.state is JobState.PROCESSING and low.rank == 0 and low.priority is Priority.LOW
 
@@ -162,5 +174,5 @@ async def test_aging_climbs_two_levels_at_once_after_a_long_quiet_spell() -> Non
     low = s.submit("low", "chat", Priority.LOW, None)
     clock.advance(60.0)
     s.retire(running, None, None)  # "high" arrived first and ranks first among equals
-    assert s.position(low) is None or s.queue_sizes()["high"] == 1
+    assert s.waiting_room.position(low) is None or s.waiting_room.sizes()["high"] == 1
     assert low.rank == 0

@@ -36,7 +36,7 @@ def test_local_mode_serves_alone_with_its_share_of_the_slots(start_gateway: Star
     )
     assert httpx.get(gateway.url + "/ready").status_code == 200
     assert httpx.post(gateway.url + "/v1/chat/completions", json=chat_body()).status_code == 200
-    member = next(iter(gateway.scheduler.members.values()))
+    member = next(iter(gateway.scheduler.roster.members.values()))
     assert member.withheld == 2  # half of the four slots: the other replica's share
     status = httpx.get(gateway.url + "/v1/queue/status").json()
     assert status["coordination"] == "local"
