@@ -21,10 +21,11 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from app.backends.base import BackendResponse, BackendStream, Turn, Usage
 from app.backends.llama.answer import SSE_DONE, StreamedChoice, sse, total_usage, usage_body, whole_choice
 from app.backends.llama.embedding import LocalEmbedding, embedding_body, prepare_embedding
-from app.backends.llama.engine import Embedding, LlamaEngine, Sequence
+from app.backends.llama.engine import LlamaEngine
 from app.backends.llama.events import Delta, Done, Embedded, Event, Failed, TokenLogprob
 from app.backends.llama.model import EngineConfig
 from app.backends.llama.prompt import CHATML_TEMPLATE, LocalRequest, Prompter
+from app.backends.llama.sequence import Embedding, Sequence
 from app.errors import BackendNotReady, ModelError
 from app.schemas import CompletionRequest
 

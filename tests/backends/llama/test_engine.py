@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from app.backends.llama import default_model_path
-from app.backends.llama.engine import LlamaEngine, Sequence
+from app.backends.llama.engine import LlamaEngine
 from app.backends.llama.events import Delta, Done, Event
 from app.backends.llama.model import EngineConfig, LlamaModel
 from app.backends.llama.sampling import Sampling
+from app.backends.llama.sequence import Sequence
 
 PROMPTS = ["Name three colors.", "What is the capital of France?", "Write a haiku about rain.", "Hi."]
 
