@@ -1,7 +1,8 @@
 """The bounded priority queue in front of the backends: admission, order, dispatch, and each request's end.
 
 Requests wait in the pool of their model (app.queue.pool), one priority queue per pool, so a model whose
-backends are busy never delays another; MAX_QUEUE_SIZE bounds them all together. A freed slot goes to the
+backends are busy never delays another; MAX_QUEUE_SIZE bounds them all together (app.queue.waiting holds the
+queues and the overflow behind them; app.queue.roster the members and their pools). A freed slot goes to the
 best head among the pools its member serves.
 
 The event loop is the one owner of this state: every method runs to completion without awaiting, so no
