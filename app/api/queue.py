@@ -55,7 +55,7 @@ async def get_request_status(
     job = _find(scheduler, request_id, caller)
     if job is not None:
         return request_status(scheduler, job)
-    found = await coordinator.find(request_id, caller, cancel=False) if coordinator is not None else None
+    found = await coordinator.lookup.find(request_id, caller, cancel=False) if coordinator is not None else None
     if found is None:
         raise _not_found(request_id)
     return RequestStatus.model_validate(found["request"])
@@ -69,7 +69,7 @@ async def cancel_request(
     SSE error event)."""
     job = _find(scheduler, request_id, caller)
     if job is None:
-        found = await coordinator.find(request_id, caller, cancel=True) if coordinator is not None else None
+        found = await coordinator.lookup.find(request_id, caller, cancel=True) if coordinator is not None else None
         if found is None:
             raise _not_found(request_id)
         if "finished" in found:

@@ -19,11 +19,7 @@ from collections.abc import Callable, Mapping
 from app.backends.base import Usage
 from app.errors import (
     BreakerOpen,
-    Conflict,
-    DeadlineUnreachable,
     GatewayError,
-    InvalidRequest,
-    KeyQueueLimit,
     QueueFull,
     RequestTimeout,
     ShuttingDown,
@@ -32,7 +28,7 @@ from app.errors import (
 from app.limits.breaker import BreakerState
 from app.limits.keys import KeyAccount
 from app.metrics import Metrics
-from app.queue import eta, preemption
+from app.queue import admission, eta, preemption
 from app.queue.aging import Aging
 from app.queue.deadlines import Deadlines
 from app.queue.gate import DispatchGate
@@ -169,24 +165,15 @@ class Scheduler:
             self.count_rejection(priority, "shutting_down")
             raise ShuttingDown()
         pool = self.roster.pool_for(model)
-        if choices > 1 and not any(member.could_take(priority.rank, choices) for member in pool.members):
-            rank = priority.rank
-            most = max(member.max_concurrent - (member.reserved_high if rank else 0) for member in pool.members)
-            raise InvalidRequest(
-                f"the answer has {choices} choices, and the model decodes each in a slot of its own: at most "
-                f"{most} slots are there for this priority",
-                param="n",
-            )
-        refusal = self._refusal(pool)
+        too_wide = admission.too_wide(pool, priority.rank, choices)
+        if too_wide is not None:
+            raise too_wide
+        refusal = admission.breaker_refusal(pool)
         if refusal is not None:
             self.count_rejection(priority, "breaker_open")
             raise refusal
         if self.registry.is_live(key.name if key is not None else None, request_id):
-            raise Conflict(
-                f"request id {request_id!r} belongs to a request that is still running",
-                code="duplicate_request_id",
-                param="X-Request-ID",
-            )
+            raise admission.duplicate_id(request_id)
         # A batch line waits behind every interactive request, for as long as its batch's window allows. (The
         # size compared first: full() counts the lines only when that says full, not on every request.)
         batch = priority is Priority.BATCH
@@ -196,10 +183,7 @@ class Scheduler:
             raise self.refuse_full(priority)
         now = self.clock()
         at_once = not pool.shared and not pool.queue.size and pool.has_room(priority.rank, choices)
-        if batch and timeout is not None:
-            lifetime = timeout
-        else:
-            lifetime = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
+        lifetime = admission.lifetime(self.request_timeout, timeout, batch)
         expected = None if at_once else self._expected_wait(pool, priority, key, lifetime, full, now)
         pool.arrivals[priority.rank].arrived(now)
         deadline = now + lifetime
@@ -236,36 +220,19 @@ class Scheduler:
         past its deadline (DEADLINE_ADMISSION)."""
         rank = priority.rank
         key_name = key.name if key is not None else None
+        average = self.service.average
         if key is not None and key.queue_full():
             self.count_rejection(priority, "key_queue_limit")
-            retry_after = eta.pool_wait(pool, 0, rank, now, self.service.average)
-            raise KeyQueueLimit(
-                f"key {key.name!r} already has {key.waiting} requests waiting, the most it may have; "
-                f"a place frees in about {retry_after:.1f}s",
-                retry_after=retry_after,
-            )
+            raise admission.key_queue_limit(key, eta.pool_wait(pool, 0, rank, now, average))
         ahead = self.waiting_room.ahead_of_new(pool, rank, key_name, full)
-        expected = eta.pool_wait(pool, ahead, rank, now, self.service.average)
-        if expected > lifetime and self.deadline_admission and pool.service.mean is not None:
+        expected = eta.pool_wait(pool, ahead, rank, now, average)
+        unreachable = (
+            admission.deadline_unreachable(pool, expected, lifetime, average) if self.deadline_admission else None
+        )
+        if unreachable is not None:
             self.count_rejection(priority, "deadline_unreachable")
-            raise DeadlineUnreachable(
-                expected, lifetime, retry_after=max(expected - lifetime, eta.pool_place(pool, self.service.average))
-            )
+            raise unreachable
         return expected
-
-    def _refusal(self, pool: Pool) -> BreakerOpen | None:
-        """The 503 a new request for `pool` meets while every member is down, else None."""
-        members = pool.members
-        if len(members) == 1:
-            gate = members[0].gate
-            return gate.refusal() if gate is not None else None
-        refusals = []
-        for member in members:
-            refusal = member.gate.refusal() if member.gate is not None else None
-            if refusal is None:
-                return None
-            refusals.append(refusal)
-        return min(refusals, key=lambda r: r.retry_after) if refusals else None
 
     def sheds(self) -> bool:
         """Whether a new request would now be refused for a full queue, and for nothing that comes first.
@@ -279,17 +246,14 @@ class Scheduler:
             and room.full()
             and self.full_behavior is QueueFullBehavior.REJECT
             and not self.draining
-            and all(self._refusal(pool) is None for pool in room.pools)
+            and all(admission.breaker_refusal(pool) is None for pool in room.pools)
         )
 
     def refuse_full(self, priority: Priority) -> QueueFull:
         """Count a request refused for a full queue, and the error that tells it when to come back."""
         self.count_rejection(priority, "queue_full")
         retry_after = self.service.appointment(self.clock(), eta.place(self.service.slots, self.service.average))
-        return QueueFull(
-            f"the queue is full ({self.waiting_room.in_queue} requests waiting); retry in {retry_after:.1f}s",
-            retry_after=retry_after,
-        )
+        return admission.queue_full(f"{self.waiting_room.in_queue} requests waiting", retry_after)
 
     def count_rejection(self, priority: Priority, reason: str) -> None:
         """A request was refused before queueing, for one of metrics.REJECTION_REASONS."""
@@ -507,7 +471,7 @@ class Scheduler:
             if not pool.all_down():
                 continue
             # Nothing that waits can run before a cooldown ends: tell it now rather than at its timeout.
-            refusal = self._refusal(pool)
+            refusal = admission.breaker_refusal(pool)
             retry_after = refusal.retry_after if refusal is not None else 1.0
             waiting = self.waiting_room.jobs(pool)
             for job in waiting:

@@ -26,21 +26,17 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.errors import (
-    Conflict,
     CoordinationUnavailable,
     GatewayError,
-    KeyQueueLimit,
-    KeyRateLimited,
-    QueueFull,
-    RequestCancelled,
 )
-from app.limits.buckets import TokenBucket
 from app.limits.keys import KeyAccount
 from app.metrics import SharedGauges
-from app.queue import eta
+from app.queue import admission, eta
 from app.queue.job import Job
 from app.queue.member import Member
 from app.queue.scheduler import Scheduler
+from app.replicas.budgets import SharedBudgets
+from app.replicas.lookup import ASK_SECONDS, Lookup
 from app.replicas.store import Store
 from app.replicas.writer import UNREACHABLE, Arg, Command, Writer
 from app.settings import Settings
@@ -50,9 +46,8 @@ log = logging.getLogger("app.replicas")
 
 
 _RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)  # between attempts to reach Redis again, the last repeated
-_ASK_SECONDS = 8.0  # how long a lookup or cancel waits for the replica that holds the request
+_JOIN_SECONDS = 8.0  # how long an admission waits for a join under way
 _INBOX_SECONDS = 5  # a blocking pop of the inbox returns empty after this long, and is sent again
-_SETTLE_SECONDS = 4.0  # how long a cancel from another replica waits for the request to wind down
 
 
 class Coordinator:
@@ -87,7 +82,7 @@ class Coordinator:
         self._blocking = Redis.from_url(
             settings.redis_url,
             decode_responses=True,
-            socket_timeout=max(_INBOX_SECONDS, _ASK_SECONDS) + 5.0,
+            socket_timeout=max(_INBOX_SECONDS, ASK_SECONDS) + 5.0,
             socket_connect_timeout=2.0,
         )
         self.store = Store(settings.redis_prefix)
@@ -109,19 +104,19 @@ class Coordinator:
         self._kick_at = 0.0
         self._local_ids = itertools.count()
         self._topology = "{}"
-        # The keys' real limits; their local buckets are cut to this replica's share, for the fallback.
-        self._limits: dict[str, tuple[int, int]] = {}
-        # The backends' RATE_LIMIT_RPM/TPM likewise, by member name and limiter.
-        self._member_limits: dict[tuple[str, int], tuple[int, int]] = {}
-        for account in accounts:
-            rpm = int(account.requests.limit) if account.requests is not None else 0
-            tpm = int(account.tokens.limit) if account.tokens is not None else 0
-            self._limits[account.name] = (rpm, tpm)
-            share = settings.replicas_expected
-            if account.requests is not None and share > 1:
-                account.requests = TokenBucket(max(1.0, rpm / share))
-            if account.tokens is not None and share > 1:
-                account.tokens = TokenBucket(max(1.0, tpm / share))
+        self.budgets = SharedBudgets(
+            accounts, settings.replicas_expected, self.mode == "local", self._writer, self._run, lambda: self.available
+        )
+        self.lookup = Lookup(
+            self._redis,
+            self._blocking,
+            self.store,
+            self._writer,
+            self.replica,
+            scheduler,
+            describe,
+            lambda: self.available,
+        )
 
     # Life -------------------------------------------------------------------------------------------------
 
@@ -278,7 +273,7 @@ class Coordinator:
                 continue
             pools[model] = [member.name for member in pool.members]
             for member in pool.members:
-                rpm, tpm = self._rate_limits(member)
+                rpm, tpm = self.budgets.member_limits(member)
                 members[member.name] = [member.max_concurrent, member.reserved_high, rpm, tpm]
         aging = scheduler.waiting_room.aging.period if scheduler.waiting_room.aging is not None else 0
         fleet = {
@@ -292,26 +287,6 @@ class Coordinator:
         }
         return json.dumps(fleet, separators=(",", ":"))
 
-    def _rate_limits(self, member: Member) -> tuple[int, int]:
-        """A member's RATE_LIMIT_RPM/TPM, shared by the scripts; its local buckets keep this replica's share
-        of them, for REDIS_FAILURE_MODE=local."""
-        limiter = member.gate.limiter if member.gate is not None else None
-        if limiter is None:
-            return 0, 0
-        known = self._member_limits.get((member.name, id(limiter)))
-        if known is not None:
-            return known
-        rpm = int(limiter.requests.limit) if limiter.requests is not None else 0
-        tpm = int(limiter.tokens.limit) if limiter.tokens is not None else 0
-        self._member_limits[member.name, id(limiter)] = rpm, tpm
-        share = self.replicas_expected
-        if share > 1:
-            if limiter.requests is not None:
-                limiter.requests = TokenBucket(max(1.0, rpm / share))
-            if limiter.tokens is not None:
-                limiter.tokens = TokenBucket(max(1.0, tpm / share))
-        return rpm, tpm
-
     def fleet_changed(self) -> None:
         """The backends file was reloaded: the scripts see the new pools and members from now."""
         self._topology = self._fleet()
@@ -321,7 +296,7 @@ class Coordinator:
     async def admit(self, job: Job) -> None:
         if not self.available and self._joining:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_ASK_SECONDS):
+                async with asyncio.timeout(_JOIN_SECONDS):
                     await self._joined.wait()
             if job.ticket is not None:
                 return  # the join queued it with the others that waited here
@@ -348,29 +323,13 @@ class Coordinator:
             return  # queued, and granted if a slot was free (see _admitted)
         refusal: GatewayError
         if status == "conflict":
-            refusal = Conflict(
-                f"request id {job.id!r} belongs to a request that is still running",
-                code="duplicate_request_id",
-                param="X-Request-ID",
-            )
-            reason = "duplicate_request_id"
+            refusal, reason = admission.duplicate_id(job.id), "duplicate_request_id"
         elif status == "key_queue_limit":
             assert key is not None
-            retry_after = _place_seconds(self.scheduler, job)
-            refusal = KeyQueueLimit(
-                f"key {key.name!r} already has {key.max_queued} requests waiting, the most it may have; "
-                f"a place frees in about {retry_after:.1f}s",
-                retry_after=retry_after,
-            )
-            reason = "key_queue_limit"
+            refusal, reason = admission.key_queue_limit(key, _place_seconds(self.scheduler, job)), "key_queue_limit"
         else:
-            retry_after = _place_seconds(self.scheduler, job)
-            refusal = QueueFull(
-                f"the queue is full ({self._max_queue_size} requests waiting across the replicas); "
-                f"retry in {retry_after:.1f}s",
-                retry_after=retry_after,
-            )
-            reason = "queue_full"
+            waiting = f"{self._max_queue_size} requests waiting across the replicas"
+            refusal, reason = admission.queue_full(waiting, _place_seconds(self.scheduler, job)), "queue_full"
         self.scheduler.refused(job, refusal, reason)
         raise refusal
 
@@ -403,37 +362,10 @@ class Coordinator:
             self._finished(job, None)
 
     async def spend(self, key: KeyAccount, cost: int) -> None:
-        rpm, tpm = self._limits.get(key.name, (0, 0))
-        if not rpm and not tpm:
-            return
-        if not self.available:
-            if self.mode == "local":
-                key.spend(cost)
-                return
-            raise CoordinationUnavailable()
-        try:
-            result = await self._writer.call(self._run("spend", key.name, rpm, tpm, 1, cost, "1"))
-        except CoordinationUnavailable:
-            if self.mode == "local":
-                key.spend(cost)
-                return
-            raise
-        if result[0]:
-            which = result[1]
-            retry_after = result[0] / 1000
-            limit = rpm if which == "requests" else tpm
-            raise KeyRateLimited(
-                f"rate limit reached for key {key.name!r}: {limit} {which} per minute across the replicas; "
-                f"retry in {retry_after:.1f}s",
-                retry_after=retry_after,
-            )
+        await self.budgets.spend(key, cost)
 
     def refund(self, key: KeyAccount, cost: int) -> None:
-        rpm, tpm = self._limits.get(key.name, (0, 0))
-        if (rpm or tpm) and self.available:
-            self._writer.queue(self._run("spend", key.name, rpm, tpm, -1, -cost, "0"))
-        elif rpm or tpm:
-            key.refund(cost)
+        self.budgets.refund(key, cost)
 
     # Dispatch -------------------------------------------------------------------------------------------------
 
@@ -487,11 +419,8 @@ class Coordinator:
             job.lease = None
         else:
             self._writer.queue(self._run("withdraw", ticket, key, job.id, record))
-        account = job.key
-        if account is not None and used_tokens is not None and job.started is not None:
-            tpm = self._limits.get(account.name, (0, 0))[1]
-            if tpm and used_tokens != job.cost:
-                self._writer.queue(self._run("spend", account.name, 0, tpm, 0, used_tokens - job.cost, "0"))
+        if job.key is not None and used_tokens is not None and job.started is not None:
+            self.budgets.settle(job.key, job.cost, used_tokens)
 
     def requeue(self, job: Job, avoid: Member) -> None:
         ticket, lease = job.ticket, job.lease
@@ -614,59 +543,7 @@ class Coordinator:
         elif verb in ("q", "c"):
             reply, _, named = rest.partition("|")
             key, _, request_id = named.rpartition("|")  # a key's name may hold a bar; ids never do
-            self._spawn(self._answer(verb, reply, key, request_id))
-
-    # Requests held by other replicas ------------------------------------------------------------------------
-
-    async def _answer(self, verb: str, reply: str, key: str, request_id: str) -> None:
-        job = self.scheduler.registry.lookup(request_id, key or None)
-        if job is None:
-            answer = "null"
-        elif verb == "q":
-            answer = f'{{"request":{self._describe(job)}}}'
-        elif not self.scheduler.abort(job, RequestCancelled(f"request {request_id} was cancelled")):
-            answer = f'{{"finished":{self._describe(job)}}}'
-        else:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_SETTLE_SECONDS):
-                    await job.wait_finished()
-            answer = f'{{"request":{self._describe(job)}}}'
-        self._writer.queue(("RPUSH", reply, answer))
-        self._writer.queue(("EXPIRE", reply, 30))
-
-    async def find(self, request_id: str, viewer: KeyAccount | None, cancel: bool) -> dict[str, Any] | None:
-        """A request of `viewer`'s (any key's for an admin) held by another replica, or finished on one:
-        {"request": status} or, for a cancel that came too late, {"finished": status}; None if unknown."""
-        if not self.available:
-            return None
-        own = "" if viewer is None else viewer.name
-        try:
-            owners: dict[str, str] = await self._redis.hgetall(self.store.key("id", request_id))  # type: ignore[assignment]
-            candidates = list(owners.items()) if viewer is not None and viewer.admin else [(own, owners.get(own))]
-            for key, owner in candidates:
-                if owner is None or owner == self.replica:
-                    continue
-                answer = await self._ask(owner, "c" if cancel else "q", key, request_id)
-                if answer is not None:
-                    return answer
-            records: dict[str, str] = await self._redis.hgetall(self.store.key("h", request_id))  # type: ignore[assignment]
-        except UNREACHABLE:
-            return None
-        record = records.get(own)
-        if record is None and viewer is not None and viewer.admin:
-            record = next(iter(records.values()), None)
-        if record is None:
-            return None
-        return {"finished": json.loads(record)} if cancel else {"request": json.loads(record)}
-
-    async def _ask(self, owner: str, verb: str, key: str, request_id: str) -> dict[str, Any] | None:
-        reply = self.store.key("reply", self.replica, str(next(self._local_ids)))
-        await self._redis.rpush(self.store.key("in", owner), f"{verb}|{reply}|{key}|{request_id}")
-        popped = await self._blocking.blpop([reply], timeout=_ASK_SECONDS)
-        if popped is None:
-            return None
-        answer: dict[str, Any] | None = json.loads(popped[1])
-        return answer
+            self._spawn(self.lookup.answer(verb, reply, key, request_id))
 
 
 def _shareable(members: list[Member]) -> bool:
