@@ -25,10 +25,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.errors import (
-    CoordinationUnavailable,
-    GatewayError,
-)
+from app.errors import CoordinationUnavailable, GatewayError
 from app.limits.keys import KeyAccount
 from app.metrics import SharedGauges
 from app.queue import admission, eta
