@@ -239,16 +239,19 @@ def test_a_noisy_key_does_not_starve_a_quiet_one(
         background.close()
     assert quiet_response.status_code == 200 and all(r.status_code == 200 for r in responses)
 
-    def waited(request_id: str, headers: dict[str, str]) -> float:
-        record = httpx.get(gw.url + f"/v1/queue/request/{request_id}", headers=headers).json()
-        return float(record["started_at"] - record["queued_at"])
+    def record(request_id: str, headers: dict[str, str]) -> dict[str, float]:
+        return httpx.get(gw.url + f"/v1/queue/request/{request_id}", headers=headers).json()
 
-    quiet_wait = waited("quiet-1", quiet)
-    noisy_waits = sorted(waited(r.headers["x-request-id"], noisy) for r in responses)
+    quiet_record = record("quiet-1", quiet)
+    noisy_records = [record(r.headers["x-request-id"], noisy) for r in responses]
+    quiet_wait = quiet_record["started_at"] - quiet_record["queued_at"]
+    noisy_waits = sorted(r["started_at"] - r["queued_at"] for r in noisy_records)
     noisy_p95 = noisy_waits[int(len(noisy_waits) * 0.95) - 1]
     print(f"quiet key waited {quiet_wait * 1000:.0f} ms; noisy key p95 {noisy_p95 * 1000:.0f} ms")
-    # Before the quiet request: the running noisy one, and at most one more whose turn came first (2 x 50 ms).
-    assert quiet_wait < 0.16
+    # Before the quiet request: the running noisy one, and at most one more whose turn came first. Counted,
+    # not timed: under a loaded CI host 50 ms requests take longer, and the order is what fairness decides.
+    overtook = [r for r in noisy_records if quiet_record["queued_at"] < r["started_at"] < quiet_record["started_at"]]
+    assert len(overtook) <= 1
     assert noisy_p95 > 4 * quiet_wait and statistics.median(noisy_waits) > quiet_wait
 
 
