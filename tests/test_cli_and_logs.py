@@ -13,7 +13,10 @@ import httpx
 import pytest
 from rich.console import Console
 
-from app.cli import build_parser, default_url, main, parse_mix, spread, watch_view
+from app.cli.common import default_url
+from app.cli.loadtest import parse_mix, spread
+from app.cli.main import build_parser, main
+from app.cli.status import watch_view
 from app.logs import JsonFormatter, TextFormatter
 from app.types import Priority
 from testkit.gateway import Background, RunningGateway, chat_body, wait_until

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from app.cli import main
+from app.cli.main import main
 from testkit.gateway import RunningGateway
 
 from .conftest import chat_line, jsonl

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app.cli.common import auth_headers
+
 FINAL = ("completed", "failed", "expired", "cancelled")
 _POLL_SECONDS = 1.0
 
@@ -26,7 +28,7 @@ class Client:
     def __init__(self, session: aiohttp.ClientSession, url: str, api_key: str | None):
         self._session = session
         self._url = url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = auth_headers(api_key)
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         async with self._session.request(method, self._url + path, headers=self._headers, **kwargs) as response:

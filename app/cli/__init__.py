@@ -1,0 +1,1 @@
+"""The `llm-queue-gateway` command line (entry point: app.cli.main:main)."""
