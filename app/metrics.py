@@ -2,20 +2,19 @@
 
 The request path only adds to plain integers and bucket arrays (prometheus_client's own Counter and
 Histogram take a lock and scan buckets in Python, several microseconds per request); a collector turns them
-into Prometheus families when the registry is scraped. Everything here runs on the event loop thread,
+into Prometheus families when the registry is scraped (app.exposition). Everything here runs on the event loop thread,
 scrapes included, so no lock is needed.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from app.exposition import Exporter
 from app.types import Priority
 
 
@@ -115,21 +114,21 @@ class Metrics:
         self.connections_closed = dict.fromkeys(CONNECTION_LIMITS, 0)
         self.too_late = 0
         self.preemptions = {p.value: 0 for p in Priority}  # by the priority of the request parked
-        self._open_connections: Callable[[], int] | None = None
+        self.read_open_connections: Callable[[], int] | None = None
         self.rate_limit_waits = Buckets(WAIT_BUCKETS)
         self.token_counts = {"prompt": 0, "completion": 0}
-        self._queue_sizes: Callable[[], Mapping[tuple[str, str], int]] = dict
-        self._in_flight: Callable[[], int] = int
-        self._backends_in_flight: Callable[[], Mapping[str, int]] = dict
-        self._budget_remaining: Callable[[], Mapping[str, float]] = dict
-        self._breaker_state: Callable[[], int] | None = None
-        self._shared: Callable[[], SharedGauges] | None = None
+        self.read_queue_sizes: Callable[[], Mapping[tuple[str, str], int]] = dict
+        self.read_in_flight: Callable[[], int] = int
+        self.read_backends_in_flight: Callable[[], Mapping[str, int]] = dict
+        self.read_budget_remaining: Callable[[], Mapping[str, float]] = dict
+        self.read_breaker_state: Callable[[], int] | None = None
+        self.read_shared: Callable[[], SharedGauges] | None = None
         self.batch_lines = dict.fromkeys(BATCH_LINE_OUTCOMES, 0)
         self.webhook_deliveries = dict.fromkeys(WEBHOOK_OUTCOMES, 0)
-        self._batches: Callable[[], Mapping[str, int]] | None = None
-        self._webhooks_pending: Callable[[], int] | None = None
-        self._prompt_tokens: Callable[[], Mapping[str, Mapping[str, int]]] = dict
-        registry.register(_Exporter(self))
+        self.read_batches: Callable[[], Mapping[str, int]] | None = None
+        self.read_webhooks_pending: Callable[[], int] | None = None
+        self.read_prompt_tokens: Callable[[], Mapping[str, Mapping[str, int]]] = dict
+        registry.register(Exporter(self))
 
     def watch_queue(
         self,
@@ -138,9 +137,9 @@ class Metrics:
         backends_in_flight: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         """Export the queue's live sizes by (model, priority), and what runs at each backend, read at each scrape."""
-        self._queue_sizes = queue_sizes
-        self._in_flight = in_flight
-        self._backends_in_flight = backends_in_flight
+        self.read_queue_sizes = queue_sizes
+        self.read_in_flight = in_flight
+        self.read_backends_in_flight = backends_in_flight
 
     def backend(self, name: str) -> BackendSeries:
         """The series of the backend called `name` (names come from the configuration: the label is bounded)."""
@@ -151,23 +150,23 @@ class Metrics:
 
     def watch_prompt_tokens(self, by_backend: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
         """Export the local models' prompt tokens by source (evaluated, reused), read at each scrape."""
-        self._prompt_tokens = by_backend
+        self.read_prompt_tokens = by_backend
 
     def watch_limits(
         self, budget_remaining: Callable[[], Mapping[str, float]], breaker_state: Callable[[], int] | None
     ) -> None:
         """Export the backend budgets' remainders and the breaker's state, read at each scrape."""
-        self._budget_remaining = budget_remaining
-        self._breaker_state = breaker_state
+        self.read_budget_remaining = budget_remaining
+        self.read_breaker_state = breaker_state
 
     def watch_replicas(self, shared: Callable[[], SharedGauges]) -> None:
         """Export the shared queue's state (REDIS_URL), read at each scrape."""
-        self._shared = shared
+        self.read_shared = shared
 
     def watch_batches(self, statuses: Callable[[], Mapping[str, int]], webhooks_pending: Callable[[], int]) -> None:
         """Batches by status and webhook deliveries still to make, read at each scrape."""
-        self._batches = statuses
-        self._webhooks_pending = webhooks_pending
+        self.read_batches = statuses
+        self.read_webhooks_pending = webhooks_pending
 
     def batch_line(self, outcome: str) -> None:
         """A batch line ended: answered 2xx (completed), answered otherwise (failed), or never (expired, cancelled)."""
@@ -179,7 +178,7 @@ class Metrics:
 
     def watch_connections(self, open_connections: Callable[[], int]) -> None:
         """Export the number of open client connections, read at each scrape."""
-        self._open_connections = open_connections
+        self.read_open_connections = open_connections
 
     def connection_closed(self, reason: str) -> None:
         """A connection limit closed a client connection, for one of CONNECTION_LIMITS."""
@@ -226,193 +225,3 @@ class Metrics:
     def upstream_error(self, kind: str) -> None:
         """The upstream failed in one of UPSTREAM_ERROR_KINDS."""
         self.upstream_errors[kind] += 1
-
-
-class _Exporter(Collector):
-    """Turns Metrics' plain numbers into Prometheus families at scrape time."""
-
-    def __init__(self, metrics: Metrics):
-        self._m = metrics
-
-    def collect(self) -> Iterable[Metric]:
-        m = self._m
-        sizes = GaugeMetricFamily(
-            "gateway_queue_size",
-            "Requests waiting in the queue, by model pool ('*': any model) and priority.",
-            labels=["model", "priority"],
-        )
-        for (model, priority), size in m._queue_sizes().items():
-            sizes.add_metric([model, priority], size)
-        yield sizes
-        yield GaugeMetricFamily("gateway_requests_in_flight", "Requests at the backends now.", value=m._in_flight())
-
-        yield _histogram(
-            "gateway_queue_wait_seconds",
-            "Time from arrival to dispatch to a backend, by model pool and priority.",
-            ["model", "priority"],
-            {(model, p.value): series for (model, p), series in m.waits.items()},
-        )
-        in_flight = GaugeMetricFamily(
-            "gateway_backend_in_flight",
-            "Slots busy at each backend now (a request of n choices at the local model holds n).",
-            labels=["backend"],
-        )
-        for name, count in m._backends_in_flight().items():
-            in_flight.add_metric([name], count)
-        yield in_flight
-        for attribute, name, documentation in (
-            ("dispatched", "gateway_backend_dispatched", "Requests dispatched to each backend."),
-            ("errors", "gateway_backend_errors", "Requests that failed at each backend."),
-            ("failovers", "gateway_backend_retries", "Requests that failed at a backend and went on to another."),
-        ):
-            yield _counter(name, documentation, "backend", {b: getattr(s, attribute) for b, s in m.backends.items()})
-        yield _histogram(
-            "gateway_backend_latency_seconds",
-            "Seconds a completed request held its slot at each backend.",
-            ["backend"],
-            {(b,): s.latency for b, s in m.backends.items()},
-        )
-        yield _histogram(
-            "gateway_request_duration_seconds",
-            "Time from arrival to the end of the response, by priority and outcome.",
-            ["priority", "outcome"],
-            {(p.value, o): series for (p, o), series in m.durations.items()},
-        )
-
-        requests = CounterMetricFamily(
-            "gateway_requests",
-            "Requests by priority and outcome (completed, failed, rejected, timeout, cancelled).",
-            labels=["priority", "outcome"],
-        )
-        for (priority, outcome), count in m.requests.items():
-            requests.add_metric([priority.value, outcome], count)
-        yield requests
-
-        yield _counter("gateway_upstream_errors", "Upstream failures by kind.", "kind", m.upstream_errors)
-
-        yield _counter("gateway_rejections", "Requests refused before queueing, by reason.", "reason", m.rejections)
-        yield _counter(
-            "gateway_tokens", "Tokens of answered requests, as their usage reported them.", "kind", m.token_counts
-        )
-        prompt_tokens = CounterMetricFamily(
-            "gateway_prompt_tokens",
-            "Prompt tokens at each local model, by source: evaluated by the model, or reused from the KV cells a "
-            "slot held (a shared prefix, a request's first choice).",
-            labels=["backend", "source"],
-        )
-        for backend, counts in m._prompt_tokens().items():
-            for source, count in counts.items():
-                prompt_tokens.add_metric([backend, source], count)
-        yield prompt_tokens
-        yield _counter(
-            "gateway_connections_closed",
-            "Client connections the gateway closed because a connection limit bit, by reason.",
-            "reason",
-            m.connections_closed,
-        )
-        if m._open_connections is not None:
-            yield GaugeMetricFamily(
-                "gateway_connections_open", "Client connections open now.", value=m._open_connections()
-            )
-        yield CounterMetricFamily(
-            "gateway_timeouts_before_dispatch",
-            "Waiting requests answered 408 instead of dispatched, with too little time left (DISPATCH_MARGIN).",
-            value=m.too_late,
-        )
-        yield _counter(
-            "gateway_preemptions",
-            "Running requests parked to give their slot to a high-priority one (PREEMPTION), by their priority.",
-            "priority",
-            m.preemptions,
-        )
-        yield _counter("gateway_upstream_retries", "Upstream attempts retried, by reason.", "reason", m.retries)
-        yield _histogram(
-            "gateway_rate_limit_wait_seconds",
-            "Time the queue's head was held back by the rate budgets or the circuit breaker.",
-            [],
-            {(): m.rate_limit_waits},
-        )
-        remaining = GaugeMetricFamily(
-            "gateway_rate_limit_remaining",
-            "What is left of the backend's RATE_LIMIT_RPM / RATE_LIMIT_TPM budgets.",
-            labels=["budget"],
-        )
-        for budget, value in m._budget_remaining().items():
-            remaining.add_metric([budget], value)
-        yield remaining
-        if m._shared is not None:
-            yield from _shared_families(m._shared())
-        if m._batches is not None:
-            batches = GaugeMetricFamily("gateway_batches", "Batches by status.", labels=["status"])
-            for status, count in m._batches().items():
-                batches.add_metric([status], count)
-            yield batches
-            yield _counter("gateway_batch_lines", "Batch lines ended, by outcome.", "outcome", m.batch_lines)
-        if m._webhooks_pending is not None:
-            yield _counter(
-                "gateway_webhook_deliveries", "Webhook delivery attempts, by outcome.", "outcome", m.webhook_deliveries
-            )
-            yield GaugeMetricFamily(
-                "gateway_webhook_deliveries_pending", "Webhook events not delivered yet.", value=m._webhooks_pending()
-            )
-        if m._breaker_state is not None:
-            yield GaugeMetricFamily(
-                "gateway_circuit_breaker_state",
-                "The upstream circuit breaker: 0 closed, 1 half open, 2 open.",
-                value=m._breaker_state(),
-            )
-
-
-def _shared_families(shared: SharedGauges) -> Iterable[Metric]:
-    """The shared queue's families. The global ones carry scope="global": every replica exports the same
-    numbers, so dashboards read them with max(), never sum() (docs/replicas.md)."""
-    yield GaugeMetricFamily("gateway_coordination_up", "1 while Redis (REDIS_URL) answers, else 0.", value=shared.up)
-    yield GaugeMetricFamily(
-        "gateway_coordination_local",
-        "1 while this replica serves alone from its own queue (REDIS_FAILURE_MODE=local, Redis out of reach).",
-        value=shared.local,
-    )
-    yield CounterMetricFamily(
-        "gateway_coordination_losses",
-        "Times this replica lost Redis (and answered or served as REDIS_FAILURE_MODE says).",
-        value=shared.losses,
-    )
-    if shared.waiting is not None:
-        sizes = GaugeMetricFamily(
-            "gateway_global_queue_size",
-            "Requests waiting on all replicas, by model pool and priority (read with max()).",
-            labels=["model", "priority", "scope"],
-        )
-        for model, counts in shared.waiting.items():
-            for p in Priority:
-                sizes.add_metric([model, p.value, "global"], counts[p.rank])
-        yield sizes
-    if shared.running is not None:
-        running = GaugeMetricFamily(
-            "gateway_global_backend_in_flight",
-            "Requests running at each shared backend from all replicas (read with max()).",
-            labels=["backend", "scope"],
-        )
-        for name, count in shared.running.items():
-            running.add_metric([name, "global"], count)
-        yield running
-    if shared.replicas is not None:
-        family = GaugeMetricFamily("gateway_replicas", "Live replicas sharing the queue.", labels=["scope"])
-        family.add_metric(["global"], shared.replicas)
-        yield family
-
-
-def _counter(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=[label])
-    for value, count in counts.items():
-        family.add_metric([value], count)
-    return family
-
-
-def _histogram(
-    name: str, documentation: str, labels: list[str], series: dict[tuple[str, ...], Buckets]
-) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=labels)
-    for values, buckets in series.items():
-        family.add_metric(list(values), buckets.cumulative(), buckets.total)
-    return family
