@@ -25,7 +25,7 @@ import orjson
 
 from app.backends.base import BackendResponse
 from app.batches import objects
-from app.batches.files import Files, ResultFile
+from app.batches.files import Files
 from app.batches.objects import (
     CANCELLED,
     CANCELLING,
@@ -37,8 +37,9 @@ from app.batches.objects import (
     IN_PROGRESS,
     VALIDATING,
 )
+from app.batches.results import write_results
 from app.batches.store import Line, Store
-from app.batches.validation import check_input
+from app.batches.validation import check_input, check_parameters
 from app.batches.webhooks import Webhooks
 from app.errors import (
     BackendNotReady,
@@ -63,9 +64,6 @@ log = logging.getLogger("app.batches")
 
 _SWEEP_SECONDS = 1.0  # how often windows are checked (a batch expires at most this late)
 _RETRY_SECONDS = 1.0  # a line refused without a Retry-After goes again after this long
-_EXPIRED = "This request could not be executed before the completion window expired."
-_CANCELLED = "This request was not executed: the batch was cancelled."
-_METADATA_KEYS, _METADATA_KEY_MAX, _METADATA_VALUE_MAX = 16, 64, 512
 
 
 class _Run:
@@ -152,31 +150,21 @@ class BatchRunner:
         self, owner: str, input_file_id: object, endpoint: object, window: object, metadata: object
     ) -> dict[str, Any]:
         """A new batch, validating; 400 for a parameter OpenAI would refuse, 404 for a file the key cannot see."""
-        if endpoint not in COMPLETION_ROUTES:
-            allowed = ", ".join(f"'{path}'" for path in COMPLETION_ROUTES)
-            raise InvalidRequest(f"endpoint must be one of {allowed}, not {endpoint!r}", param="endpoint")
-        if not isinstance(window, str) or window not in self._windows:
-            allowed = ", ".join(f"'{w}'" for w in self._windows)
-            raise InvalidRequest(
-                f"completion_window must be one of {allowed}, not {window!r}", param="completion_window"
-            )
-        if not isinstance(input_file_id, str) or not input_file_id:
-            raise InvalidRequest("input_file_id must be the id of an uploaded file", param="input_file_id")
-        checked_metadata = _metadata(metadata)
-        file = await self._files.get(input_file_id, owner)
+        checked = check_parameters(endpoint, window, self._windows, input_file_id, metadata)
+        file = await self._files.get(checked.input_file_id, owner)
         if file.purpose != "batch":
             raise InvalidRequest(
-                f"file {input_file_id} has purpose {file.purpose!r}, not 'batch'", param="input_file_id"
+                f"file {checked.input_file_id} has purpose {file.purpose!r}, not 'batch'", param="input_file_id"
             )
         now = int(self._clock())
         record = objects.batch_object(
             objects.batch_id(),
-            input_file_id,
-            endpoint,
-            window,
-            checked_metadata,
+            checked.input_file_id,
+            checked.endpoint,
+            checked.window,
+            checked.metadata,
             now,
-            now + int(self._windows[window]),
+            now + int(self._windows[checked.window]),
         )
         await self._store.put_batch(record, owner)
         self.statuses[VALIDATING] += 1
@@ -353,30 +341,9 @@ class BatchRunner:
         batch = record["id"]
         if final == COMPLETED and record["status"] != FINALIZING:
             await self._set_status(run, FINALIZING, "finalizing_at")
-        code, message = ("batch_cancelled", _CANCELLED) if final == CANCELLED else ("batch_expired", _EXPIRED)
-        output = ResultFile(self._files, objects.result_file_id(batch, "output"), run.owner, f"{batch}_output.jsonl")
-        errors = ResultFile(self._files, objects.result_file_id(batch, "error"), run.owner, f"{batch}_error.jsonl")
-        completed = failed = 0
-        try:
-            async for page in self._store.results(batch):
-                good, bad = [], []
-                for outcome, result, line in page:
-                    if outcome == COMPLETED:
-                        good.append(result.encode() if result else b"")
-                    elif outcome == FAILED and result:
-                        bad.append(result.encode())
-                    else:
-                        bad.append(orjson.dumps(objects.unanswered_line(line.id, line.custom_id, code, message)))
-                        self._metrics.batch_line(final)
-                completed += len(good)
-                failed += len(bad)
-                await output.add(good)
-                await errors.add(bad)
-            record["output_file_id"] = await output.finish()
-            record["error_file_id"] = await errors.finish()
-        finally:
-            await output.discard()
-            await errors.discard()
+        completed, failed = await write_results(
+            self._store, self._files, record, run.owner, final, lambda: self._metrics.batch_line(final)
+        )
         record["request_counts"] = {
             "total": record["request_counts"]["total"],
             "completed": completed,
@@ -439,19 +406,3 @@ def _json(body: bytes) -> Any:
 
 def _not_found(batch_id: str) -> GatewayError:
     return NotFound(f"No such Batch object: {batch_id}", param="batch_id")
-
-
-def _metadata(value: object) -> dict[str, str] | None:
-    """OpenAI's metadata rules: up to 16 string pairs, keys up to 64 characters, values up to 512."""
-    if value is None:
-        return None
-    if not isinstance(value, dict) or len(value) > _METADATA_KEYS:
-        raise InvalidRequest(f"metadata must be an object of at most {_METADATA_KEYS} pairs", param="metadata")
-    for key, item in value.items():
-        if not isinstance(item, str) or len(key) > _METADATA_KEY_MAX or len(item) > _METADATA_VALUE_MAX:
-            raise InvalidRequest(
-                f"metadata keys are strings of up to {_METADATA_KEY_MAX} characters, values up to "
-                f"{_METADATA_VALUE_MAX}",
-                param="metadata",
-            )
-    return dict(value)

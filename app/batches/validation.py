@@ -1,14 +1,63 @@
-"""A batch's input file checked as OpenAI checks it, line by line; run on a worker thread (it reads the file)."""
+"""A batch checked as OpenAI checks it: the parameters it is created with, and its input file line by line (on a
+worker thread: it reads the file)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
+from app.errors import InvalidRequest
+from app.schemas import COMPLETION_ROUTES
+
 MAX_LINES = 50_000  # OpenAI's limit per batch
 MAX_ERRORS = 1000  # a file that is wrong throughout is told so without a report as large as itself
+_METADATA_KEYS, _METADATA_KEY_MAX, _METADATA_VALUE_MAX = 16, 64, 512
+
+
+class Parameters(NamedTuple):
+    """What a batch is created with, checked."""
+
+    input_file_id: str
+    endpoint: str
+    window: str
+    metadata: dict[str, str] | None
+
+
+def check_parameters(
+    endpoint: object, window: object, windows: Mapping[str, float], input_file_id: object, metadata: object
+) -> Parameters:
+    """The parameters of a batch to create, checked; 400 for one OpenAI would refuse.
+
+    `windows` are the completion windows allowed (BATCH_COMPLETION_WINDOWS).
+    """
+    if endpoint not in COMPLETION_ROUTES:
+        allowed = ", ".join(f"'{path}'" for path in COMPLETION_ROUTES)
+        raise InvalidRequest(f"endpoint must be one of {allowed}, not {endpoint!r}", param="endpoint")
+    if not isinstance(window, str) or window not in windows:
+        allowed = ", ".join(f"'{w}'" for w in windows)
+        raise InvalidRequest(f"completion_window must be one of {allowed}, not {window!r}", param="completion_window")
+    if not isinstance(input_file_id, str) or not input_file_id:
+        raise InvalidRequest("input_file_id must be the id of an uploaded file", param="input_file_id")
+    return Parameters(input_file_id, endpoint, window, _metadata(metadata))
+
+
+def _metadata(value: object) -> dict[str, str] | None:
+    """OpenAI's metadata rules: up to 16 string pairs, keys up to 64 characters, values up to 512."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > _METADATA_KEYS:
+        raise InvalidRequest(f"metadata must be an object of at most {_METADATA_KEYS} pairs", param="metadata")
+    for key, item in value.items():
+        if not isinstance(item, str) or len(key) > _METADATA_KEY_MAX or len(item) > _METADATA_VALUE_MAX:
+            raise InvalidRequest(
+                f"metadata keys are strings of up to {_METADATA_KEY_MAX} characters, values up to "
+                f"{_METADATA_VALUE_MAX}",
+                param="metadata",
+            )
+    return dict(value)
 
 
 class Checked:
