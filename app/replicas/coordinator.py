@@ -32,12 +32,13 @@ from app.queue import admission, eta
 from app.queue.job import Job
 from app.queue.member import Member
 from app.queue.scheduler import Scheduler
+from app.replicas import topology
 from app.replicas.budgets import SharedBudgets
 from app.replicas.lookup import ASK_SECONDS, Lookup
 from app.replicas.store import Store
 from app.replicas.writer import UNREACHABLE, Arg, Command, Writer
 from app.settings import Settings
-from app.types import JobState, Priority
+from app.types import JobState
 
 log = logging.getLogger("app.replicas")
 
@@ -175,7 +176,7 @@ class Coordinator:
         self.scheduler.share(self)
         running: list[Arg] = []
         waiting: list[Job] = []
-        for job in self._shared_jobs():
+        for job in topology.shared_jobs(self.scheduler.roster):
             if job.state is JobState.PROCESSING and job.member is not None:
                 if job.ticket is None:
                     job.ticket = f"r{next(self._local_ids)}|{self.replica}"
@@ -195,16 +196,6 @@ class Coordinator:
             log.info("replica %s: %d tickets of its own from before were dropped", self.replica, results[0])
         for job, result in zip(waiting, results[1:], strict=True):
             self._admitted(job, result)
-
-    def _shared_jobs(self) -> list[Job]:
-        scheduler = self.scheduler
-        jobs = [
-            job for pool in scheduler.roster.pools.values() for job in pool.queue.items() if _shareable(pool.members)
-        ]
-        for member in scheduler.roster.members.values():
-            if member.kind == "proxy":
-                jobs += [slot.job for slot in member.slots.slots if slot.job is not None]
-        return jobs
 
     def _lost(self, exc: BaseException) -> None:
         """Redis cannot be reached: serve alone (local) or refuse (closed) until it can again."""
@@ -261,28 +252,19 @@ class Coordinator:
         return ("EVALSHA", self._shas[name], 0, *self._args(*rest))
 
     def _fleet(self) -> str:
-        """The shared pools and their members, as the scripts read them."""
-        scheduler = self.scheduler
-        pools: dict[str, list[str]] = {}
-        members: dict[str, list[int]] = {}
-        for model, pool in scheduler.roster.pools.items():
-            if not _shareable(pool.members):
-                continue
-            pools[model] = [member.name for member in pool.members]
-            for member in pool.members:
-                rpm, tpm = self.budgets.member_limits(member)
-                members[member.name] = [member.max_concurrent, member.reserved_high, rpm, tpm]
-        aging = scheduler.waiting_room.aging.period if scheduler.waiting_room.aging is not None else 0
-        fleet = {
-            "pools": pools,
-            "members": members,
-            "aging": round(aging * 1000),
-            "levels": len(Priority),
-            "ttl": round(self.ttl * 1000),
-            "history": self._history,
-            "history_ttl": round(self._history_ttl * 1000),
-        }
-        return json.dumps(fleet, separators=(",", ":"))
+        aging = self.scheduler.waiting_room.aging
+        return topology.fleet(
+            self.scheduler.roster,
+            self.budgets.member_limits,
+            aging.period if aging is not None else 0.0,
+            self.ttl,
+            self._history,
+            self._history_ttl,
+        )
+
+    def _description(self) -> str:
+        mode = "shared" if self.available else ("local" if self.mode == "local" else "unavailable")
+        return topology.description(self.replica, self.started, self.scheduler.waiting, self.scheduler.in_flight, mode)
 
     def fleet_changed(self) -> None:
         """The backends file was reloaded: the scripts see the new pools and members from now."""
@@ -446,22 +428,6 @@ class Coordinator:
 
     # Heartbeat and inbox ------------------------------------------------------------------------------------
 
-    def _description(self) -> str:
-        scheduler = self.scheduler
-        return json.dumps(
-            {
-                "id": self.replica,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started": round(self.started, 3),
-                "heartbeat": round(time.time(), 3),
-                "waiting": scheduler.waiting,
-                "running": scheduler.in_flight,
-                "mode": "shared" if self.available else ("local" if self.mode == "local" else "unavailable"),
-            },
-            separators=(",", ":"),
-        )
-
     def _heartbeat(self) -> None:
         if not self.available:
             return
@@ -541,10 +507,6 @@ class Coordinator:
             reply, _, named = rest.partition("|")
             key, _, request_id = named.rpartition("|")  # a key's name may hold a bar; ids never do
             self._spawn(self.lookup.answer(verb, reply, key, request_id))
-
-
-def _shareable(members: list[Member]) -> bool:
-    return bool(members) and all(member.kind == "proxy" for member in members)
 
 
 def _place_seconds(scheduler: Scheduler, job: Job) -> float:
