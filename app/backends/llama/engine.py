@@ -20,18 +20,16 @@ is evaluated again and its output is the one it would have produced without the 
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from app.backends.llama import placement
 from app.backends.llama.events import Delta, Done, Embedded, Event, Failed
 from app.backends.llama.model import EngineConfig, LlamaModel
-from app.backends.llama.sampling import build_chain, free_chain, grammar_sampler, plan
 from app.backends.llama.sequence import Embedding, Sequence
+from app.backends.llama.slots import Slots
 
 log = logging.getLogger("app.backends.llama")
 
@@ -57,15 +55,7 @@ class LlamaEngine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._model: LlamaModel | None = None
-        self._free_ids = list(range(config.n_seq))
-        self._park_ids = list(range(config.n_seq, config.n_seq + config.n_parked))
-        self._parked: list[Sequence] = []
-        # Per sequence id, the tokens in its KV cells (an active sequence's history, or what the last one
-        # left): a new request evaluates only what no slot holds yet (chat requests repeat a system prompt).
-        self._resident: list[list[int]] = [[] for _ in range(config.n_seq + config.n_parked)]
-        self._copied: set[int] = set()  # slots filled by a copy this step (placement.place's `fresh`)
-        self._active: list[Sequence] = []  # in id order
-        self._prompting: deque[Sequence] = deque()  # active sequences whose prompt is not all in, in the order placed
+        self.slots = Slots(config.n_seq, config.n_parked)
         self._waiting: deque[Sequence] = deque()
         # Prompt tokens so far, by where their KV cells came from: the model (evaluated) or a slot that held them
         # (reused: the prefix cache, a request's first choice). Written by the engine thread, read by metrics.
@@ -151,7 +141,7 @@ class LlamaEngine:
 
     def _run(self, loaded: threading.Event, failure: list[BaseException]) -> None:
         try:
-            self._model = model = LlamaModel(self.config)
+            self._model = self.slots.model = model = LlamaModel(self.config)
         except BaseException as exc:
             failure.append(exc)
             return
@@ -160,7 +150,7 @@ class LlamaEngine:
         try:
             while True:
                 with self._cond:
-                    while not (self._inbox or self._embeddings or self._active or self._waiting or self._closing):
+                    while not (self._inbox or self._embeddings or self.slots.active or self._waiting or self._closing):
                         self._cond.wait()
                     if self._closing:
                         break
@@ -177,10 +167,10 @@ class LlamaEngine:
             with self._cond:
                 self._closing = True
                 orphans: list[Sequence | Embedding] = [
-                    *self._active,
+                    *self.slots.active,
                     *self._waiting,
                     *self._inbox,
-                    *self._parked,
+                    *self.slots.parked,
                     *self._embeddings,
                 ]
                 orphans += [fork for s in orphans if isinstance(s, Sequence) for fork in s.forks]
@@ -189,12 +179,10 @@ class LlamaEngine:
             model.free()
 
     def _step(self) -> None:
-        self._copied.clear()
+        slots = self.slots
+        slots.copied.clear()
         self._take_in()
-        for move in placement.close_gaps([s.id for s in self._active], self._free_ids):
-            if move.source in self._copied:
-                break  # its cells are a copy still to be made: it moves at a later step
-            self._move(move)
+        slots.close_gaps()
         model = self.model
         # Every generating sequence adds its one token (that keeps every stream moving) and one prompt, the
         # earliest placed (the queue dispatches by priority), gets the rest of n_batch: a request's first
@@ -204,10 +192,10 @@ class LlamaEngine:
         # llama.cpp puts into one micro-batch only sequences whose ids follow each other in batch order, and
         # any other order costs a pass over the weights per sequence (measured: 4 streams at 34-39 ms a step
         # out of order, 23 ms in order).
-        prompting = next((s for s in self._prompting if s.urgent), self._prompting[0] if self._prompting else None)
+        prompting = next((s for s in slots.prompting if s.urgent), slots.prompting[0] if slots.prompting else None)
         alone = prompting is not None and prompting.urgent
-        room = self.config.n_batch - (0 if alone else sum(s.generating for s in self._active))
-        for sequence in self._active:  # kept in id order
+        room = self.config.n_batch - (0 if alone else sum(s.generating for s in slots.active))
+        for sequence in slots.active:  # kept in id order
             if sequence.generating and not alone:
                 token = sequence.next_token
                 assert token is not None
@@ -228,21 +216,21 @@ class LlamaEngine:
                 sequence.prefilled = end
                 self.prompt_evaluated += end - start
                 if end == len(sequence.prompt):
-                    self._prompting.remove(sequence)
+                    slots.prompting.remove(sequence)
         if model.batch.n_tokens == 0:
             return
         status = model.decode()
         if status != 0:
             log.error(
-                "llama_decode failed with status %d; ending the %d sequences in the batch", status, len(self._active)
+                "llama_decode failed with status %d; ending the %d sequences in the batch", status, len(slots.active)
             )
-            for sequence in list(self._active):
+            for sequence in list(slots.active):
                 forks, sequence.forks = sequence.forks, []
                 self._release(sequence, keep=False)
                 for failed in (sequence, *forks):
                     self._emit(failed, Failed(f"the model failed to decode (status {status})"))
             return
-        for sequence in list(self._active):
+        for sequence in list(slots.active):
             index = sequence.logit_index
             if index >= 0:
                 if sequence.forks:
@@ -266,7 +254,7 @@ class LlamaEngine:
         for fork in forks:
             if fork.cancelled:
                 continue
-            _build_samplers(fork, self.model)
+            fork.build_samplers(self.model)
             fork.cached = len(fork.prompt)  # every prompt token was evaluated by the leader
             self._pick(fork, index)
             if fork.next_token is not None:  # it did not end on its first token
@@ -286,14 +274,15 @@ class LlamaEngine:
 
     def _take_in(self) -> None:
         """Free the slots of cancelled sequences, park those asked to, and place waiting ones in free slots."""
-        for sequence in [s for s in self._active if s.cancelled]:
+        slots = self.slots
+        for sequence in [s for s in slots.active if s.cancelled]:
             self._release(sequence)
-        for sequence in [s for s in self._parked if s.cancelled]:
+        for sequence in [s for s in slots.parked if s.cancelled]:
             self._unpark(sequence)
         parked = False
-        for sequence in [s for s in self._active if s.park_wanted]:
+        for sequence in [s for s in slots.active if s.park_wanted]:
             # Out of parking room, or its cells are a copy this very step: it asks again at the next one.
-            if self._park_ids and sequence.id not in self._copied:
+            if slots.park_ids and sequence.id not in slots.copied:
                 parked = self._park(sequence) or parked
         if parked and not any(s.urgent for s in self._waiting):
             with self._cond:
@@ -301,20 +290,20 @@ class LlamaEngine:
                 self._waiting.extend(self._inbox)
                 self._inbox.clear()
         deferred = []
-        while self._waiting and self._free_ids:
+        while self._waiting and slots.free_ids:
             sequence = self._waiting.popleft()
             if sequence.cancelled:
                 self._hand_down(sequence)
                 if sequence.parked:
                     self._unpark(sequence)
                 else:
-                    _free_samplers(sequence)  # a fork has its own already
+                    sequence.free_samplers()  # a fork has its own already
             elif not sequence.parked:
-                self._place(sequence)
-            elif sequence.park_id in self._copied:
+                self.prompt_reused += slots.place(sequence)
+            elif sequence.park_id in slots.copied:
                 deferred.append(sequence)  # parked this very step: its cells are there only after the decode
             else:
-                self._unpark(sequence, min(self._free_ids))
+                self._unpark(sequence, min(slots.free_ids))
         self._waiting.extendleft(reversed(deferred))
 
     def _emit(self, sequence: Sequence, event: Event) -> None:
@@ -325,93 +314,21 @@ class LlamaEngine:
             outbox, self._outbox = self._outbox, []
             self._deliver(outbox)
 
-    def _place(self, sequence: Sequence) -> None:
-        """Give a waiting sequence a slot, reusing whatever prefix of its prompt any slot holds (a fork: all of
-        it, from its leader's slot, unless the leader's cells have gone meanwhile)."""
-        prompt = sequence.prompt
-        fork = sequence.next_token is not None
-        busy = [s.id for s in self._active]
-        plan_ = placement.place(prompt, self._resident, busy, self._free_ids, self._copied, whole=fork)
-        slot, keep = plan_.slot, plan_.keep
-        self._free_ids.remove(slot)
-        model = self.model
-        if plan_.copy_from is not None:
-            model.clear(slot)
-            model.copy(plan_.copy_from, slot)
-            self._copied.add(slot)
-        if not model.cut(slot, keep):
-            model.clear(slot)  # this memory cannot cut a sequence: start over
-            keep = 0
-        sequence.id = slot
-        sequence.prefilled = keep
-        self.prompt_reused += keep
-        sequence.history = self._resident[slot] = prompt[:keep]
-        if not fork:
-            sequence.cached = keep
-            _build_samplers(sequence, model)
-        bisect.insort(self._active, sequence, key=_by_id)
-        if keep < len(prompt):
-            self._prompting.append(sequence)
-
     def _park(self, sequence: Sequence) -> bool:
-        """Take an active sequence off the batch: its cells go to a parking sequence, its slot is freed."""
+        """Take an active sequence off the batch (Slots.park), unless it was resumed before its turn came."""
         with self._cond:
             if not sequence.park_wanted:
                 return False  # resumed before its turn to park came: it simply goes on
             sequence.park_wanted = False
             sequence.parked = True
-        park = self._park_ids.pop()
-        model = self.model
-        model.clear(park)
-        model.copy(sequence.id, park)
-        self._copied.add(park)
-        self._resident[park] = list(sequence.history)
-        self._resident[sequence.id] = list(sequence.history)  # its slot's cells stay, for a shared prefix
-        self._active.remove(sequence)
-        if sequence.prefilled < len(sequence.prompt):
-            self._prompting.remove(sequence)
-        self._free_ids.append(sequence.id)
-        sequence.park_id, sequence.id = park, -1
-        self._parked.append(sequence)
+        self.slots.park(sequence)
         return True
 
     def _unpark(self, sequence: Sequence, slot: int | None = None) -> None:
         """Bring a parked sequence back into `slot` (None: it was cancelled, and only its parking is freed)."""
-        park = sequence.park_id
-        self._parked.remove(sequence)
-        self._park_ids.append(park)
         with self._cond:
             sequence.parked = False
-        sequence.park_id = -1
-        if slot is None:
-            _free_samplers(sequence)
-            return
-        self._free_ids.remove(slot)
-        model = self.model
-        model.clear(slot)
-        model.copy(park, slot)
-        self._copied.add(slot)
-        sequence.id = slot
-        self._resident[slot] = sequence.history
-        bisect.insort(self._active, sequence, key=_by_id)
-        if sequence.prefilled < len(sequence.prompt):
-            self._prompting.append(sequence)
-
-    def _move(self, move: placement.Move) -> None:
-        """Carry out a move that closes a gap between busy slots."""
-        sequence = next(s for s in self._active if s.id == move.source)
-        self._active.remove(sequence)
-        model = self.model
-        model.clear(move.target)
-        model.copy(move.source, move.target)
-        model.clear(move.source)
-        self._free_ids.remove(move.target)
-        self._free_ids.append(move.source)
-        self._resident[move.source] = []
-        self._resident[move.target] = sequence.history
-        self._copied.add(move.target)
-        sequence.id = move.target
-        bisect.insort(self._active, sequence, key=_by_id)
+        self.slots.unpark(sequence, slot)
 
     def _accept(self, sequence: Sequence, token: int) -> None:
         model = self.model
@@ -448,22 +365,9 @@ class LlamaEngine:
         self._emit(sequence, Done(reason, len(sequence.prompt), sequence.generated, sequence.cached))
 
     def _release(self, sequence: Sequence, keep: bool = True) -> None:
-        """Free the slot; its KV cells stay for a request with the same prefix unless `keep` is False.
-
-        A fork that ended on its first token never had a slot: only its samplers go.
-        """
+        """Free the sequence's slot (Slots.release), its forks handed down first."""
         self._hand_down(sequence)
-        if sequence.id < 0:
-            _free_samplers(sequence)
-            return
-        if not keep:
-            self.model.clear(sequence.id)
-            self._resident[sequence.id] = []
-        _free_samplers(sequence)
-        self._active.remove(sequence)
-        if sequence.prefilled < len(sequence.prompt):
-            self._prompting.remove(sequence)
-        self._free_ids.append(sequence.id)
+        self.slots.release(sequence, keep)
 
     def _hand_down(self, sequence: Sequence) -> None:
         """A leader cancelled before its prompt was in leaves its forks to the first of them still wanted,
@@ -473,19 +377,3 @@ class LlamaEngine:
         if heirs:
             heirs[0].forks = heirs[1:]
             self._waiting.appendleft(heirs[0])
-
-
-def _build_samplers(sequence: Sequence, model: LlamaModel) -> None:
-    sequence.sampler = build_chain(plan(sequence.sampling), model.vocab_size)
-    if sequence.sampling.grammar is not None:
-        sequence.grammar = grammar_sampler(model.vocab, sequence.sampling.grammar)
-
-
-def _free_samplers(sequence: Sequence) -> None:
-    free_chain(sequence.sampler)
-    free_chain(sequence.grammar)
-    sequence.sampler = sequence.grammar = None
-
-
-def _by_id(sequence: Sequence) -> int:
-    return sequence.id

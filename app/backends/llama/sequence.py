@@ -3,11 +3,14 @@ and a batch of inputs to embed (Embedding). Their fields belong to the engine th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.backends.llama.events import TokenLogprob
-from app.backends.llama.sampling import Sampling
+from app.backends.llama.sampling import Sampling, build_chain, free_chain, grammar_sampler, plan
 from app.backends.llama.stop_text import StopText
+
+if TYPE_CHECKING:
+    from app.backends.llama.model import LlamaModel
 
 
 class Sequence:
@@ -75,6 +78,17 @@ class Sequence:
     def generating(self) -> bool:
         """Whether it has a token to add at the next step (a fork may have one before its prompt is all in)."""
         return self.next_token is not None and self.prefilled == len(self.prompt)
+
+    def build_samplers(self, model: LlamaModel) -> None:
+        """Its sampler chain (and grammar, if it has one) on `model`'s vocabulary: llama.cpp objects to free."""
+        self.sampler = build_chain(plan(self.sampling), model.vocab_size)
+        if self.sampling.grammar is not None:
+            self.grammar = grammar_sampler(model.vocab, self.sampling.grammar)
+
+    def free_samplers(self) -> None:
+        free_chain(self.sampler)
+        free_chain(self.grammar)
+        self.sampler = self.grammar = None
 
 
 class Embedding:

@@ -30,13 +30,13 @@ def test_a_stream_closed_before_its_first_event_costs_the_engine_nothing() -> No
             unstarted = await open_stream(backend, 400)
             await unstarted.aclose()
             await asyncio.sleep(0.2)
-            idle = len(backend._engine._active) + len(backend._engine._waiting)
+            idle = len(backend._engine.slots.active) + len(backend._engine._waiting)
             # Left after its first event: the sequence is cancelled and the only slot is free again.
             started = await open_stream(backend, 400)
             await anext(aiter(started))
             await started.aclose()
             await asyncio.sleep(0.2)
-            after_leaving = len(backend._engine._active) + len(backend._engine._waiting)
+            after_leaving = len(backend._engine.slots.active) + len(backend._engine._waiting)
             follow_up = await open_stream(backend, 3)
             chunks = [chunk async for chunk in follow_up]
             return idle, after_leaving, len(chunks)

@@ -184,7 +184,7 @@ def test_a_parked_sequence_resumes_where_it_stopped_and_its_greedy_text_is_uncha
         assert until(lambda: doomed.parked)
         engine.cancel(doomed)
         runs.run([("after", "Hi.", 4)])
-        assert not engine._parked and len(engine._park_ids) == 2
+        assert not engine.slots.parked and len(engine.slots.park_ids) == 2
     finally:
         engine.close()
 
@@ -253,6 +253,6 @@ def test_forks_that_end_on_their_first_token_or_are_cancelled_free_everything() 
         runs.wait([("heir", 1), ("heir", 2)])
         runs.run([("after", "Hi.", 4)])
         assert ("heir", 0) not in runs.ends and not any(("long", i) in runs.ends for i in range(3))
-        assert until(lambda: len(engine._free_ids) == 4 and not engine._active and not engine._waiting)
+        assert until(lambda: len(engine.slots.free_ids) == 4 and not engine.slots.active and not engine._waiting)
     finally:
         engine.close()
