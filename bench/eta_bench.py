@@ -1,18 +1,23 @@
 """How honest the queue's wait estimate is: the ETA at arrival against the real wait, under steady mixed load.
 
-    python -m bench.eta_bench [--seconds 60] [--load 0.85] [--json PATH]
+    python -m bench.eta_bench [--seconds 60] [--load 0.85] [--sized] [--json PATH]
 
 A fake upstream (in this process) answers each completion after a latency drawn uniformly from
-[--latency, --latency + --spread] seconds. The gateway has 4 slots and room to queue. Requests arrive as a
-Poisson stream at --load times what the slots can serve (by the mean latency), 20% high, 50% normal, 30% low.
-Each answer carries the gateway's estimate at arrival (x-queue-eta-ms, sent for requests that queued) and the
-real wait (x-queue-wait-ms, both measured by the gateway itself, so the network adds nothing). The first
---warmup seconds are left out (the estimator has not measured anything yet). Reported: the relative error
-|estimate - wait| / wait of every request that queued, its median and p90, overall and by priority; and, as
-the reference in the same run, the same errors of the naive estimate a queue without this estimator gives
-(the requests ahead times the mean service time over the slots, ahead read from the status route just before
-each request is sent). The same errors are shown for the requests that waited at least two mean service
-times, whose wait is mostly the work already ahead of them rather than chance.
+[--latency, --latency + --spread] seconds. With --sized, the workload is an LLM's: each request asks for
+max_tokens drawn uniformly from 16-256, and the upstream takes --latency plus --per-token seconds per token
+asked for, scaled by a factor drawn in [1 - --jitter, 1 + --jitter] (an LLM's time at a slot grows with its
+output; the jitter stands for what the size does not tell).
+
+The gateway has 4 slots and room to queue. Requests arrive as a Poisson stream at --load times what the slots
+can serve (by the mean latency), 20% high, 50% normal, 30% low. Each answer carries the gateway's estimate at
+arrival (x-queue-eta-ms, sent for requests that queued) and the real wait (x-queue-wait-ms, both measured by
+the gateway itself, so the network adds nothing). The first --warmup seconds are left out (the estimator has
+not measured anything yet). Reported: the relative error |estimate - wait| / wait of every request that
+queued, its median and p90, overall and by priority; and, as the reference in the same run, the same errors
+of the naive estimate a queue without this estimator gives (the requests ahead times the mean service time
+over the slots, ahead read from the status route just before each request is sent). The same errors are
+shown for the requests that waited at least two mean service times, whose wait is mostly the work already
+ahead of them rather than chance.
 """
 
 from __future__ import annotations
@@ -34,9 +39,19 @@ SLOTS = 4
 MIX = (("high", 0.2), ("normal", 0.5), ("low", 0.3))
 
 
+SIZES = (16, 256)  # --sized: max_tokens drawn uniformly in this range
+
+
+def mean_latency(args: argparse.Namespace) -> float:
+    """The upstream's mean seconds per answer."""
+    if args.sized:
+        return args.latency + args.per_token * sum(SIZES) / 2
+    return args.latency + args.spread / 2
+
+
 async def load(url: str, args: argparse.Namespace) -> list[dict[str, float | str]]:
     """Send the Poisson stream; one row per answered request that queued and was sent after the warm-up."""
-    mean = args.latency + args.spread / 2
+    mean = mean_latency(args)
     rate = args.load * SLOTS / mean
     rows: list[dict[str, float | str]] = []
     rng = random.Random(args.seed)
@@ -54,7 +69,8 @@ async def load(url: str, args: argparse.Namespace) -> list[dict[str, float | str
         sizes = status["queue_size_by_priority"]
         levels = [name for name, _ in MIX]
         ahead = sum(sizes[name] for name in levels[: levels.index(priority) + 1])
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        max_tokens = rng.randint(*SIZES) if args.sized else 8
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
         async with session.post(url + "/v1/chat/completions", json=body, headers={"X-Priority": priority}) as r:
             await r.read()
             if r.status != 200 or "x-queue-eta-ms" not in r.headers or sent_at < args.warmup:
@@ -97,12 +113,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--warmup", type=float, default=10)
     parser.add_argument("--load", type=float, default=0.85, help="arrivals as a share of what the slots serve")
-    parser.add_argument("--latency", type=float, default=0.1, help="the upstream's shortest seconds per answer")
+    parser.add_argument(
+        "--latency", type=float, help="the upstream's shortest seconds per answer [default: 0.1; --sized: 0.02]"
+    )
     parser.add_argument("--spread", type=float, default=0.2, help="and up to this many more, uniformly")
+    parser.add_argument("--sized", action="store_true", help="an LLM's workload: latency grows with max_tokens")
+    parser.add_argument("--per-token", type=float, default=0.001, help="--sized: seconds per max_tokens token")
+    parser.add_argument("--jitter", type=float, default=0.15, help="--sized: the latency's relative spread")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    upstream = FakeUpstream(behavior=Behavior(latency=args.latency, latency_spread=args.spread)).start()
+    if args.latency is None:
+        args.latency = 0.02 if args.sized else 0.1
+    if args.sized:
+        behavior = Behavior(latency=args.latency, latency_per_token=args.per_token, latency_jitter=args.jitter)
+    else:
+        behavior = Behavior(latency=args.latency, latency_spread=args.spread)
+    upstream = FakeUpstream(behavior=behavior).start()
     process, url = gateway_process(
         args.root,
         "eta_gateway",
@@ -120,7 +147,7 @@ def main() -> None:
         process.wait(30)
         upstream.stop()
     result: dict[str, object] = {"requests_that_queued": len(rows)}
-    long_wait = 2 * (args.latency + args.spread / 2)  # two mean service times: the wait is mostly the work ahead
+    long_wait = 2 * mean_latency(args)  # two mean service times: the wait is mostly the work ahead
     for field in ("eta", "naive"):
         result[field] = (
             {"all": errors(rows, field)}

@@ -26,6 +26,10 @@ class Behavior:
 
     latency: float = 0.0  # seconds before the answer (or before the first chunk)
     latency_spread: float = 0.0  # and up to this many more, drawn uniformly for each request
+    # An LLM's time grows with what it generates: this many seconds more per max_tokens token asked for (16 when
+    # a request names none), the whole latency then scaled by a factor drawn in [1 - jitter, 1 + jitter].
+    latency_per_token: float = 0.0
+    latency_jitter: float = 0.0
     chunks: int = 5  # SSE content chunks per stream
     pace: float = 0.0  # seconds between chunks
     status: int | None = None  # answer every completion with this status and an OpenAI error body
@@ -118,8 +122,11 @@ class FakeUpstream:
         try:
             if b.hang or (b.hang_mid_event and not body.get("stream")):
                 await asyncio.Event().wait()
-            if b.latency or b.latency_spread:
-                await asyncio.sleep(b.latency + random.uniform(0.0, b.latency_spread))
+            if b.latency or b.latency_spread or b.latency_per_token:
+                latency = b.latency + random.uniform(0.0, b.latency_spread)
+                if b.latency_per_token:
+                    latency += b.latency_per_token * (body.get("max_tokens") or 16)
+                await asyncio.sleep(latency * random.uniform(1.0 - b.latency_jitter, 1.0 + b.latency_jitter))
             if b.drop:
                 assert request.transport is not None
                 request.transport.close()

@@ -2,12 +2,14 @@
 queue-position comments of a stream and every Retry-After the queue gives.
 
 A request waits for releases of its pool's slots: one per request ahead of it, then its own. A busy slot frees
-once its request has run the pool's mean service time (one past it is expected to end within a tenth of it);
-after that each slot frees once per mean service time. Requests of a higher level that arrive meanwhile go
-ahead too: with `load` = λ * service / slots the share of the slots their measured arrival rate λ takes,
-they stretch the wait by 1 + load + load², the arrivals during the wait and those during theirs. The whole
-series, 1 / (1 - load), is the mean wait, which the long tail of busy periods pulls well above the typical one; two
-terms came closest to the real waits (bench.eta_bench, and a simulation of the scheduler on a fake clock).
+once its request has run its expected service time (one past it is expected to end within a tenth of it): the
+pool's mean, or, where the recent times grow with the requests' sizes (the tokens they may generate), the
+time its size implies (ServiceSamples.fit). After that each slot frees once per mean service time. Requests of
+a higher level that arrive meanwhile go ahead too: with `load` = λ * service / slots the share of the slots
+their measured arrival rate λ takes, they stretch the wait by 1 + load + load², the arrivals during the wait
+and those during theirs. The whole series, 1 / (1 - load), is the mean wait, which the long tail of busy
+periods pulls well above the typical one; two terms came closest to the real waits (bench.eta_bench, and a
+simulation of the scheduler on a fake clock).
 
 Left out, and so a source of error: budgets that hold dispatch back (the estimate counts slots only), aging
 (a request that rises a level waits less than estimated), and later arrivals of its own level from keys
@@ -31,32 +33,57 @@ _ARRIVAL_WINDOW_SECONDS = 20.0  # arrival rates follow about this much recent hi
 _FIRST_SPAN = 5.0  # seconds a rate is read over at least: a first arrival or two is no rate yet
 _MAX_LOAD = 0.95  # higher work past this share of the slots: the wait has no useful bound
 _OVERLOADED_FACTOR = 1 / (1 - _MAX_LOAD)
-_OVERDUE_SHARE = 0.1  # a request past the mean is expected to end within this share of it
+_OVERDUE_SHARE = 0.1  # a request past its expected time is expected to end within this share of it
+_FLOOR_SHARE = 0.05  # the least a request is expected to hold its slot, as a share of the mean
 UNMEASURED_SECONDS = 1.0  # a slot's service time before any request has ended: the honest floor
 
 
 class ServiceSamples:
-    """A pool's recent service times (seconds a request held a slot) and their mean."""
+    """A pool's recent service times (seconds a request held a slot), their mean, and how they grow with a
+    request's size (the tokens it may generate): held ≈ base + per_token * size, by least squares over the
+    window. An LLM's time at a slot is mostly its output; when the sizes do not tell the times apart (all
+    alike, or no relation), per_token is 0 and every request is expected to take the mean."""
 
-    __slots__ = ("_recent", "_total")
+    __slots__ = ("_recent", "_sx", "_sxx", "_sxy", "_sy")
 
     def __init__(self) -> None:
-        self._recent: deque[float] = deque(maxlen=_SAMPLES)
-        self._total = 0.0
+        self._recent: deque[tuple[int, float]] = deque(maxlen=_SAMPLES)
+        self._sx = self._sxx = self._sxy = self._sy = 0.0
 
-    def observe(self, held: float) -> None:
-        """A request held its slot for `held` seconds."""
+    def observe(self, held: float, size: int = 0) -> None:
+        """A request of `size` tokens held its slot for `held` seconds."""
         recent = self._recent
         if len(recent) == _SAMPLES:
-            self._total -= recent[0]
-        recent.append(held)
-        self._total += held
+            old_size, old_held = recent[0]
+            self._add(old_size, old_held, -1.0)
+        recent.append((size, held))
+        self._add(size, held, 1.0)
+
+    def _add(self, size: int, held: float, sign: float) -> None:
+        self._sx += sign * size
+        self._sy += sign * held
+        self._sxx += sign * size * size
+        self._sxy += sign * size * held
 
     @property
     def mean(self) -> float | None:
         """The mean of the last _SAMPLES service times; None before the first request ended."""
         recent = self._recent
-        return max(self._total / len(recent), 0.0) if recent else None
+        return max(self._sy / len(recent), 0.0) if recent else None
+
+    def fit(self) -> tuple[float, float]:
+        """(base, per_token): a request of `size` tokens is expected to hold its slot base + per_token * size
+        seconds. (0, 0) before the first request ended."""
+        n = len(self._recent)
+        if not n:
+            return 0.0, 0.0
+        mean_size, mean_held = self._sx / n, self._sy / n
+        spread = self._sxx / n - mean_size * mean_size
+        # Sizes within a token of each other, or times that do not grow with them: the mean for every request.
+        per_token = (self._sxy / n - mean_size * mean_held) / spread if spread > 1.0 else 0.0
+        if per_token <= 0.0:
+            return max(mean_held, 0.0), 0.0
+        return mean_held - per_token * mean_size, per_token
 
 
 class ArrivalRate:
@@ -110,16 +137,22 @@ class Outlook:
     __slots__ = ("_factor", "_left", "_mean")
 
     def __init__(self, pool: Pool, rank: int, now: float, fallback: float | None):
-        mean = self._mean = pool.service.mean or fallback or UNMEASURED_SECONDS
-        overdue = _OVERDUE_SHARE * mean
+        service = pool.service
+        mean = self._mean = service.mean or fallback or UNMEASURED_SECONDS
+        base, per_token = service.fit() if service.mean is not None else (mean, 0.0)
+        floor = _FLOOR_SHARE * mean
         left: list[float] = []  # per slot, the seconds until it frees
         for member in pool.members:
             if member.down:
                 continue
-            frees = [
-                0.0 if job is None or job.slot_taken is None else max(mean - (now - job.slot_taken), overdue)
-                for job in (slot.job for slot in member.slots.slots)
-            ]
+            frees = []
+            for slot in member.slots.slots:
+                job = slot.job
+                if job is None or job.slot_taken is None:
+                    frees.append(0.0)
+                    continue
+                expected = max(base + per_token * job.size, floor)  # its whole time at the slot
+                frees.append(max(expected - (now - job.slot_taken), _OVERDUE_SHARE * expected))
             if rank and member.reserved_high:
                 frees.sort()
                 del frees[: member.reserved_high]  # the first to free go to high requests

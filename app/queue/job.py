@@ -90,6 +90,7 @@ class Job:
         "preemptions",
         "priority",
         "rank",
+        "size",
         "slot",
         "slot_taken",
         "started",
@@ -115,6 +116,7 @@ class Job:
         model: str | None = None,
         affinity: int | None = None,
         choices: int = 1,
+        size: int = 0,
     ):
         self.id = id
         self.kind = kind
@@ -135,6 +137,7 @@ class Job:
         self.waiting_in: object | None = None  # the PriorityQueue this job waits in, if any
         self.waiting_level: object | None = None  # and the level there (the queue's own bookkeeping)
         self.turn_key: object = None  # whose turn it takes in the queue's round robin
+        self.size = size  # max_tokens (its choices generate side by side): what its time at a slot grows with
         self.cost = cost  # tokens charged to the budgets: estimated prompt + max_tokens (0 when none counts tokens)
         self.model = model  # the model asked for, after aliases
         self.affinity = affinity  # the conversation it belongs to (see app.queue.affinity), if its pool cares

@@ -153,13 +153,15 @@ class Scheduler:
         affinity: int | None = None,
         timeout: float | None = None,
         choices: int = 1,
+        size: int = 0,
     ) -> Job:
         """Accept a request for `model`: dispatch it now if a member is free, else queue it; raise if it cannot wait.
 
         `cost` is what the request is charged in tokens when it is dispatched; `key` is its client key's
         account, whose waiting count it joins while it waits; `affinity` names its conversation; `timeout` is
         the client's own limit in seconds, which applies when it is shorter than REQUEST_TIMEOUT; `choices` is
-        its n, which at the local model takes a slot per choice.
+        its n, which at the local model takes a slot per choice; `size` its max_tokens, which its expected
+        time at a slot grows with (app.queue.eta).
         """
         if self.draining:
             self.count_rejection(priority, "shutting_down")
@@ -187,7 +189,9 @@ class Scheduler:
         expected = None if at_once else self._expected_wait(pool, priority, key, lifetime, full, now)
         pool.arrivals[priority.rank].arrived(now)
         deadline = now + lifetime
-        job = Job(request_id, kind, priority, key, now, self._wall_clock(), deadline, cost, model, affinity, choices)
+        job = Job(
+            request_id, kind, priority, key, now, self._wall_clock(), deadline, cost, model, affinity, choices, size
+        )
         job.pool = pool
         job.eta = expected
         self.registry.add(job)
@@ -533,7 +537,7 @@ class Scheduler:
             held = now - job.started - job.parked_for
             self.service.observe(held)
             if job.pool is not None:
-                job.pool.service.observe(held)
+                job.pool.service.observe(held, job.size)
             if completed:
                 member.observe(held)
                 member.series.latency.observe(held)

@@ -102,10 +102,10 @@ class CompletionService:
         members = pool.members
         backend = members[0].backend
         prepared = await backend.prepare(request)
+        size = 0 if request.kind == "embedding" else request.max_tokens or self._default_max_tokens
         cost = 0
         if (key is not None and key.counts_tokens) or any(m.counts_tokens for m in members):
-            generated = 0 if request.kind == "embedding" else request.max_tokens or self._default_max_tokens
-            cost = backend.prompt_tokens(prepared) + request.choices * generated  # each choice may use max_tokens
+            cost = backend.prompt_tokens(prepared) + request.choices * size  # each choice may use max_tokens
         # Replicas (REDIS_URL) keep the keys' budgets in Redis, and the order of the pools they share.
         shared = scheduler.shared
         if key is not None:
@@ -122,7 +122,16 @@ class CompletionService:
         affinity = conversation(request, session) if len(members) > 1 else None
         try:
             job = scheduler.submit(
-                request_id, request.kind, priority, key, cost, request.model, affinity, lifetime, request.choices
+                request_id,
+                request.kind,
+                priority,
+                key,
+                cost,
+                request.model,
+                affinity,
+                lifetime,
+                request.choices,
+                size,
             )
             if job.pool is not None and job.pool.shared and job.state is JobState.QUEUED:
                 assert scheduler.shared is not None

@@ -26,6 +26,41 @@ def test_the_service_time_is_the_mean_of_the_recent_ones() -> None:
     assert samples.mean == pytest.approx(1.0)
 
 
+def test_service_times_that_grow_with_the_size_are_fitted_and_others_take_the_mean() -> None:
+    samples = ServiceSamples()
+    assert samples.fit() == (0.0, 0.0)
+    for size in range(16, 256, 8):  # an LLM's: 20 ms, then 1 ms per token
+        samples.observe(0.02 + 0.001 * size, size)
+    base, per_token = samples.fit()
+    assert base == pytest.approx(0.02) and per_token == pytest.approx(0.001)
+    alike = ServiceSamples()
+    for held in (1.0, 2.0, 3.0):  # one size: nothing to fit, the mean for all
+        alike.observe(held, 64)
+    assert alike.fit() == pytest.approx((2.0, 0.0))
+    shrinking = ServiceSamples()
+    for size in (10, 20, 30):  # longer asks ending sooner is no relation to use
+        shrinking.observe(1.0 / size, size)
+    assert shrinking.fit() == pytest.approx((shrinking.mean, 0.0))
+    for _ in range(200):  # the window forgets: the sums follow what is in it
+        samples.observe(0.5, 100)
+    assert samples.fit() == pytest.approx((0.5, 0.0)) and samples.mean == pytest.approx(0.5)
+
+
+async def test_a_running_request_is_expected_to_take_what_its_size_implies() -> None:
+    s, clock, _ = make(concurrency=2, queue=50)
+    for size in (10, 100, 10, 100):  # 0.1 s per 10 tokens
+        job = s.submit(f"m{size}-{clock.now}", "chat", Priority.NORMAL, None, size=size)
+        clock.advance(size / 100)
+        s.retire(job, None, None)
+    s.submit("long", "chat", Priority.NORMAL, None, size=200)  # expected to hold its slot 2 s
+    s.submit("short", "chat", Priority.NORMAL, None, size=20)  # 0.2 s
+    clock.advance(0.1)
+    waiting = s.submit("waits", "chat", Priority.NORMAL, None, size=50)
+    assert waiting.eta == pytest.approx(0.1)  # the short one frees its slot first, in 0.1 s
+    behind = s.submit("behind", "chat", Priority.NORMAL, None, size=50)
+    assert behind.eta == pytest.approx(1.9)  # then the long one's
+
+
 def test_arrival_rates_decay_with_time() -> None:
     rate = ArrivalRate()
     assert rate.rate(0.0) == 0.0
