@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CMAKE_ARGS="-DGGML_CUDA=on" make serve builds it for an NVIDIA GPU.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: serve test lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet bench-eta bench-replicas bench-batch clean
+.PHONY: serve test system-packages lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet bench-eta bench-replicas bench-batch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ lint: $(VENV)/.test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: system-packages lint
 	$(BIN)/pytest
+
+# promtool, chromium, chromedriver and redis-server, from Debian's packages when missing.
+system-packages:
+	.ci/system-packages
 
 bench-scheduler: $(VENV)/.test
 	$(BIN)/python -m bench.scheduler_bench $(ARGS)
