@@ -36,7 +36,7 @@ def _binary(*names: str) -> str:
         found = shutil.which(name)
         if found:
             return found
-    pytest.fail(f"none of {names} is installed: apt-get install chromium chromium-driver (.ci/run does)")
+    pytest.fail(f"none of {names} is installed: apt-get install chromium chromium-driver (make test does)")
 
 
 @pytest.fixture(scope="module")

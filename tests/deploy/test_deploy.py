@@ -30,7 +30,7 @@ def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
         if os.environ.get("REQUIRE_PROMTOOL"):
-            pytest.fail("promtool is required here (Debian package 'prometheus'); .ci/run installs it")
+            pytest.fail("promtool is required here (Debian package 'prometheus'); make test installs it")
         pytest.skip("promtool not installed (apt-get install prometheus); CI installs it")
     return path
 
