@@ -31,7 +31,7 @@ def promtool() -> str:
     if path is None:
         if os.environ.get("REQUIRE_PROMTOOL"):
             pytest.fail("promtool is required here (Debian package 'prometheus'); make test installs it")
-        pytest.skip("promtool not installed (apt-get install prometheus); CI installs it")
+        pytest.skip("promtool not installed (apt-get install prometheus); make test installs it")
     return path
 
 
@@ -140,7 +140,7 @@ def live_metrics(start_gateway: StartGateway, tmp_path: Path) -> Iterator[str]:
     """/metrics of a replica (sharing a real Redis) that has served, refused and rate-limited some requests,
     so every family has samples, the shared queue's included."""
     if not RedisServer.available():
-        pytest.fail("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+        pytest.fail("redis-server is not installed (Debian: apt-get install redis-server; make test installs it)")
     redis = RedisServer().start()
     try:
         keys = tmp_path / "keys.yaml"

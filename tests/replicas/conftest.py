@@ -12,7 +12,7 @@ from testkit.redis_server import RedisServer
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     if not RedisServer.available():
-        pytest.fail("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+        pytest.fail("redis-server is not installed (Debian: apt-get install redis-server; make test installs it)")
     server = RedisServer().start()
     yield server
     server.stop()
