@@ -2,8 +2,8 @@
 
 The request path only adds to plain integers and bucket arrays (prometheus_client's own Counter and
 Histogram take a lock and scan buckets in Python, several microseconds per request); a collector turns them
-into Prometheus families when the registry is scraped (app.exposition). Everything here runs on the event loop thread,
-scrapes included, so no lock is needed.
+into Prometheus families when the registry is scraped (app.exposition). Everything here runs on the event loop
+thread, scrapes included, so no lock is needed.
 """
 
 from __future__ import annotations
