@@ -6,10 +6,13 @@ once its request has run its expected service time (one past it is expected to e
 pool's mean, or, where the recent times grow with the requests' sizes (the tokens they may generate), the
 time its size implies (ServiceSamples.fit). After that each slot frees once per mean service time. Requests of
 a higher level that arrive meanwhile go ahead too: with `load` = λ * service / slots the share of the slots
-their measured arrival rate λ takes, they stretch the wait by 1 + load + load², the arrivals during the wait
-and those during theirs. The whole series, 1 / (1 - load), is the mean wait, which the long tail of busy
-periods pulls well above the typical one; two terms came closest to the real waits (bench.eta_bench, and a
-simulation of the scheduler on a fake clock).
+their measured arrival rate λ takes, they stretch the wait by 1 / sqrt(1 - load). The whole series of the
+arrivals during the wait and those during theirs, 1 / (1 - load), is the mean wait, which the long tail of
+busy periods pulls well above the typical one; no stretch at all is the wait of a request that no higher one
+overtakes. Their geometric mean came closest to the real waits: against 1 + load + load² (used before), its
+p90 error was lower at every load from 70 to 95 %, whether the sizes explain the latencies or not, and its
+median error lower or level in all but one case (a simulation of the scheduler on a fake clock, then
+bench.eta_bench).
 
 Left out, and so a source of error: budgets that hold dispatch back (the estimate counts slots only), aging
 (a request that rises a level waits less than estimated), and later arrivals of its own level from keys
@@ -163,7 +166,7 @@ class Outlook:
         for level in range(rank):
             higher += pool.arrivals[level].rate(now)
         load = higher * mean / len(left) if left else 0.0
-        self._factor = _OVERLOADED_FACTOR if load >= _MAX_LOAD else 1 + load + load * load
+        self._factor = _OVERLOADED_FACTOR if load >= _MAX_LOAD else 1 / math.sqrt(1 - load)
 
     def wait(self, ahead: int) -> float:
         """Seconds until a request with `ahead` requests before it gets a slot."""

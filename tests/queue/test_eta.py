@@ -3,6 +3,8 @@ higher levels arriving meanwhile, admission by deadline, and the Retry-After the
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from app.errors import DeadlineUnreachable, KeyQueueLimit
@@ -86,10 +88,10 @@ async def test_the_wait_counts_releases_then_rounds_then_higher_arrivals() -> No
     assert outlook.wait(0) == pytest.approx(0.4)  # the first slot to free
     assert outlook.wait(2) == pytest.approx(1.0)
     assert outlook.wait(3) == pytest.approx(1.4)  # a round later
-    # Half the slots' work in high requests comes meanwhile: 1 + 0.5 + 0.25 for a normal request.
+    # High requests arriving meanwhile take a share of the slots' work: 1 / sqrt(1 - share) for a normal request.
     normal = eta.Outlook(pool, 1, clock.now, None)
     share = pool.arrivals[0].rate(clock.now) * 1.0 / 3
-    assert normal.wait(3) == pytest.approx(1.4 * (1 + share + share * share))
+    assert 0 < share < 1 and normal.wait(3) == pytest.approx(1.4 / math.sqrt(1 - share))
     assert eta.place(4, 2.0) == pytest.approx(0.5) and eta.place(4, None) == pytest.approx(0.25)
     for member in pool.members:
         member.slots.slots.clear()  # no slot up (every member down): a mean per request ahead, and its own
@@ -139,7 +141,8 @@ async def test_higher_levels_arriving_stretch_a_low_requests_eta() -> None:
     low = s.submit("low", "chat", Priority.LOW, None)
     high = s.submit("high", "chat", Priority.HIGH, None)
     assert high.eta == pytest.approx(0.5, rel=0.02)  # nothing higher comes ahead of it
-    assert s.eta(low) == pytest.approx(1.75 * (0.5 + 0.5), rel=0.1)  # behind the high one, stretched by 1.75
+    # Behind the high one, stretched by 1 / sqrt(1 - 0.5) for the half of the slot that high requests take.
+    assert s.eta(low) == pytest.approx((0.5 + 0.5) / math.sqrt(0.5), rel=0.1)
 
 
 async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once() -> None:
