@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CMAKE_ARGS="-DGGML_CUDA=on" make serve builds it for an NVIDIA GPU.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: serve test system-packages lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet bench-eta bench-replicas bench-batch clean
+.PHONY: serve test system-packages lint bench-proxy bench-local bench-scheduler bench-limits bench-fleet bench-eta bench-eta-sim bench-replicas bench-batch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-fleet: $(VENV)/.test
 
 bench-eta: $(VENV)/.test
 	$(BIN)/python -m bench.eta_bench $(ARGS)
+
+bench-eta-sim: $(VENV)/.test
+	$(BIN)/python -m bench.eta_sim $(ARGS)
 
 bench-replicas: $(VENV)/.test
 	$(BIN)/python -m bench.replicas_bench $(ARGS)

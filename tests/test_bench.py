@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
 import pytest
 
+from bench.eta_sim import simulate
 from bench.replicas_bench import GrantAudit
 
 
@@ -22,6 +24,7 @@ from bench.replicas_bench import GrantAudit
         "deadline_bench",
         "fleet_bench",
         "eta_bench",
+        "eta_sim",
         "replicas_bench",
         "batch_bench",
     ],
@@ -45,3 +48,12 @@ def test_the_replicas_audit_counts_a_grant_made_while_a_higher_ticket_waited() -
     ):
         audit._see(line.split(" "))
     assert (audit.grants, audit.inversions) == (2, 1)
+
+
+@pytest.mark.anyio
+async def test_the_eta_simulation_drives_the_real_scheduler_to_the_end() -> None:
+    args = argparse.Namespace(requests=2000, load=0.85, sized=True, seed=3)
+    rows = await simulate(args)
+    assert len(rows) > 500  # at 85 % of 4 slots, most requests queue
+    assert all(estimate > 0 and wait >= 0 for _, estimate, wait in rows)
+    assert {priority.value for priority, _, _ in rows} == {"high", "normal", "low"}

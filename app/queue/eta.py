@@ -11,8 +11,8 @@ arrivals during the wait and those during theirs, 1 / (1 - load), is the mean wa
 busy periods pulls well above the typical one; no stretch at all is the wait of a request that no higher one
 overtakes. Their geometric mean came closest to the real waits: against 1 + load + load² (used before), its
 p90 error was lower at every load from 70 to 95 %, whether the sizes explain the latencies or not, and its
-median error lower or level in all but one case (a simulation of the scheduler on a fake clock, then
-bench.eta_bench).
+median error lower or level in all but one case (a model of the queue on a fake clock, then bench.eta_sim,
+the scheduler itself on one, and bench.eta_bench).
 
 Left out, and so a source of error: budgets that hold dispatch back (the estimate counts slots only), aging
 (a request that rises a level waits less than estimated), and later arrivals of its own level from keys
