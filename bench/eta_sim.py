@@ -9,7 +9,9 @@ the slots serve, 20% high, 50% normal, 30% low. Each holds its slot for a servic
 draws its fake upstream's latency: uniform in 0.1-0.3 s, or with --sized an LLM's (max_tokens uniform in
 16-256, 20 ms + 1 ms per token, scaled by a factor in 0.85-1.15). Reported: the relative error of each queued
 request's estimate at arrival (job.eta) against its real wait, median and p90, overall and by priority, after
-the first 10 % of requests (the estimator has measured nothing before).
+the first 10 % of requests (the estimator has measured nothing before); and, as the reference in the same run,
+the same errors of the naive estimate (the requests waiting at its level or above, plus one, times the mean
+service time over the slots), as bench.eta_bench reports it.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ def service_time(rng: random.Random, sized: bool) -> tuple[int, float]:
     return size, (0.02 + 0.001 * size) * rng.uniform(0.85, 1.15)
 
 
-async def simulate(args: argparse.Namespace) -> list[tuple[Priority, float, float]]:
-    """(priority, estimate at arrival, real wait) of every request that queued after the warm-up (in a running
-    event loop, where the scheduler arms its deadline timer: none fires, the deadlines being far off)."""
+Row = tuple[Priority, float, float, float]  # priority, the estimate at arrival, the naive one, the real wait
+
+
+async def simulate(args: argparse.Namespace) -> list[Row]:
+    """A row for every request that queued after the warm-up (in a running event loop, where the scheduler arms
+    its deadline timer: none fires, the deadlines being far off)."""
     rng = random.Random(args.seed)
     clock = FakeClock(0.0)
     scheduler = Scheduler(
@@ -69,14 +74,18 @@ async def simulate(args: argparse.Namespace) -> list[tuple[Priority, float, floa
         for _ in range(args.requests)
     ]
     jobs: dict[int, Job] = {}
+    naive: dict[int, float] = {}
     waiting: set[int] = set()
-    rows = []
+    rows: list[Row] = []
     warmup = args.requests // 10
     while events:
         now, kind, index = heapq.heappop(events)
         clock.now = now
         if kind == 1:
             priority, size, _ = drawn[index]
+            sizes = scheduler.waiting_room.sizes()
+            ahead = sum(sizes[p.value] for p in Priority if p.rank <= priority.rank)
+            naive[index] = (ahead + 1) * mean / SLOTS
             job = jobs[index] = scheduler.submit(str(index), "chat", priority, None, size=size)
             if job.state is JobState.QUEUED:
                 waiting.add(index)
@@ -88,12 +97,13 @@ async def simulate(args: argparse.Namespace) -> list[tuple[Priority, float, floa
             assert job.started is not None
             heapq.heappush(events, (job.started + drawn[started][2], 0, started))
             if job.eta is not None and started >= warmup:
-                rows.append((job.priority, job.eta, job.started - job.arrived))
+                rows.append((job.priority, job.eta, naive[started], job.started - job.arrived))
     return rows
 
 
-def errors(rows: list[tuple[Priority, float, float]]) -> str:
-    values = [abs(estimate - wait) / wait for _, estimate, wait in rows if wait >= 0.001]
+def errors(rows: list[Row], field: int) -> str:
+    """Median and p90 of the relative errors of the estimate in `field` (1: the gateway's, 2: the naive one)."""
+    values = [abs(row[field] - row[3]) / row[3] for row in rows if row[3] >= 0.001]
     return f"n={len(values):6} median error {percentile(values, 50):6.1%}  p90 {percentile(values, 90):6.1%}"
 
 
@@ -105,9 +115,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rows = asyncio.run(simulate(args))
-    print(f"{'all':8} {errors(rows)}")
-    for priority, _ in MIX:
-        print(f"{priority.value:8} {errors([r for r in rows if r[0] is priority])}")
+    for field, label in ((1, "gateway ETA"), (2, "naive reference")):
+        print(f"{label:16} {'all':8} {errors(rows, field)}")
+        for priority, _ in MIX:
+            print(f"{label:16} {priority.value:8} {errors([r for r in rows if r[0] is priority], field)}")
 
 
 if __name__ == "__main__":

@@ -55,5 +55,5 @@ async def test_the_eta_simulation_drives_the_real_scheduler_to_the_end() -> None
     args = argparse.Namespace(requests=2000, load=0.85, sized=True, seed=3)
     rows = await simulate(args)
     assert len(rows) > 500  # at 85 % of 4 slots, most requests queue
-    assert all(estimate > 0 and wait >= 0 for _, estimate, wait in rows)
-    assert {priority.value for priority, _, _ in rows} == {"high", "normal", "low"}
+    assert all(estimate > 0 and naive > 0 and wait >= 0 for _, estimate, naive, wait in rows)
+    assert {row[0].value for row in rows} == {"high", "normal", "low"}
