@@ -34,6 +34,7 @@ from app.queue.member import Member
 from app.queue.scheduler import Scheduler
 from app.replicas import topology
 from app.replicas.budgets import SharedBudgets
+from app.replicas.inbox import INBOX_SECONDS, Inbox
 from app.replicas.lookup import ASK_SECONDS, Lookup
 from app.replicas.store import Store
 from app.replicas.writer import UNREACHABLE, Arg, Command, Writer
@@ -45,7 +46,6 @@ log = logging.getLogger("app.replicas")
 
 _RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)  # between attempts to reach Redis again, the last repeated
 _JOIN_SECONDS = 8.0  # how long an admission waits for a join under way
-_INBOX_SECONDS = 5  # a blocking pop of the inbox returns empty after this long, and is sent again
 
 
 class Coordinator:
@@ -80,7 +80,7 @@ class Coordinator:
         self._blocking = Redis.from_url(
             settings.redis_url,
             decode_responses=True,
-            socket_timeout=max(_INBOX_SECONDS, ASK_SECONDS) + 5.0,
+            socket_timeout=max(INBOX_SECONDS, ASK_SECONDS) + 5.0,
             socket_connect_timeout=2.0,
         )
         self.store = Store(settings.redis_prefix)
@@ -115,6 +115,14 @@ class Coordinator:
             describe,
             lambda: self.available,
         )
+        self.inbox = Inbox(
+            self._blocking,
+            self.store.key("in", self.replica),
+            self._joined,
+            lambda ticket, member: self._granted([ticket, member]),
+            lambda verb, reply, key, request_id: self._spawn(self.lookup.answer(verb, reply, key, request_id)),
+            self._lost,
+        )
 
     # Life -------------------------------------------------------------------------------------------------
 
@@ -123,7 +131,7 @@ class Coordinator:
         it can be reached."""
         self.scheduler.share(self, active=self.mode == "closed", replicas=self.replicas_expected)
         self._tasks = [
-            asyncio.create_task(self._listen(), name="replicas-inbox"),
+            asyncio.create_task(self.inbox.listen(), name="replicas-inbox"),
             asyncio.create_task(self._beat(), name="replicas-heartbeat"),
         ]
         try:
@@ -476,37 +484,6 @@ class Coordinator:
         except CoordinationUnavailable:
             return None
         return self.view
-
-    async def _listen(self) -> None:
-        inbox = self.store.key("in", self.replica)
-        while True:
-            await self._joined.wait()
-            try:
-                popped = await self._blocking.blpop([inbox], timeout=_INBOX_SECONDS)
-                if popped is None:
-                    continue
-                messages = [str(popped[1])]
-                more = await self._blocking.lpop(inbox, 255)
-                if isinstance(more, list):
-                    messages += [str(message) for message in more]
-            except UNREACHABLE as exc:
-                self._lost(exc)
-                continue
-            for message in messages:
-                try:
-                    self._handle(message)
-                except Exception:
-                    log.exception("handling the inbox message %r failed", message)
-
-    def _handle(self, message: str) -> None:
-        verb, _, rest = message.partition("|")
-        if verb == "g":
-            ticket, _, member = rest.rpartition("|")
-            self._granted([ticket, member])
-        elif verb in ("q", "c"):
-            reply, _, named = rest.partition("|")
-            key, _, request_id = named.rpartition("|")  # a key's name may hold a bar; ids never do
-            self._spawn(self.lookup.answer(verb, reply, key, request_id))
 
 
 def _place_seconds(scheduler: Scheduler, job: Job) -> float:
