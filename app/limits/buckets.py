@@ -84,15 +84,21 @@ class LearnedBudget:
     OpenAI and Groq refill continuously, and `reset` is the time until the budget is full again: so it refills
     (limit - remaining) / reset units a second. With the limit known, the budget is a TokenBucket at that
     rate, and one unit goes as each one refills; without it, what is left holds until the reset, all at once.
+
+    Answers can come back in another order than the upstream wrote them, and one written earlier says more is
+    left than one written later. When the budget will be full again (receipt + reset) only moves later as the
+    upstream spends: an answer that says it is full sooner than an answer already read, by half a unit or more,
+    tells of an older state, and may lower what is left but never raise it.
     """
 
-    __slots__ = ("_clock", "_remaining", "_reset_at", "bucket")
+    __slots__ = ("_clock", "_full_at", "_remaining", "_reset_at", "bucket")
 
     def __init__(self, clock: Callable[[], float]):
         self._clock = clock
         self.bucket: TokenBucket | None = None
         self._remaining = 0.0
         self._reset_at = 0.0
+        self._full_at = 0.0  # the latest "full again" an answer told of, with the bucket's limit and rate
 
     def learn(self, remaining: float, reset: float | None, limit: int | None) -> None:
         """The upstream says `remaining` is left, full again in `reset` seconds, of `limit` (each may be None)."""
@@ -108,9 +114,15 @@ class LearnedBudget:
             rate = self.bucket.rate  # full again: the rate learned before still holds
         if rate is None:
             rate = limit / 60.0  # full, and nothing said yet of its pace: per minute, as RPM and TPM are
+        full_at = self._reset_at
         if self.bucket is None or self.bucket.limit != limit or abs(self.bucket.rate - rate) > rate * 0.05:
             self.bucket = TokenBucket(limit, limit / rate, self._clock)
-        self.bucket.set_level(remaining)
+            self._full_at = full_at
+        if full_at < self._full_at - 0.5 / rate:
+            self.bucket.cap(remaining)  # an older state than one already read
+        else:
+            self.bucket.set_level(remaining)
+            self._full_at = max(self._full_at, full_at)
 
     def wait(self, amount: float) -> float:
         """Seconds until `amount` units are there (0: now)."""

@@ -172,6 +172,33 @@ def test_a_learned_budget_with_its_limit_refills_continuously() -> None:
     assert limiter.delay(200) == (pytest.approx(1.0 + GUARD), "upstream_tokens")  # 100 a second come back
 
 
+def test_an_answer_that_comes_back_after_a_later_one_cannot_raise_what_is_left() -> None:
+    clock = FakeClock()
+    limiter = UpstreamLimiter(rpm=None, tpm=None, clock=clock)
+    for _ in range(2):
+        limiter.charge(0)
+
+    def answer(remaining: int) -> None:  # 30 a minute, refilled continuously: full again in (30 - left) * 2 s
+        limiter.learn(
+            parse_budget(
+                {
+                    "x-ratelimit-limit-requests": "30",
+                    "x-ratelimit-remaining-requests": str(remaining),
+                    "x-ratelimit-reset-requests": f"{(30 - remaining) * 2}s",
+                }
+            )
+        )
+        limiter.done(0, None)
+
+    answer(0)  # written second, read first: spent (the other one in flight is discounted too)
+    answer(1)  # written first, read second: it tells of the state before the other's request
+    assert limiter.delay(1)[0] >= 2.0  # still spent: one comes back in 2 s at the earliest, not now
+    limiter.charge(0)
+    clock.advance(8.0)
+    answer(3)  # a later state, read in order: it may raise what is left again
+    assert limiter.delay(1) == (0.0, None)
+
+
 def test_parse_budget_reads_the_limits() -> None:
     budget = parse_budget({"x-ratelimit-limit-requests": "500", "x-ratelimit-limit-tokens": "30000"})
     assert budget.limit_requests == 500 and budget.limit_tokens == 30000 and budget.empty
