@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp
 
 from app import __version__
 from app.api import batches as batch_routes
@@ -38,6 +39,23 @@ from app.schemas import COMPLETION_ROUTES
 from app.settings import Settings
 
 log = logging.getLogger("app.queue")
+
+
+class GatewayApp(FastAPI):
+    """FastAPI with `front`, middleware in front of FastAPI's whole stack.
+
+    FastAPI puts its own middleware (server errors, telemetry, a body limit) outside every one added with
+    add_middleware, and each wraps receive and send for every request: with the completion routes behind
+    them, the proxy path served 0.80x the requests per second of a bare FastAPI pass-through at 32
+    connections (bench.proxy_bench). The completion routes need none of it: they read their services from
+    app.state, limit the body themselves and answer errors through the app's one mapping.
+    """
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.front is None else self.front(stack)
 
 
 def create_app(
@@ -96,7 +114,7 @@ def create_app(
                 await coordinator.aclose()
             await fleet.aclose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="llm-queue-gateway",
         # /v1/queue/status/ answers 404 rather than a redirect built from the client's own Host header.
         redirect_slashes=False,
@@ -142,8 +160,8 @@ def create_app(
     install_error_handlers(app)
     for module in (openai, queue_routes, ops, events, batch_routes):
         app.include_router(module.router)
-    app.add_middleware(openai.CompletionRoutes)  # the completion routes, ahead of FastAPI's stack
-    app.add_middleware(RequestIdMiddleware, ids=ids)  # added last: outermost, so every response carries its id
+    # Outermost the ids, so that every response carries its id; then the completion routes.
+    app.front = lambda stack: RequestIdMiddleware(openai.CompletionRoutes(stack), ids=ids)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

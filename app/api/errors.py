@@ -86,6 +86,9 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every error the app can meet answers in the OpenAI error shape; tracebacks go to the log only."""
 
     async def handler(request: Request, exc: Exception) -> Response:
+        # Starlette's ServerErrorMiddleware raises the error again once this has answered it, for the server to
+        # log; it has been logged here, so RequestIdMiddleware, in front of it, lets this one go.
+        request.state.answered_error = exc
         return error_response(as_gateway_error(exc, request.method, request.url.path))
 
     for family in (GatewayError, RequestValidationError, StarletteHTTPException, ClientDisconnect, Exception):

@@ -92,6 +92,8 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
+            if state.get("answered_error") is exc:
+                return  # answered, and logged, by the app's error handler
             if status:
                 raise  # the response has begun: nothing more can be said to this client
             # A bug of ours: answered here, inside the id's reach, in the OpenAI shape; the traceback is logged.
