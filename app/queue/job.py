@@ -289,6 +289,10 @@ class AbortScope:
             if self._task.uncancel() > 0 and exc_type is asyncio.CancelledError:
                 return  # someone else cancelled the task too: let their cancellation go on
             assert job.error is not None
+            # The error raised here keeps this frame in its traceback: were the CancelledError still one of its
+            # locals, the two would form a cycle that holds the request's frames, and its body, until the
+            # cyclic collector runs.
+            del exc, tb
             raise job.error from None
 
     def cancel(self) -> None:

@@ -182,6 +182,9 @@ class CompletionService:
             raise
         finally:
             self.scheduler.retire(job, error, usage)
+            # The error's traceback holds this frame: without this, frame and error form a cycle that keeps the
+            # request's body alive until the cyclic collector runs.
+            error = None
 
     async def _open(self, admitted: Admitted) -> BackendResponse | BackendStream:
         """Ask the job's member for the answer; what fails before the client saw a byte goes on to another

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import time
+import types
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from testkit.gateway import chat_body, free_port, gateway_process_cwd, gateway_process_env, wait_until
+from testkit.gateway import (
+    RunningGateway,
+    chat_body,
+    free_port,
+    gateway_process_cwd,
+    gateway_process_env,
+    wait_until,
+)
 from testkit.upstream import FakeUpstream
 
 MB = 1_000_000
@@ -78,3 +88,51 @@ def _ready(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _frames_holding_bodies() -> list[str]:
+    """The unreachable frames (cyclic garbage, found by a collection that keeps it) with a large local."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        garbage = list(gc.garbage)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+    return [
+        f"{item.f_code.co_qualname}.{name}"
+        for item in garbage
+        if isinstance(item, types.FrameType)
+        for name, value in item.f_locals.items()
+        if isinstance(value, bytes | str) and len(value) > 100_000
+    ]
+
+
+@pytest.mark.parametrize("ending", ["timed out at the backend", "timed out in the queue", "upstream 500"])
+def test_an_ended_request_leaves_no_cycle_that_holds_its_body(
+    upstream: FakeUpstream, start_gateway: Callable[..., RunningGateway], ending: str
+) -> None:
+    """A failed request's frames are freed when it ends, not at the next run of the cyclic collector (which may
+    be long in coming while the gateway idles: RSS then counted the bodies of the last failures)."""
+    gateway = start_gateway(
+        MAX_CONCURRENT_REQUESTS=1,
+        REQUEST_TIMEOUT=0.3,
+        DEADLINE_ADMISSION=False,
+        UPSTREAM_MAX_RETRIES=0,
+        BREAKER_FAILURE_THRESHOLD=0,
+    )
+    url = gateway.url + "/v1/chat/completions"
+    upstream.behavior.hang = ending != "upstream 500"
+    upstream.behavior.status = 500 if ending == "upstream 500" else None
+    gc.collect()
+    gc.disable()
+    try:
+        body = chat_body("x" * (2 * MB))
+        count = 2 if ending == "timed out in the queue" else 1  # the second waits behind the first, and times out
+        with ThreadPoolExecutor(count) as pool:
+            statuses = list(pool.map(lambda _: httpx.post(url, json=body, timeout=30).status_code, range(count)))
+        assert statuses == [502 if ending == "upstream 500" else 408] * count
+        assert wait_until(lambda: gateway.scheduler.in_flight == 0, timeout=5)
+        assert gateway.call(_frames_holding_bodies) == []
+    finally:
+        gc.enable()
