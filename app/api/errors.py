@@ -87,7 +87,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def handler(request: Request, exc: Exception) -> Response:
         # Starlette's ServerErrorMiddleware raises the error again once this has answered it, for the server to
-        # log; it has been logged here, so RequestIdMiddleware, in front of it, lets this one go.
+        # log; it has been logged here, so RequestIdMiddleware, in front of it, lets this one go (and drops it).
         request.state.answered_error = exc
         return error_response(as_gateway_error(exc, request.method, request.url.path))
 

@@ -92,7 +92,7 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            if state.get("answered_error") is exc:
+            if state.pop("answered_error", None) is exc:
                 return  # answered, and logged, by the app's error handler
             if status:
                 raise  # the response has begun: nothing more can be said to this client
