@@ -320,7 +320,18 @@ def main() -> None:
 # backend.
 _PROFILE_PARTS = {
     "scheduler": tuple(
-        f"app/queue/{name}.py" for name in ("scheduler", "priority_queue", "gate", "deadlines", "aging", "slots", "job")
+        f"app/queue/{name}.py"
+        for name in (
+            "scheduler",
+            "admission",
+            "dispatcher",
+            "priority_queue",
+            "gate",
+            "deadlines",
+            "aging",
+            "slots",
+            "job",
+        )
     ),
     "service": ("app/queue/service.py",),
     "api": ("app/api/",),

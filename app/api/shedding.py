@@ -112,7 +112,7 @@ class QueueFullShedder:
         priority = shed.priority or _body_priority(shed.body) or self._default
         if shed.key is not None:
             priority = shed.key.allowed_priority(priority)
-        error = self._scheduler.refuse_full(priority)
+        error = self._scheduler.admission.full_refusal(priority)
         log = access_logger(shed.path)
         if log is not None:
             write_access_line(

@@ -1,16 +1,25 @@
 """The refusals a new request may meet before it waits: each check returns the error that refuses it, or None.
 
-The scheduler runs them at submit (app.queue.scheduler) and counts each refusal it raises; the replicas'
-shared queue (app.replicas) builds the same errors from the verdict of its script, so a client reads one
-message whichever replica refused it.
+Admission runs them when the scheduler submits a request (app.queue.scheduler), and counts each refusal it
+raises; the replicas' shared queue (app.replicas) builds the same errors from the verdict of its script, so a
+client reads one message whichever replica refused it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from app.errors import BreakerOpen, Conflict, DeadlineUnreachable, InvalidRequest, KeyQueueLimit, QueueFull
 from app.limits.keys import KeyAccount
+from app.metrics import Metrics
 from app.queue import eta
+from app.queue.job import Totals
 from app.queue.pool import Pool
+from app.queue.registry import Registry
+from app.queue.service_time import ServiceTime
+from app.queue.waiting import WaitingRoom
+from app.settings import QueueFullBehavior
+from app.types import Priority
 
 
 def too_wide(pool: Pool, rank: int, choices: int) -> InvalidRequest | None:
@@ -79,3 +88,106 @@ def lifetime(request_timeout: float, timeout: float | None, batch: bool) -> floa
     if batch and timeout is not None:
         return timeout
     return request_timeout if timeout is None else min(timeout, request_timeout)
+
+
+class Admission:
+    """Whether a new request may wait, and how long it is told it will: the checks above, in their order, each
+    refusal counted (metrics.REJECTION_REASONS)."""
+
+    __slots__ = (
+        "_clock",
+        "_metrics",
+        "_registry",
+        "_room",
+        "_service",
+        "_totals",
+        "deadline_admission",
+        "full_behavior",
+    )
+
+    def __init__(
+        self,
+        room: WaitingRoom,
+        registry: Registry,
+        service: ServiceTime,
+        totals: Totals,
+        metrics: Metrics,
+        *,
+        full_behavior: QueueFullBehavior,
+        deadline_admission: bool,
+        clock: Callable[[], float],
+    ):
+        self._room = room
+        self._registry = registry
+        self._service = service
+        self._totals = totals
+        self._metrics = metrics
+        self.full_behavior = full_behavior
+        # Refuse at once (503 deadline_unreachable) a request whose estimated wait exceeds its deadline.
+        self.deadline_admission = deadline_admission
+        self._clock = clock
+
+    def check(self, pool: Pool, request_id: str, priority: Priority, key: KeyAccount | None, choices: int) -> bool:
+        """Raise the error that refuses a new request for `pool`; else whether it finds the queue full (and is to
+        wait for space, QUEUE_FULL_BEHAVIOR=wait)."""
+        refusal = too_wide(pool, priority.rank, choices)
+        if refusal is not None:
+            raise refusal
+        breaker = breaker_refusal(pool)
+        if breaker is not None:
+            self.count(priority, "breaker_open")
+            raise breaker
+        if self._registry.is_live(key.name if key is not None else None, request_id):
+            raise duplicate_id(request_id)
+        # A batch line waits behind every interactive request, for as long as its batch's window allows. (The
+        # size compared first: full() counts the lines only when that says full, not on every request.)
+        room = self._room
+        full = priority is not Priority.BATCH and room.in_queue >= room.capacity and room.full()
+        if full and (self.full_behavior is QueueFullBehavior.REJECT or pool.shared):
+            raise self.full_refusal(priority)
+        return full
+
+    def expected_wait(
+        self, pool: Pool, priority: Priority, key: KeyAccount | None, lifetime: float, full: bool, now: float
+    ) -> float:
+        """The wait of a request that is to queue: raise if its key has too many waiting, or if it would wait
+        past its deadline (DEADLINE_ADMISSION)."""
+        rank = priority.rank
+        average = self._service.average
+        if key is not None and key.queue_full():
+            self.count(priority, "key_queue_limit")
+            raise key_queue_limit(key, eta.pool_wait(pool, 0, rank, now, average))
+        ahead = self._room.ahead_of_new(pool, rank, key.name if key is not None else None, full)
+        expected = eta.pool_wait(pool, ahead, rank, now, average)
+        unreachable = deadline_unreachable(pool, expected, lifetime, average) if self.deadline_admission else None
+        if unreachable is not None:
+            self.count(priority, "deadline_unreachable")
+            raise unreachable
+        return expected
+
+    def sheds(self) -> bool:
+        """Whether a new request would now be refused for a full queue, and for nothing that comes first.
+
+        The HTTP layer asks this before it does any work for a completion: under a flood of requests past
+        capacity, refusing each must cost little, or the flood starves the requests being served.
+        """
+        room = self._room
+        return (
+            room.in_queue >= room.capacity
+            and room.full()
+            and self.full_behavior is QueueFullBehavior.REJECT
+            and all(breaker_refusal(pool) is None for pool in room.pools)
+        )
+
+    def full_refusal(self, priority: Priority) -> QueueFull:
+        """Count a request refused for a full queue, and the error that tells it when to come back."""
+        self.count(priority, "queue_full")
+        service = self._service
+        retry_after = service.appointment(self._clock(), eta.place(service.slots, service.average))
+        return queue_full(f"{self._room.in_queue} requests waiting", retry_after)
+
+    def count(self, priority: Priority, reason: str) -> None:
+        """A request was refused before queueing, for one of metrics.REJECTION_REASONS."""
+        self._totals.rejected += 1
+        self._metrics.finished(priority, "rejected", None)
+        self._metrics.rejected(reason)

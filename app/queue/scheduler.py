@@ -1,9 +1,10 @@
-"""The bounded priority queue in front of the backends: admission, order, dispatch, and each request's end.
+"""The bounded priority queue in front of the backends: a request's life, from its admission to its end.
 
 Requests wait in the pool of their model (app.queue.pool), one priority queue per pool, so a model whose
 backends are busy never delays another; MAX_QUEUE_SIZE bounds them all together (app.queue.waiting holds the
-queues and the overflow behind them; app.queue.roster the members and their pools). A freed slot goes to the
-best head among the pools its member serves.
+queues and the overflow behind them; app.queue.roster the members and their pools). The scheduler owns each
+request's life: app.queue.admission decides whether it may wait, app.queue.dispatcher moves it onto a slot
+(the best head among the pools a freed slot's member serves) and off again, and retire() ends it.
 
 The event loop is the one owner of this state: every method runs to completion without awaiting, so no
 lock is needed and nothing polls. Dispatch happens the moment a slot frees or a request arrives.
@@ -17,24 +18,19 @@ import time
 from collections.abc import Callable, Mapping
 
 from app.backends.base import Usage
-from app.errors import (
-    BreakerOpen,
-    GatewayError,
-    QueueFull,
-    RequestTimeout,
-    ShuttingDown,
-    UpstreamUnavailable,
-)
+from app.errors import GatewayError, RequestTimeout, ShuttingDown
 from app.limits.breaker import BreakerState
 from app.limits.keys import KeyAccount
 from app.metrics import Metrics
 from app.queue import admission, eta, preemption
+from app.queue.admission import Admission
 from app.queue.aging import Aging
 from app.queue.deadlines import Deadlines
+from app.queue.dispatcher import Dispatcher
 from app.queue.gate import DispatchGate
 from app.queue.job import Job, Totals, terminal_state
 from app.queue.member import Member
-from app.queue.pool import Pool, Routing
+from app.queue.pool import Routing
 from app.queue.registry import Registry
 from app.queue.roster import Roster
 from app.queue.service_time import ServiceTime
@@ -75,14 +71,6 @@ class Scheduler:
         wall_clock: Callable[[], float] = time.time,
     ):
         self.request_timeout = request_timeout
-        self.full_behavior = full_behavior
-        # A waiting request whose remaining time is under this many average service times is answered 408
-        # instead of dispatched: it would most likely be cut off at its timeout, its upstream work wasted.
-        self.dispatch_margin = dispatch_margin
-        # Refuse at once (503 deadline_unreachable) a request whose estimated wait exceeds its deadline.
-        self.deadline_admission = deadline_admission
-        # A running request may be parked this many times for high-priority ones (members with parking room).
-        self.preempt_max = preempt_max
         self.totals = Totals()
         self.draining = False
         self.service = ServiceTime(1)  # how long a request holds a slot, and the waits it implies
@@ -94,6 +82,26 @@ class Scheduler:
         aging = Aging(aging_seconds, len(INTERACTIVE)) if aging_seconds else None
         self.waiting_room = WaitingRoom(max_queue_size, aging, clock)  # where requests wait
         self.registry = Registry(history_size)  # the requests known by id, live and ended
+        self.admission = Admission(
+            self.waiting_room,
+            self.registry,
+            self.service,
+            self.totals,
+            metrics,
+            full_behavior=full_behavior,
+            deadline_admission=deadline_admission,
+            clock=clock,
+        )
+        self.dispatcher = Dispatcher(
+            self.roster,
+            self.waiting_room,
+            self.service,
+            self.timeline,
+            metrics,
+            dispatch_margin=dispatch_margin,
+            preempt_max=preempt_max,
+            clock=clock,
+        )
         self._deadlines = Deadlines(clock, self._expire)
         # REDIS_URL: the replicas' shared queue, and whether it dispatches now (else this replica serves alone).
         self.shared: SharedQueue | None = None
@@ -109,7 +117,7 @@ class Scheduler:
         """
         roster = self.roster
         for pool in roster.replace(members, aliases):
-            self._close_pool(pool)
+            self.dispatcher.close_pool(pool)
         self.waiting_room.serve(roster.pool_list)
         self.service.slots = max(1, sum(member.max_concurrent for member in members))
         self._mark_shared()
@@ -133,14 +141,7 @@ class Scheduler:
         for pool in self.roster.pool_list:
             pool.shared = self.sharing and all(member.kind == "proxy" for member in pool.members)
 
-    def _close_pool(self, pool: Pool) -> None:
-        waiting = self.waiting_room.jobs(pool)
-        for job in waiting:
-            self.abort(job, UpstreamUnavailable(f"no backend serves {pool.model!r} any more", retry_after=5.0))
-        if waiting:
-            log.warning("no backend serves %r any more: %d waiting requests answered 503", pool.model, len(waiting))
-
-    # Admission and dispatch -----------------------------------------------------------------------------
+    # Admission and dispatch ------------------------------------------------------------------------------
 
     def submit(
         self,
@@ -164,29 +165,15 @@ class Scheduler:
         time at a slot grows with (app.queue.eta).
         """
         if self.draining:
-            self.count_rejection(priority, "shutting_down")
+            self.admission.count(priority, "shutting_down")
             raise ShuttingDown()
         pool = self.roster.pool_for(model)
-        too_wide = admission.too_wide(pool, priority.rank, choices)
-        if too_wide is not None:
-            raise too_wide
-        refusal = admission.breaker_refusal(pool)
-        if refusal is not None:
-            self.count_rejection(priority, "breaker_open")
-            raise refusal
-        if self.registry.is_live(key.name if key is not None else None, request_id):
-            raise admission.duplicate_id(request_id)
-        # A batch line waits behind every interactive request, for as long as its batch's window allows. (The
-        # size compared first: full() counts the lines only when that says full, not on every request.)
-        batch = priority is Priority.BATCH
+        full = self.admission.check(pool, request_id, priority, key, choices)
         room = self.waiting_room
-        full = not batch and room.in_queue >= room.capacity and room.full()
-        if full and (self.full_behavior is QueueFullBehavior.REJECT or pool.shared):
-            raise self.refuse_full(priority)
         now = self.clock()
         at_once = not pool.shared and not pool.queue.size and pool.has_room(priority.rank, choices)
-        lifetime = admission.lifetime(self.request_timeout, timeout, batch)
-        expected = None if at_once else self._expected_wait(pool, priority, key, lifetime, full, now)
+        lifetime = admission.lifetime(self.request_timeout, timeout, priority is Priority.BATCH)
+        expected = None if at_once else self.admission.expected_wait(pool, priority, key, lifetime, full, now)
         pool.arrivals[priority.rank].arrived(now)
         deadline = now + lifetime
         job = Job(
@@ -201,7 +188,7 @@ class Scheduler:
             # A fleet of one: has_room() found its slot free and its gate idle. Several: routing picks.
             member = pool.members[0] if len(pool.members) == 1 else pool.choose(job, now, self.dispatch)
             if member is not None:
-                self._start(job, member, now)
+                self.dispatcher.start(job, member, now)
                 return job
         if key is not None:
             key.joined()
@@ -212,140 +199,19 @@ class Scheduler:
             if pool.shared:
                 return job  # its ticket goes to the shared queue next (see refused() and granted())
             if pool.has_free_slot():
-                self._dispatch(now)  # only a gate holds a request back from a free slot: it arms its timer
-            elif not job.rank and self.preempt_max and pool.preemptive:
-                self._dispatch(now)  # every slot is busy: lower-priority work may give its slot up
+                self.dispatcher.run(now)  # only a gate holds a request back from a free slot: it arms its timer
+            elif not job.rank and self.dispatcher.preempt_max and pool.preemptive:
+                self.dispatcher.run(now)  # every slot is busy: lower-priority work may give its slot up
         return job
 
-    def _expected_wait(
-        self, pool: Pool, priority: Priority, key: KeyAccount | None, lifetime: float, full: bool, now: float
-    ) -> float:
-        """The wait of a request that is to queue: raise if its key has too many waiting, or if it would wait
-        past its deadline (DEADLINE_ADMISSION)."""
-        rank = priority.rank
-        key_name = key.name if key is not None else None
-        average = self.service.average
-        if key is not None and key.queue_full():
-            self.count_rejection(priority, "key_queue_limit")
-            raise admission.key_queue_limit(key, eta.pool_wait(pool, 0, rank, now, average))
-        ahead = self.waiting_room.ahead_of_new(pool, rank, key_name, full)
-        expected = eta.pool_wait(pool, ahead, rank, now, average)
-        unreachable = (
-            admission.deadline_unreachable(pool, expected, lifetime, average) if self.deadline_admission else None
-        )
-        if unreachable is not None:
-            self.count_rejection(priority, "deadline_unreachable")
-            raise unreachable
-        return expected
-
     def sheds(self) -> bool:
-        """Whether a new request would now be refused for a full queue, and for nothing that comes first.
-
-        The HTTP layer asks this before it does any work for a completion: under a flood of requests past
-        capacity, refusing each must cost little, or the flood starves the requests being served.
-        """
-        room = self.waiting_room
-        return (
-            room.in_queue >= room.capacity
-            and room.full()
-            and self.full_behavior is QueueFullBehavior.REJECT
-            and not self.draining
-            and all(admission.breaker_refusal(pool) is None for pool in room.pools)
-        )
-
-    def refuse_full(self, priority: Priority) -> QueueFull:
-        """Count a request refused for a full queue, and the error that tells it when to come back."""
-        self.count_rejection(priority, "queue_full")
-        retry_after = self.service.appointment(self.clock(), eta.place(self.service.slots, self.service.average))
-        return admission.queue_full(f"{self.waiting_room.in_queue} requests waiting", retry_after)
-
-    def count_rejection(self, priority: Priority, reason: str) -> None:
-        """A request was refused before queueing, for one of metrics.REJECTION_REASONS."""
-        self.totals.rejected += 1
-        self._metrics.finished(priority, "rejected", None)
-        self._metrics.rejected(reason)
-
-    def _start(self, job: Job, member: Member, now: float) -> None:
-        job.slot = member.slots.take(job)
-        extra = member.slots_for(job.choices) - 1
-        if extra:
-            job.extra_slots = tuple(member.slots.take(job) for _ in range(extra))
-        job.member = member
-        job.started = job.slot_taken = now
-        job.mark_dispatched()
-        member.series.dispatched += 1
-        assert job.pool is not None
-        self._metrics.dispatched(job.pool.model, job.priority, now - job.arrived)
-        self.timeline.waits.append(now - job.arrived)
-        if member.gate is not None:
-            member.gate.dispatched(job)
+        """Whether a new request would now be refused for a full queue, and for nothing that comes first
+        (Admission.sheds)."""
+        return not self.draining and self.admission.sheds()
 
     def dispatch(self) -> None:
-        """Dispatch what the slots and the gates allow now (a gate's hold timer calls this)."""
-        self._dispatch(self.clock())
-
-    def _dispatch(self, now: float) -> None:
-        """Fill idle slots from the pools as far as the gates allow, refilling the queue from the overflow."""
-        room = self.waiting_room
-        room.promote(now)
-        while True:
-            self._fill(now)
-            if not room.admit_overflow(now):
-                return
-
-    def _fill(self, now: float) -> None:
-        pools = self.roster.pool_list
-        if len(pools) == 1:
-            pool = pools[0]
-            if pool.shared:
-                return
-            members = pool.members
-            if len(members) == 1:  # a fleet of one: the hot path, which asks no more once its slots are taken
-                member = members[0]
-                idle = member.slots.idle
-                while (idle or member.parking) and self._dispatch_head(pool, now):
-                    pass
-            else:
-                while self._dispatch_head(pool, now):
-                    pass
-            if not pool.queue.size:
-                for member in pool.members:
-                    if member.gate is not None:
-                        member.gate.release(now)
-            return
-        # Pools that share a member compete for its slots: the best head of all goes first, as in one queue.
-        waiting = [pool for pool in pools if pool.queue.size and not pool.shared]
-        while waiting:
-            pool = min(waiting, key=_head_order)
-            if not self._dispatch_head(pool, now) or not pool.queue.size:
-                waiting.remove(pool)
-        for member, served in self.roster.member_pools.items():
-            if member.gate is not None and member.gate.held_by is not None and not any(p.queue.size for p in served):
-                member.gate.release(now)
-
-    def _dispatch_head(self, pool: Pool, now: float) -> bool:
-        """Dispatch (or answer 408) the head of `pool`; False if it stays where it is."""
-        job = pool.queue.peek()
-        if job is None:
-            return False
-        if self._too_late(job, now):
-            return True
-        member = pool.choose(job, now, self.dispatch)
-        if member is None:
-            if job.rank or job.parked or not self.preempt_max:
-                return False
-            while member is None and self._preempt(pool, now):  # a request of n choices may need several
-                member = pool.choose(job, now, self.dispatch)
-            if member is None:
-                return False
-        pool.queue.pop()
-        if job.key is not None:
-            job.key.left()
-        if job.parked:
-            preemption.resume(job, member, now)
-        else:
-            self._start(job, member, now)
-        return True
+        """Dispatch what the slots and the gates allow now (Dispatcher.dispatch)."""
+        self.dispatcher.dispatch()
 
     def granted(self, job: Job, member_name: str) -> bool:
         """The shared queue gave `job` a slot at the member of that name: dispatch it there; False if it no
@@ -357,23 +223,23 @@ class Scheduler:
             log.warning("request %s was granted a slot at %s, which has none free here", job.id, member_name)
             return False
         now = self.clock()
-        if self._too_late(job, now):
+        if self.dispatcher.too_late(job, now):
             return False  # answered 408 (DISPATCH_MARGIN): the slot goes to the next
-        self._unqueue(job)
-        self._start(job, member, now)
+        self.dispatcher.unqueue(job)
+        self.dispatcher.start(job, member, now)
         return True
 
     def refused(self, job: Job, error: GatewayError, reason: str) -> None:
         """The shared queue refused `job` (a full queue, its key's max_queued, an id live elsewhere): it was
         never accepted, so it leaves no trace but the rejection (`reason`, one of metrics.REJECTION_REASONS)."""
-        self._unqueue(job)
+        self.dispatcher.unqueue(job)
         if job.watched:
             self._deadlines.discard(job)
         self.registry.drop(job)
         self.totals.queued -= 1
         job.error = error
         job.mark_finished(terminal_state(error), self.clock())
-        self.count_rejection(job.priority, reason)
+        self.admission.count(job.priority, reason)
 
     def abort_shared(self, error: GatewayError) -> int:
         """Answer `error` to every request waiting for a shared pool (its queue is out of reach); how many."""
@@ -386,45 +252,6 @@ class Scheduler:
         """`member`'s upstream asked for a pause: the other replicas hold their requests for it too."""
         if self.shared is not None and member.kind == "proxy":
             self.shared.pause(member, seconds)
-
-    def _preempt(self, pool: Pool, now: float) -> bool:
-        """Park a running request for the high-priority head of `pool` (app.queue.preemption); False if none
-        may give its slot up."""
-        victim = preemption.victim(pool, self.preempt_max)
-        if victim is None:
-            return False
-        preemption.park(victim, now)
-        if victim.key is not None:
-            victim.key.joined()
-        self.waiting_room.enqueue(victim, now, first=True)  # the head of its level: it resumes before what waited there
-        self._metrics.preempted(victim.priority)
-        assert victim.member is not None
-        log.info(
-            "request %s parked at %s for a high-priority request (%d)",
-            victim.id,
-            victim.member.name,
-            victim.preemptions,
-        )
-        return True
-
-    def _too_late(self, job: Job, now: float) -> bool:
-        """Answer 408 now, and True, if the job's remaining time is too short for a likely service time."""
-        expected = self.service.average
-        if not self.dispatch_margin or expected is None or job.parked:
-            return False
-        left = job.deadline - now
-        if left >= self.dispatch_margin * expected:
-            return False
-        self._metrics.timed_out_before_dispatch()
-        lifetime = job.deadline - job.arrived
-        self.abort(
-            job,
-            RequestTimeout(
-                f"request timed out after {lifetime:g}s (in the queue): {max(left, 0):.2f}s were left, "
-                f"and a request takes about {expected:.2f}s at the backend"
-            ),
-        )
-        return True
 
     def reroute(self, job: Job, error: GatewayError, retry: bool = True) -> bool:
         """A request failed at its member before its client saw a byte: send it back to wait for another.
@@ -443,20 +270,11 @@ class Scheduler:
         member.series.errors += 1
         member.series.failovers += 1
         now = self.clock()
-        self._give_back(job, member, False)
-        if member.gate is not None:
-            member.gate.ended(job, None)
-        job.avoid = member
-        job.member = None
-        job.started = None
-        job.mark_requeued()
-        if job.key is not None:
-            job.key.joined()
-        self.waiting_room.enqueue(job, now, first=True)
+        self.dispatcher.requeue(job, member, now)
         if pool.shared and self.shared is not None:
             self.shared.requeue(job, member)
         self.roster.check_retired(member)
-        self._dispatch(now)
+        self.dispatcher.run(now)
         return True
 
     def breaker_changed(self, state: BreakerState) -> None:
@@ -471,38 +289,13 @@ class Scheduler:
             return
         if member.gate is not None and member.gate.breaker is not None:
             self.paused(member, member.gate.breaker.retry_after())
-        for pool in self.roster.member_pools.get(member, ()):
-            if not pool.all_down():
-                continue
-            # Nothing that waits can run before a cooldown ends: tell it now rather than at its timeout.
-            refusal = admission.breaker_refusal(pool)
-            retry_after = refusal.retry_after if refusal is not None else 1.0
-            waiting = self.waiting_room.jobs(pool)
-            for job in waiting:
-                self.abort(
-                    job,
-                    BreakerOpen(f"the upstream is failing; retry in {retry_after:.1f}s", retry_after=retry_after),
-                )
-            if waiting:
-                log.warning("circuit breaker open: %d waiting requests answered 503", len(waiting))
+        self.dispatcher.member_down(member)
 
     # Ending -----------------------------------------------------------------------------------------------
 
     def abort(self, job: Job, error: GatewayError) -> bool:
-        """Stop a request for `error`, wherever it is; False if it had already ended.
-
-        A waiting request leaves the queue at once; its handler wakes with `error` and retires it. A running
-        one is interrupted inside its abort scope, and retired when its handler lets go.
-        """
-        if job.is_terminal:
-            return False
-        job.interrupt(error)
-        self._unqueue(job)
-        return True
-
-    def _unqueue(self, job: Job) -> None:
-        if self.waiting_room.remove(job) and job.key is not None:
-            job.key.left()
+        """Stop a request for `error`, wherever it is; False if it had already ended (Dispatcher.abort)."""
+        return self.dispatcher.abort(job, error)
 
     def retire(self, job: Job, error: GatewayError | None, usage: Usage | None) -> None:
         """End a request: record how it ended, free what it held, settle its budgets, dispatch the next.
@@ -514,7 +307,7 @@ class Scheduler:
         state = terminal_state(error)
         if job.watched:
             self._deadlines.discard(job)
-        self._unqueue(job)
+        self.dispatcher.unqueue(job)
         used = None if usage is None else usage.total_tokens
         if job.key is not None and job.cost:
             spent = 0 if job.started is None else used
@@ -533,7 +326,7 @@ class Scheduler:
         if slot is not None:
             assert member is not None and job.started is not None
             completed = state is JobState.COMPLETED
-            self._give_back(job, member, completed)
+            self.dispatcher.give_back(job, member, completed)
             held = now - job.started - job.parked_for
             self.service.observe(held)
             if job.pool is not None:
@@ -552,15 +345,7 @@ class Scheduler:
         self.registry.ended(job)
         if job.ticket is not None and self.shared is not None:
             self.shared.finished(job, used)
-        self._dispatch(now)
-
-    def _give_back(self, job: Job, member: Member, ok: bool) -> None:
-        """Return the slots a request held at `member` (counted as processed if `ok`, as errors if not)."""
-        assert job.slot is not None
-        member.slots.give(job.slot, ok)
-        for slot in job.extra_slots:
-            member.slots.give(slot, ok)
-        job.slot, job.extra_slots = None, ()
+        self.dispatcher.run(now)
 
     def _expire(self, job: Job) -> None:
         where = "in the queue" if job.started is None else "at the backend"
@@ -607,9 +392,3 @@ class Scheduler:
         return (
             None if place is None else eta.pool_wait(job.pool, place - 1, job.rank, self.clock(), self.service.average)
         )
-
-
-def _head_order(pool: Pool) -> tuple[int, float]:
-    head = pool.queue.peek()
-    assert head is not None
-    return head.rank, head.arrived

@@ -115,7 +115,7 @@ class CompletionService:
                 else:
                     key.spend(cost)
             except GatewayError as exc:
-                scheduler.count_rejection(
+                scheduler.admission.count(
                     priority, "key_rate_limit" if exc.status_code == 429 else "coordination_unavailable"
                 )
                 raise

@@ -161,7 +161,7 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once() -> None:
     assert sample(registry, "gateway_rejections_total", reason="deadline_unreachable") == 1
     assert s.submit("in-time", "chat", Priority.NORMAL, None, timeout=2.5).state is JobState.QUEUED
     assert s.submit("high", "chat", Priority.HIGH, None, timeout=1.5).state is JobState.QUEUED  # goes first
-    s.deadline_admission = False
+    s.admission.deadline_admission = False
     assert s.submit("tries", "chat", Priority.NORMAL, None, timeout=0.5).state is JobState.QUEUED
 
 
