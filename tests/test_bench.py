@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import random
 
 import pytest
 
-from bench.eta_sim import simulate
+from bench.eta_sim import covered, future_wait, least_error, simulate
 from bench.replicas_bench import GrantAudit
 
 
@@ -53,7 +54,30 @@ def test_the_replicas_audit_counts_a_grant_made_while_a_higher_ticket_waited() -
 @pytest.mark.anyio
 async def test_the_eta_simulation_drives_the_real_scheduler_to_the_end() -> None:
     args = argparse.Namespace(requests=2000, load=0.85, sized=True, seed=3)
-    rows = await simulate(args)
+    args.futures, args.bound_every = 20, 50
+    rows, futures = await simulate(args)
     assert len(rows) > 500  # at 85 % of 4 slots, most requests queue
     assert all(estimate > 0 and naive > 0 and wait >= 0 for _, estimate, naive, wait in rows)
     assert {row[0].value for row in rows} == {"high", "normal", "low"}
+    assert len(futures) > 10 and all(waits == sorted(waits) and waits[0] >= 0.001 for _, waits in futures)
+    assert 0.0 < least_error([waits for _, waits in futures], 0.5) < least_error([w for _, w in futures], 0.9)
+
+
+def test_the_eta_bound_counts_what_one_estimate_can_fall_near() -> None:
+    assert covered([1.0, 1.0, 1.0], 0.01) == 1.0
+    assert covered([1.0, 3.0], 0.5) == 1.0  # an estimate of 1.5 is within 50 % of both
+    assert covered([1.0, 3.0], 0.4) == 0.5
+    assert covered([1.0, 100.0], 1.0) == 1.0  # an estimate of 0 is 100 % off every wait
+    # Half the requests certain to wait 1 s, half spread over 1-1000 s: the median error is 0, the p90 is not.
+    futures = [[1.0] * 10] * 5 + [[10.0**k for k in range(4)]] * 5
+    assert least_error(futures, 0.5) < 0.001
+    assert least_error(futures, 0.9) > 0.8
+
+
+def test_a_drawn_future_serves_strict_priority_in_order() -> None:
+    rng = random.Random(1)
+    almost_done = [(8, 0.299)] * 4  # four busy slots about to free (service times are 0.1-0.3 s)
+    for _ in range(50):
+        assert future_wait(rng, almost_done, [[]], 0, 1e-9, sized=False) <= 0.001
+        # Four ahead at its own level take the four slots; its own frees 0.1-0.3 s later.
+        assert 0.1 <= future_wait(rng, almost_done, [[8], [8, 8, 8]], 1, 1e-9, sized=False) <= 0.301
