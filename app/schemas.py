@@ -7,6 +7,7 @@ client's bytes untouched, so new OpenAI parameters keep working and the proxy pa
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,10 +50,6 @@ class CompletionRequest:
     def choices(self) -> int:
         """The choices of its answer: n for each prompt."""
         return self.n * self.prompts
-
-    def served_at(self, priority: Priority) -> CompletionRequest:
-        """The same request, with the priority it is served at (the local model reports it as its tier)."""
-        return dataclasses.replace(self, priority=priority)
 
     def for_model(self, model: str) -> CompletionRequest:
         """The same request for `model`, the name its backend serves (an alias resolved)."""
@@ -184,13 +181,22 @@ def _check_embedding(payload: dict[str, Any]) -> None:
     _optional_int(payload, "dimensions", 1)
 
 
+PriorityOf = Callable[[Priority | None, str | None], Priority]  # (the body's priority, its tier) -> served at
+
+
 def parse_completion_request(
-    raw: bytes, kind: CompletionKind, max_tokens_limit: int | None = None, forward_service_tier: bool = False
+    raw: bytes,
+    kind: CompletionKind,
+    max_tokens_limit: int | None = None,
+    forward_service_tier: bool = False,
+    priority_of: PriorityOf | None = None,
 ) -> CompletionRequest:
     """Check the fields the gateway relies on; any other field is the backend's business.
 
     `max_tokens_limit` (MAX_TOKENS_LIMIT) bounds max_tokens and max_completion_tokens. `service_tier` is read
     for the queue, and taken out of what goes upstream unless `forward_service_tier` (FORWARD_SERVICE_TIER).
+    `priority_of` decides the priority it is served at from the body's `priority` and `service_tier` (the
+    request is built once: a copy with it would cost as much as the parse).
     """
     try:
         payload = orjson.loads(raw)
@@ -246,6 +252,7 @@ def parse_completion_request(
         max_tokens=completion_tokens if completion_tokens is not None else max_tokens,
         body_priority=body_priority,
         service_tier=service_tier,
+        priority=None if priority_of is None else priority_of(body_priority, service_tier),
         n=(n or 1) if kind != "embedding" else 1,
         prompts=prompts,
     )

@@ -1,7 +1,9 @@
 """The proxy hot path, side by side: direct, a bare pass-through, llm-queue-gateway and LiteLLM.
 
 One fast fake upstream on loopback (zero delay) serves every contender. In each round every contender is
-measured in turn, so machine noise hits them alike; each cell keeps its best round.
+measured in turn, so machine noise hits them alike, in the reverse order every other round, so that none
+always runs right after the same one (in one run here whichever of bare and gateway ran second was 10-20 %
+slower); each cell keeps its best round, and the paired ratios are the medians of each round's own.
 
   direct      the fake upstream itself: the ceiling
   bare        the smallest FastAPI + aiohttp pass-through (bench/bare_proxy.py): the stack's limit
@@ -280,7 +282,7 @@ def main() -> None:
         for contender in field:
             contender.start()
         for round_ in range(args.rounds):
-            for contender in field:
+            for contender in field if round_ % 2 == 0 else field[::-1]:
                 for label, connections, duration, body in [
                     ("c1", 1, max(args.duration / 2, 3), BODY),
                     ("c32", 32, args.duration, BODY),

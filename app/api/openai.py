@@ -27,7 +27,6 @@ from app.queue.service import Admitted, CompletionService
 from app.schemas import (
     COMPLETION_ROUTES,
     SERVICE_TIERS,
-    CompletionRequest,
     parse_completion_request,
     parse_priority,
 )
@@ -94,9 +93,15 @@ class CompletionEndpoint:
         settings: Settings = state.settings
         key = await authenticate(request)
         body = await read_body(request, settings.max_body_bytes)
-        completion = parse_completion_request(body, self.kind, settings.max_tokens_limit, settings.forward_service_tier)
-        priority = _priority(request, completion, settings.default_priority, key)
-        completion = completion.served_at(priority)
+        completion = parse_completion_request(
+            body,
+            self.kind,
+            settings.max_tokens_limit,
+            settings.forward_service_tier,
+            lambda asked, tier: _priority(request, asked, tier, settings.default_priority, key),
+        )
+        priority = completion.priority
+        assert priority is not None  # priority_of decided it
         headers = request.headers
         timeout = client_timeout(headers)
         prefer = headers.get("prefer")
@@ -212,15 +217,21 @@ async def _accepted(send: Send, service: CompletionService, job: Job, rid: str) 
     await send({"type": "http.response.body", "body": body})
 
 
-def _priority(request: Request, completion: CompletionRequest, default: Priority, key: KeyAccount | None) -> Priority:
+def _priority(
+    request: Request,
+    body_priority: Priority | None,
+    service_tier: str | None,
+    default: Priority,
+    key: KeyAccount | None,
+) -> Priority:
     """X-Priority, else the body's `priority`, else its `service_tier`, else DEFAULT_PRIORITY; lowered to what the
     key allows."""
     header = request.headers.get("x-priority")
     if header is not None:
         asked = parse_priority(header, "X-Priority")
     else:
-        tier = SERVICE_TIERS[completion.service_tier] if completion.service_tier is not None else None
-        asked = completion.body_priority or tier or default
+        tier = SERVICE_TIERS[service_tier] if service_tier is not None else None
+        asked = body_priority or tier or default
     return asked if key is None else key.allowed_priority(asked)
 
 

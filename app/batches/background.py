@@ -134,13 +134,16 @@ class BackgroundRequests:
     async def _resume(self, item: Background) -> None:
         """Accept a stored request again; a refusal that says "later" is tried again, any other is its answer."""
         settings = self._settings
+        priority = Priority(item.priority)  # as it was when first accepted
         while True:
             try:
                 request = parse_completion_request(
-                    item.body, _kind(item.kind), settings.max_tokens_limit, settings.forward_service_tier
+                    item.body,
+                    _kind(item.kind),
+                    settings.max_tokens_limit,
+                    settings.forward_service_tier,
+                    lambda _asked, _tier: priority,
                 )
-                priority = Priority(item.priority)
-                request = request.served_at(priority)
                 admitted = await self._service.accept(request, item.id, priority, self._account(item.owner), None, None)
             except ShuttingDown:
                 return

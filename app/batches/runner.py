@@ -4,12 +4,10 @@ A batch's life is OpenAI's: validating → in_progress → finalizing → comple
 expired (its window ended: the lines that finished are kept, the rest go to the error file as batch_expired),
 cancelling → cancelled (queued lines are withdrawn, running ones finish, the rest are batch_cancelled).
 
-Lines run at Priority.BATCH through the completion service, so the key's budgets, the limiters, the breaker
-and the fleet's routing apply to them as to any request, and the queue dispatches one only when no interactive
-request waits for its backends. BATCH_MAX_IN_FLIGHT lines are queued or running at once, all batches together.
-A refusal before a line reached a backend (a rate limit, an open breaker, a full upstream) is not its answer:
-the line waits and goes again. What a backend answered, 2xx or not, is the line's result, committed when it
-ends. After a restart, every unfinished batch goes on from the lines without a result.
+Lines run at Priority.BATCH through the completion service (app.batches.lines), so the key's budgets, the
+limiters, the breaker and the fleet's routing apply to them as to any request, and the queue dispatches one
+only when no interactive request waits for its backends. After a restart, every unfinished batch goes on from
+the lines without a result.
 """
 
 from __future__ import annotations
@@ -18,14 +16,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import orjson
-
-from app.backends.base import BackendResponse
 from app.batches import objects
 from app.batches.files import Files
+from app.batches.lines import LineSender, Run, Stopped
 from app.batches.objects import (
     CANCELLED,
     CANCELLING,
@@ -42,46 +38,19 @@ from app.batches.store import Line, Store
 from app.batches.validation import check_input, check_parameters
 from app.batches.webhooks import Webhooks
 from app.errors import (
-    BackendNotReady,
     Conflict,
     GatewayError,
     InvalidRequest,
     NotFound,
-    RequestTimeout,
-    RetryLater,
-    ShuttingDown,
-    UpstreamHTTPError,
 )
 from app.limits.keys import KeyAccount
 from app.metrics import Metrics
-from app.queue.job import Job
 from app.queue.service import CompletionService
-from app.schemas import COMPLETION_ROUTES, parse_completion_request
 from app.settings import Settings, window_seconds
-from app.types import CompletionKind, Priority
 
 log = logging.getLogger("app.batches")
 
 _SWEEP_SECONDS = 1.0  # how often windows are checked (a batch expires at most this late)
-_RETRY_SECONDS = 1.0  # a line refused without a Retry-After goes again after this long
-
-
-class _Run:
-    """A batch being worked on: its record, the jobs of its lines in the queue, and why it stops (if it does)."""
-
-    __slots__ = ("jobs", "owner", "record", "stop", "task")
-
-    def __init__(self, owner: str, record: dict[str, Any]):
-        self.owner = owner
-        self.record = record
-        self.jobs: dict[int, Job] = {}
-        self.stop: str | None = None  # CANCELLED, EXPIRED, or "shutdown" (the lines stay for the next start)
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = self.record["request_counts"]
-        return counts
 
 
 class BatchRunner:
@@ -101,14 +70,12 @@ class BatchRunner:
         self._store = store
         self._files = files
         self._service = service
-        self._settings = settings
-        self._account = account  # the account of an owner's key; raises Unauthorized if it is gone
         self._webhooks = webhooks
         self._metrics = metrics
         self._clock = clock
         self._windows = {window: window_seconds(window) for window in settings.batch_completion_windows}
-        self._slots = asyncio.Semaphore(settings.batch_max_in_flight)
-        self._runs: dict[str, _Run] = {}
+        self._lines = LineSender(store, service, settings, account, metrics, clock)
+        self._runs: dict[str, Run] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.statuses: dict[str, int] = dict.fromkeys(objects.STATUSES, 0)  # batches by status, for the metrics
 
@@ -200,25 +167,25 @@ class BatchRunner:
             run.stop = CANCELLED
             for job in list(run.jobs.values()):
                 if job.started is None:  # a queued line goes back; a running one finishes and is kept
-                    self._service.abort(job, _Stopped("the batch was cancelled"))
+                    self._service.abort(job, Stopped("the batch was cancelled"))
             await self._set_status(run, CANCELLING, "cancelling_at")
         return {**run.record, "request_counts": dict(run.counts)}
 
     # The work ---------------------------------------------------------------------------------------------
 
     def _launch(self, owner: str, record: dict[str, Any]) -> None:
-        run = self._runs[record["id"]] = _Run(owner, record)
+        run = self._runs[record["id"]] = Run(owner, record)
         if record["status"] == CANCELLING:
             run.stop = CANCELLED
         run.task = asyncio.create_task(self._drive(run))
 
-    async def _drive(self, run: _Run) -> None:
+    async def _drive(self, run: Run) -> None:
         batch = run.record["id"]
         try:
             if run.record["status"] == VALIDATING and not await self._validate(run):
                 return
             if run.record["status"] == IN_PROGRESS:
-                await self._execute(run)
+                await self._lines.execute(run)
             if run.stop == "shutdown":
                 return
             # Lines left without an answer and no stop asked for: the window ended before the sweep saw it.
@@ -233,7 +200,7 @@ class BatchRunner:
         finally:
             self._runs.pop(batch, None)
 
-    async def _validate(self, run: _Run) -> bool:
+    async def _validate(self, run: Run) -> bool:
         """Check the input file and store its lines (in_progress), or fail the batch with what was wrong."""
         record = run.record
         try:
@@ -257,85 +224,7 @@ class BatchRunner:
         await self._store.add_lines(record["id"], lines, record, run.owner)
         return True
 
-    async def _execute(self, run: _Run) -> None:
-        """Send the lines without a result through the queue, BATCH_MAX_IN_FLIGHT at most across batches."""
-        record = run.record
-        counts = await self._store.line_counts(record["id"])
-        run.counts.update(completed=counts.get(COMPLETED, 0), failed=counts.get(FAILED, 0))
-        kind = COMPLETION_ROUTES[record["endpoint"]]
-        tasks: set[asyncio.Task[None]] = set()
-        try:
-            async with contextlib.aclosing(self._store.pending_lines(record["id"])) as pages:
-                await self._send(run, pages, kind, tasks)
-            while tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def _send(
-        self, run: _Run, pages: AsyncIterator[list[Line]], kind: CompletionKind, tasks: set[asyncio.Task[None]]
-    ) -> None:
-        """Start a task per line as slots free, until the lines run out or the batch stops."""
-        async for page in pages:
-            for line in page:
-                await self._slots.acquire()
-                if run.stop is not None or self._service.scheduler.draining:
-                    self._slots.release()
-                    run.stop = run.stop or "shutdown"
-                    return
-                task = asyncio.create_task(self._line(run, line, kind))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-
-    async def _line(self, run: _Run, line: Line, kind: CompletionKind) -> None:
-        """Run one line until it has an answer, then commit it; leave it without one if the batch stops first."""
-        try:
-            answer = await self._answer(run, line, kind)
-            if answer is None:
-                return
-            status, body = answer
-            outcome = COMPLETED if 200 <= status < 300 else FAILED
-            result = orjson.dumps(objects.answered_line(line.id, line.custom_id, status, body))
-            await self._store.end_line(run.record["id"], line.line, outcome, result)
-            run.counts[outcome] += 1
-            self._metrics.batch_line(outcome)
-        finally:
-            self._slots.release()
-
-    async def _answer(self, run: _Run, line: Line, kind: CompletionKind) -> tuple[int, Any] | None:
-        expires_at = run.record["expires_at"]
-        while run.stop is None:
-            lifetime = expires_at - self._clock()
-            if lifetime <= 0:
-                return None
-            job: Job | None = None
-            try:
-                settings = self._settings
-                request = parse_completion_request(
-                    line.body.encode(), kind, settings.max_tokens_limit, settings.forward_service_tier
-                ).served_at(Priority.BATCH)
-                key = self._account(run.owner)
-                admitted = await self._service.accept(
-                    request, line.id, Priority.BATCH, key.for_batch() if key is not None else None, None, lifetime
-                )
-                job = run.jobs[line.line] = admitted.job
-                async with self._service.run(admitted) as answer:
-                    if not isinstance(answer, BackendResponse):  # a body that asked to stream: refused at validation
-                        raise InvalidRequest("a batch request cannot stream", param="stream")
-                    return answer.status, _json(answer.body)
-            except GatewayError as exc:
-                if run.stop is not None or self._clock() >= expires_at or isinstance(exc, ShuttingDown):
-                    return None
-                if (job is None or job.started is None) and _not_yet(exc):
-                    await asyncio.sleep(max(0.05, getattr(exc, "retry_after", _RETRY_SECONDS)))
-                    continue
-                return _error_answer(exc)
-            finally:
-                run.jobs.pop(line.line, None)
-        return None
-
-    async def _finalize(self, run: _Run, final: str) -> None:
+    async def _finalize(self, run: Run, final: str) -> None:
         """Write the output and error files and end the batch as `final`."""
         record = run.record
         batch = record["id"]
@@ -353,7 +242,7 @@ class BatchRunner:
         await self._store.drop_lines(batch)
         await self._webhooks.emit(run.owner, f"batch.{final}", {"id": batch})
 
-    async def _set_status(self, run: _Run, status: str, stamp: str) -> None:
+    async def _set_status(self, run: Run, status: str, stamp: str) -> None:
         record = run.record
         self._move(record["status"], status)
         record["status"] = status
@@ -377,31 +266,7 @@ class BatchRunner:
                 ):
                     run.stop = EXPIRED
                     for job in list(run.jobs.values()):
-                        self._service.abort(job, _Stopped("the batch's completion window ended"))
-
-
-class _Stopped(RequestTimeout):
-    """What a line's request is stopped with when its batch expires or is cancelled."""
-
-
-def _not_yet(exc: GatewayError) -> bool:
-    """Whether a refusal before any backend saw the line only means "later" (its answer is still to come)."""
-    return isinstance(exc, RetryLater | BackendNotReady | RequestTimeout)
-
-
-def _error_answer(exc: GatewayError) -> tuple[int, Any]:
-    if isinstance(exc, UpstreamHTTPError):
-        return exc.status_code, _json(exc.raw_body)
-    return exc.status_code, exc.body()
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {
-            "error": {"message": body.decode(errors="replace"), "type": "upstream_error", "param": None, "code": None}
-        }
+                        self._service.abort(job, Stopped("the batch's completion window ended"))
 
 
 def _not_found(batch_id: str) -> GatewayError:
