@@ -201,6 +201,8 @@ def main() -> None:
         print(f"{label:16} {'all':8} {errors(rows, field)}")
         for priority, _ in MIX:
             print(f"{label:16} {priority.value:8} {errors([r for r in rows if r[0] is priority], field)}")
+    if not futures:
+        return
     for name, some in [("all", futures)] + [(p.value, [f for f in futures if f[0] is p]) for p, _ in MIX]:
         waits = [w for _, w in some]
         print(

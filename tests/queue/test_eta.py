@@ -63,6 +63,46 @@ async def test_a_running_request_is_expected_to_take_what_its_size_implies() -> 
     assert behind.eta == pytest.approx(1.9)  # then the long one's
 
 
+def test_the_spread_of_service_times_is_what_the_fit_leaves_unexplained() -> None:
+    samples = ServiceSamples()
+    samples.observe(0.2)
+    assert samples.spread(0.0) == 0.0  # one time tells no spread
+    for held in (0.1, 0.3) * 50:  # a deviation of 0.1 s: a uniform spread of √3 * 0.1 s about the 0.2 s mean
+        samples.observe(held)
+    assert samples.spread(0.0) == pytest.approx(0.5 * math.sqrt(3), rel=0.02)
+    sized = ServiceSamples()
+    for size in range(16, 256, 8):  # exactly 20 ms + 1 ms per token: the fit explains it all
+        sized.observe(0.02 + 0.001 * size, size)
+    assert sized.spread(sized.fit()[1]) == pytest.approx(0.0, abs=1e-6)
+    assert sized.spread(0.0) > 0.5  # without the sizes the times vary widely
+
+
+def test_the_first_of_several_busy_slots_frees_at_the_median_of_their_earliest_end() -> None:
+    # Two slots, each freeing uniformly within 0-1 s: none has freed by t with odds (1 - t)², even at 1 - 1/√2.
+    both = [(0.5, 0.0, 1.0), (0.5, 0.0, 1.0)]
+    assert eta._first_release(both) == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-4)
+    # One certain to free within 0.1-0.2 s decides alone; one that cannot free before 0.5 s is not counted.
+    assert eta._first_release([(0.15, 0.1, 0.2), (0.7, 0.5, 0.9)]) == pytest.approx(0.15, abs=1e-4)
+    # The more slots may free soon, the sooner the first does, earlier than the least expected of them.
+    many = eta._first_release([(0.5, 0.0, 1.0)] * 8)
+    assert many < eta._first_release(both) < 0.5
+
+
+async def test_a_busy_pool_whose_times_vary_expects_its_first_release_before_the_soonest_expected_end() -> None:
+    s, clock, _ = make(concurrency=2, queue=50)
+    for n, held in enumerate((0.5, 1.5) * 4):  # a mean of 1 s, spread over 0.5-1.5 s
+        job = s.submit(f"m{n}", "chat", Priority.NORMAL, None)
+        clock.advance(held)
+        s.retire(job, None, None)
+    s.submit("a", "chat", Priority.NORMAL, None)
+    s.submit("b", "chat", Priority.NORMAL, None)
+    clock.advance(0.1)
+    waiting = s.submit("waits", "chat", Priority.NORMAL, None)
+    assert waiting.eta is not None and 0.1 < waiting.eta < 0.9  # each is expected in 0.9 s, the first sooner
+    behind = s.submit("behind", "chat", Priority.NORMAL, None)
+    assert behind.eta == pytest.approx(0.9)  # the second release: the expected end
+
+
 def test_arrival_rates_decay_with_time() -> None:
     rate = ArrivalRate()
     assert rate.rate(0.0) == 0.0
