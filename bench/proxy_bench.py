@@ -16,8 +16,13 @@ the inter-chunk gap of streams come from a sequential client (the same client fo
 differences are the contenders'). Then 1,000 concurrent slow streams through the gateway, optionally
 (--memory) RSS after 10,000 and after 1,000,000 proxied requests, and optionally (--profile) py-spy's samples
 of the gateway under wrk at 32 connections: the share of its CPU spent in the scheduler and the whole queue.
+With --instructions N, bare and gateway each run again under valgrind's callgrind for N requests at 16
+connections: the machine instructions each spends per request, which no noise of the host moves (the
+req/s of one round here strayed by 10-20 %); their ratio tells whether a change to the hot path made it
+lighter, though not how fast it runs (cache misses and IPC are not counted).
 
-    python -m bench.proxy_bench [--rounds 3] [--duration 10] [--memory] [--profile] [--json bench/results/proxy.json]
+    python -m bench.proxy_bench [--rounds 3] [--duration 10] [--memory] [--profile] [--instructions 2000]
+                                [--json bench/results/proxy.json]
 """
 
 from __future__ import annotations
@@ -198,6 +203,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also run 1,000,000 requests for the RSS check")
     parser.add_argument("--memory-requests", type=int, default=1_000_000)
     parser.add_argument("--profile", action="store_true", help="also sample the gateway with py-spy at c32")
+    parser.add_argument("--instructions", type=int, default=0, help="requests counted under callgrind (0: none)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "proxy.json"))
     args = parser.parse_args()
 
@@ -310,11 +316,64 @@ def main() -> None:
             extra["memory"] = memory_check(field[2], args.memory_requests)
         if args.profile:
             extra["profile"] = profile(field[2], args.duration)
+        if args.instructions:
+            counted = {contender.name: instructions(contender, args.instructions) for contender in field[1:3]}
+            extra["instructions_per_request"] = {**counted, "bare_over_gateway": counted["bare"] / counted["gateway"]}
     finally:
         for contender in [*field, slow_upstream, slow_gateway]:
             contender.stop()
 
     report(cells, rounds, extra, args.json)
+
+
+def instructions(contender: Contender, requests: int) -> float:
+    """The instructions `contender` executes per request: a copy of it under callgrind, warmed up by wrk, then
+    counted over exactly `requests` non-streaming requests (one dump, from a zeroed count)."""
+    port = free_port()
+    argv = [str(port) if arg == str(contender.port) else arg for arg in contender.argv]
+    env = {name: value for name, value in contender.env.items() if name != "DATA_DIR"}  # it gets its own
+    env["PYTHONHASHSEED"] = "0"  # a random one moves the count by a few percent from one run to the next
+    if "PORT" in env:
+        env["PORT"] = str(port)
+    with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as out:
+        counted = Contender(
+            f"{contender.name} under callgrind",
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/counts", *argv],
+            port,
+            env,
+            ready_path=contender.ready_path,
+        )
+        counted.start(timeout=900)  # the app starts some 50x slower under valgrind
+        try:
+            assert counted.process is not None
+            wrk(counted.url, 8, 10, BODY)
+            subprocess.run(["callgrind_control", "--zero", str(counted.process.pid)], check=True, capture_output=True)
+            asyncio.run(fixed_load(counted.url, requests, 16))
+            subprocess.run(["callgrind_control", "--dump", str(counted.process.pid)], check=True, capture_output=True)
+            dump = Path(out, "counts.1").read_text()
+        finally:
+            counted.stop()
+    total = re.search(r"^(?:summary|totals): (\d+)", dump, re.MULTILINE)
+    if total is None:
+        raise RuntimeError(f"callgrind's dump of {contender.name} holds no total")
+    per_request = int(total.group(1)) / requests
+    print(f"  {contender.name}: {per_request:,.0f} instructions per request", flush=True)
+    return per_request
+
+
+async def fixed_load(url: str, requests: int, connections: int) -> None:
+    """Exactly `requests` chat completions, `connections` at a time; each must succeed."""
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    left = iter(range(requests))
+    async with aiohttp.ClientSession() as session:
+
+        async def client() -> None:
+            for _ in left:
+                async with session.post(url + "/v1/chat/completions", data=BODY, headers=headers) as response:
+                    await response.read()
+                    assert response.status == 200, response.status
+
+        await asyncio.gather(*(client() for _ in range(connections)))
 
 
 # The gateway's parts, by the file of the innermost gateway frame of a sampled stack (its own time, with the
