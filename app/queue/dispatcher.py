@@ -23,6 +23,7 @@ from app.queue.roster import Roster
 from app.queue.service_time import ServiceTime
 from app.queue.timeline import Timeline
 from app.queue.waiting import WaitingRoom
+from app.types import JobState
 
 log = logging.getLogger("app.queue")
 
@@ -148,6 +149,21 @@ class Dispatcher:
         if member.gate is not None:
             member.gate.dispatched(job)
 
+    def granted(self, job: Job, member_name: str, now: float) -> bool:
+        """The shared queue gave `job` a slot at the member of that name: start it there; False if it no
+        longer waits for one (it ended meanwhile, or its deadline is too close), and the slot goes back."""
+        member = self.roster.members.get(member_name)
+        if job.state is not JobState.QUEUED or job.error is not None or job.waiting_in is None or member is None:
+            return False
+        if not member.slots.idle:
+            log.warning("request %s was granted a slot at %s, which has none free here", job.id, member_name)
+            return False
+        if self.too_late(job, now):
+            return False  # answered 408 (DISPATCH_MARGIN): the slot goes to the next
+        self.unqueue(job)
+        self.start(job, member, now)
+        return True
+
     def give_back(self, job: Job, member: Member, ok: bool) -> None:
         """Return the slots a request held at `member` (counted as processed if `ok`, as errors if not)."""
         assert job.slot is not None
@@ -155,6 +171,23 @@ class Dispatcher:
         for slot in job.extra_slots:
             member.slots.give(slot, ok)
         job.slot, job.extra_slots = None, ()
+
+    def ended(self, job: Job, member: Member, state: JobState, now: float) -> None:
+        """A request that held a slot at `member` ended in `state`: its slots go back, and the time it held
+        them joins the service times its pool and member are estimated by (failures count as errors)."""
+        assert job.started is not None
+        completed = state is JobState.COMPLETED
+        self.give_back(job, member, completed)
+        held = now - job.started - job.parked_for
+        self.service.observe(held)
+        if job.pool is not None:
+            job.pool.service.observe(held, job.size)
+        if completed:
+            member.observe(held)
+            member.series.latency.observe(held)
+        elif state is JobState.FAILED:
+            member.series.errors += 1
+        self.roster.check_retired(member)
 
     def requeue(self, job: Job, member: Member, now: float) -> None:
         """`member` failed `job` before its client saw a byte: it waits again, first at its level, and never
@@ -169,6 +202,27 @@ class Dispatcher:
         if job.key is not None:
             job.key.joined()
         self.waiting_room.enqueue(job, now, first=True)
+
+    def reroute(self, job: Job, error: GatewayError, retry: bool, now: float) -> bool:
+        """A request failed at its member before its client saw a byte: send it back to wait for another.
+
+        In a pool of several, the member learns of the failure (a server that cannot be reached is marked
+        down at once). False, and the request stays where it is, when `retry` is False or no other member of
+        its pool is up to take it: the failure is then its answer. Otherwise it goes first in its pool, and
+        never to the same member next.
+        """
+        member, pool = job.member, job.pool
+        if job.is_terminal or member is None or pool is None or job.slot is None or len(pool.members) < 2:
+            return False
+        member.failed(error)
+        if not retry or not any(other is not member and not other.down for other in pool.members):
+            return False
+        member.series.errors += 1
+        member.series.failovers += 1
+        self.requeue(job, member, now)
+        self.roster.check_retired(member)
+        self.run(now)
+        return True
 
     def _preempt(self, pool: Pool, now: float) -> bool:
         """Park a running request for the high-priority head of `pool` (app.queue.preemption); False if none

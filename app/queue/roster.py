@@ -69,6 +69,18 @@ class Roster:
             self.check_retired(member)
         return closed
 
+    def share(self, sharing: bool, replicas: int | None = None) -> None:
+        """Mark which pools the replicas' shared queue dispatches (`sharing`: those whose members are all
+        proxies, since an in-process model is this replica's own); with `replicas`, each member serves with
+        1/`replicas` of its slots from now (all of them at 1), the rest withheld."""
+        for pool in self.pool_list:
+            pool.shared = sharing and all(member.kind == "proxy" for member in pool.members)
+        if replicas is None:
+            return
+        for member in self.members.values():
+            alone = max(1, -(-member.max_concurrent // replicas))
+            member.withheld = member.max_concurrent - alone
+
     def check_retired(self, member: Member) -> None:
         """Close `member` if it is retiring and nothing of its own is left there (called as its work ends)."""
         if member.retiring and not member.holds_work:

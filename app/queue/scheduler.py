@@ -120,7 +120,7 @@ class Scheduler:
             self.dispatcher.close_pool(pool)
         self.waiting_room.serve(roster.pool_list)
         self.service.slots = max(1, sum(member.max_concurrent for member in members))
-        self._mark_shared()
+        roster.share(self.sharing)
         if self.shared is not None:
             self.shared.fleet_changed()
         self.dispatch()
@@ -130,16 +130,8 @@ class Scheduler:
         them from here alone with 1/`replicas` of their slots (the shared queue is out of reach)."""
         self.shared = shared
         self.sharing = shared is not None and active
-        self._mark_shared()
-        for member in self.roster.members.values():
-            alone = max(1, -(-member.max_concurrent // replicas))
-            member.withheld = member.max_concurrent - alone if shared is not None and not active else 0
+        self.roster.share(self.sharing, replicas if shared is not None and not active else 1)
         self.dispatch()
-
-    def _mark_shared(self) -> None:
-        # An in-process model is this replica's own: only the pools of upstream servers are shared.
-        for pool in self.roster.pool_list:
-            pool.shared = self.sharing and all(member.kind == "proxy" for member in pool.members)
 
     # Admission and dispatch ------------------------------------------------------------------------------
 
@@ -214,20 +206,8 @@ class Scheduler:
         self.dispatcher.dispatch()
 
     def granted(self, job: Job, member_name: str) -> bool:
-        """The shared queue gave `job` a slot at the member of that name: dispatch it there; False if it no
-        longer waits for one (it ended meanwhile), and the slot goes back."""
-        member = self.roster.members.get(member_name)
-        if job.state is not JobState.QUEUED or job.error is not None or job.waiting_in is None or member is None:
-            return False
-        if not member.slots.idle:
-            log.warning("request %s was granted a slot at %s, which has none free here", job.id, member_name)
-            return False
-        now = self.clock()
-        if self.dispatcher.too_late(job, now):
-            return False  # answered 408 (DISPATCH_MARGIN): the slot goes to the next
-        self.dispatcher.unqueue(job)
-        self.dispatcher.start(job, member, now)
-        return True
+        """The shared queue gave `job` a slot at the member of that name (Dispatcher.granted)."""
+        return self.dispatcher.granted(job, member_name, self.clock())
 
     def refused(self, job: Job, error: GatewayError, reason: str) -> None:
         """The shared queue refused `job` (a full queue, its key's max_queued, an id live elsewhere): it was
@@ -254,27 +234,13 @@ class Scheduler:
             self.shared.pause(member, seconds)
 
     def reroute(self, job: Job, error: GatewayError, retry: bool = True) -> bool:
-        """A request failed at its member before its client saw a byte: send it back to wait for another.
-
-        In a pool of several, the member learns of the failure (a server that cannot be reached is marked
-        down at once). False, and the request stays where it is, when `retry` is False or no other member of
-        its pool is up to take it: the failure is then its answer. Otherwise it goes first in its pool, and
-        never to the same member next.
-        """
-        member, pool = job.member, job.pool
-        if job.is_terminal or member is None or pool is None or job.slot is None or len(pool.members) < 2:
+        """A request failed at its member before its client saw a byte: send it back to wait for another,
+        False if it cannot (Dispatcher.reroute)."""
+        if not self.dispatcher.reroute(job, error, retry, self.clock()):
             return False
-        member.failed(error)
-        if not retry or not any(other is not member and not other.down for other in pool.members):
-            return False
-        member.series.errors += 1
-        member.series.failovers += 1
-        now = self.clock()
-        self.dispatcher.requeue(job, member, now)
-        if pool.shared and self.shared is not None:
-            self.shared.requeue(job, member)
-        self.roster.check_retired(member)
-        self.dispatcher.run(now)
+        if job.pool is not None and job.pool.shared and self.shared is not None:
+            assert job.avoid is not None
+            self.shared.requeue(job, job.avoid)
         return True
 
     def breaker_changed(self, state: BreakerState) -> None:
@@ -322,21 +288,9 @@ class Scheduler:
             self.roster.check_retired(member)
         if usage is not None:
             self._metrics.tokens(usage.prompt_tokens, usage.completion_tokens)
-        slot = job.slot
-        if slot is not None:
-            assert member is not None and job.started is not None
-            completed = state is JobState.COMPLETED
-            self.dispatcher.give_back(job, member, completed)
-            held = now - job.started - job.parked_for
-            self.service.observe(held)
-            if job.pool is not None:
-                job.pool.service.observe(held, job.size)
-            if completed:
-                member.observe(held)
-                member.series.latency.observe(held)
-            elif state is JobState.FAILED:
-                member.series.errors += 1
-            self.roster.check_retired(member)
+        if job.slot is not None:
+            assert member is not None
+            self.dispatcher.ended(job, member, state, now)
         if error is not None and job.error is None:
             job.error = error
         job.mark_finished(state, now)

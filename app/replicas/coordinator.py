@@ -1,11 +1,10 @@
-"""A replica's side of the shared queue: tickets out, grants in, leases renewed, and life without Redis.
+"""A replica's part in the shared queue: joining it, the heartbeat that renews its leases, and life without Redis.
 
-Commands go out through the writer (app.replicas.writer) and need no order between them: a request's
-withdrawal or release is only sent once its ticket's reply is in, and a grant read from the inbox before the
-reply that names its ticket waits for that reply. Grants for this replica come back with the script that made
-them; grants for another are pushed to its inbox, which it reads with a blocking pop: dispatch is driven by
-events (a request arriving, a slot freed, a lease expired at a heartbeat, a budget's refill time), never by
-polling.
+Its requests' tickets and grants are app.replicas.tickets. Commands go out through the writer
+(app.replicas.writer) and need no order between them: a request's withdrawal or release is only sent once its
+ticket's reply is in. Grants for another replica are pushed to its inbox, which it reads with a blocking pop:
+dispatch is driven by events (a request arriving, a slot freed, a lease expired at a heartbeat, a budget's
+refill time), never by polling.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from redis.exceptions import RedisError
 from app.errors import CoordinationUnavailable, GatewayError
 from app.limits.keys import KeyAccount
 from app.metrics import SharedGauges
-from app.queue import admission, eta
 from app.queue.job import Job
 from app.queue.member import Member
 from app.queue.scheduler import Scheduler
@@ -37,6 +35,7 @@ from app.replicas.budgets import SharedBudgets
 from app.replicas.inbox import INBOX_SECONDS, Inbox
 from app.replicas.lookup import ASK_SECONDS, Lookup
 from app.replicas.store import Store
+from app.replicas.tickets import Tickets
 from app.replicas.writer import UNREACHABLE, Arg, Command, Writer
 from app.settings import Settings
 from app.types import JobState
@@ -69,7 +68,6 @@ class Coordinator:
         self.ttl = settings.lease_ttl
         self.mode = settings.redis_failure_mode
         self.replicas_expected = settings.replicas_expected
-        self._max_queue_size = settings.max_queue_size
         self._history = settings.request_history_size
         self._history_ttl = settings.request_history_ttl
         self._describe = describe
@@ -91,19 +89,23 @@ class Coordinator:
         self.started = time.time()
         self.view: dict[str, Any] | None = None  # the shared state as the last heartbeat saw it
         self.losses = 0  # times this replica lost Redis
-        self._tickets: dict[str, Job] = {}  # this replica's tickets: waiting or running
-        # Grants that came through the inbox before the reply that names their ticket (it is in the pipeline
-        # out now): settled once that reply is in.
-        self._early: dict[str, str] = {}
-        self._writer = Writer(self._redis, lambda: self.available, self._lost, self._settle_early)
+        self._writer = Writer(self._redis, lambda: self.available, self._lost, self._replies_in)
         self._joined = asyncio.Event()  # set while the shared state is ours to use
         self._tasks: list[asyncio.Task[None]] = []
-        self._kick_timer: asyncio.TimerHandle | None = None
-        self._kick_at = 0.0
-        self._local_ids = itertools.count()
         self._topology = "{}"
         self.budgets = SharedBudgets(
             accounts, settings.replicas_expected, self.mode == "local", self._writer, self._run, lambda: self.available
+        )
+        self.tickets = Tickets(
+            scheduler,
+            self._writer,
+            self._run,
+            lambda: self.available,
+            describe,
+            self.budgets,
+            self.replica,
+            settings.max_queue_size,
+            self._heartbeat,
         )
         self.lookup = Lookup(
             self._redis,
@@ -119,7 +121,7 @@ class Coordinator:
             self._blocking,
             self.store.key("in", self.replica),
             self._joined,
-            lambda ticket, member: self._granted([ticket, member]),
+            lambda ticket, member: self.tickets.granted([ticket, member]),
             lambda verb, reply, key, request_id: self._spawn(self.lookup.answer(verb, reply, key, request_id)),
             self._lost,
         )
@@ -155,8 +157,7 @@ class Coordinator:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._kick_timer is not None:
-            self._kick_timer.cancel()
+        self.tickets.close()
         if self.available:
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.delete(self.store.key("rep", self.replica))
@@ -186,24 +187,20 @@ class Coordinator:
         waiting: list[Job] = []
         for job in topology.shared_jobs(self.scheduler.roster):
             if job.state is JobState.PROCESSING and job.member is not None:
-                if job.ticket is None:
-                    job.ticket = f"r{next(self._local_ids)}|{self.replica}"
-                    self._tickets[job.ticket] = job
-                job.lease = job.member.name
-                running += [job.ticket, job.lease, job.key_name or "", job.id]
+                running += self.tickets.lease_again(job)
             elif job.state is JobState.QUEUED and job.waiting_in is not None:
                 waiting.append(job)
         pipe = self._redis.pipeline(transaction=False)
         pipe.evalsha(self._shas["rejoin"], 0, *self._args(self._description(), *running))
         for job in waiting:
-            pipe.evalsha(self._shas["enqueue"], 0, *self._args(*self._enqueue_args(job, "2")))
+            pipe.evalsha(self._shas["enqueue"], 0, *self._args(*self.tickets.enqueue_args(job, "2")))
         results = await pipe.execute()
         self.available = True
         self._joined.set()
         if results[0]:
             log.info("replica %s: %d tickets of its own from before were dropped", self.replica, results[0])
         for job, result in zip(waiting, results[1:], strict=True):
-            self._admitted(job, result)
+            self.tickets.admitted(job, result)
 
     def _lost(self, exc: BaseException) -> None:
         """Redis cannot be reached: serve alone (local) or refuse (closed) until it can again."""
@@ -247,11 +244,8 @@ class Coordinator:
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
-    def _settle_early(self) -> None:
-        """Every reply is in: a grant whose ticket is still unknown is for a request that ended."""
-        early, self._early = self._early, {}
-        for ticket, member in early.items():
-            self._granted([ticket, member])
+    def _replies_in(self) -> None:
+        self.tickets.settle_early()
 
     def _args(self, *rest: Arg) -> list[Arg]:
         return [self.store.prefix, self._topology, self.replica, *rest]
@@ -293,60 +287,7 @@ class Coordinator:
             error = CoordinationUnavailable()
             self.scheduler.refused(job, error, "coordination_unavailable")
             raise error
-        key = job.key
-        max_queued = key.max_queued if key is not None and key.max_queued is not None else 0
-        try:
-            result = await self._writer.call(
-                self._run("enqueue", *self._enqueue_args(job, "0", max_queued)),
-                lambda result: self._admitted(job, result) if result[0] == "ok" else None,
-            )
-        except CoordinationUnavailable as error:
-            if job.pool is not None and not job.pool.shared:
-                return  # Redis was lost meanwhile (REDIS_FAILURE_MODE=local): the local queue serves it now
-            self.scheduler.refused(job, error, "coordination_unavailable")
-            raise
-        status = result[0]
-        if status == "ok":
-            return  # queued, and granted if a slot was free (see _admitted)
-        refusal: GatewayError
-        if status == "conflict":
-            refusal, reason = admission.duplicate_id(job.id), "duplicate_request_id"
-        elif status == "key_queue_limit":
-            assert key is not None
-            refusal, reason = admission.key_queue_limit(key, _place_seconds(self.scheduler, job)), "key_queue_limit"
-        else:
-            waiting = f"{self._max_queue_size} requests waiting across the replicas"
-            refusal, reason = admission.queue_full(waiting, _place_seconds(self.scheduler, job)), "queue_full"
-        self.scheduler.refused(job, refusal, reason)
-        raise refusal
-
-    def _enqueue_args(self, job: Job, mode: str, max_queued: int = 0) -> list[Arg]:
-        pool = job.pool
-        assert pool is not None
-        return [
-            pool.model,
-            job.rank,
-            job.priority.rank,
-            job.key_name or "",
-            job.cost,
-            job.id,
-            "" if job.affinity is None else str(job.affinity),
-            self._max_queue_size,
-            max_queued,
-            mode,
-            job.avoid.name if job.avoid is not None else "",
-            next(self._local_ids),
-        ]
-
-    def _admitted(self, job: Job, result: list[Any]) -> None:
-        ticket = result[1]
-        log.debug("request %s queued as %s (granted at once: %s)", job.id, ticket, result[3:])
-        job.ticket = ticket
-        self._tickets[ticket] = job
-        self._granted(result[3:])
-        self._hold(result[2])
-        if job.is_terminal:  # it ended while its ticket was on its way
-            self._finished(job, None)
+        await self.tickets.take(job)
 
     async def spend(self, key: KeyAccount, cost: int) -> None:
         await self.budgets.spend(key, cost)
@@ -354,76 +295,13 @@ class Coordinator:
     def refund(self, key: KeyAccount, cost: int) -> None:
         self.budgets.refund(key, cost)
 
-    # Dispatch -------------------------------------------------------------------------------------------------
-
-    def _granted(self, flat: list[Any]) -> None:
-        for ticket, member in zip(flat[::2], flat[1::2], strict=True):
-            job = self._tickets.get(ticket)
-            if job is None and self._writer.out:
-                self._early[ticket] = member
-                continue
-            log.debug("ticket %s granted %s (request %s)", ticket, member, job.id if job is not None else None)
-            if job is not None and self.scheduler.granted(job, member):
-                job.lease = member
-            else:  # it ended meanwhile: the slot goes on to the next
-                self._writer.queue(self._run("release", ticket, member, "", "", "0", "", 0, -1), self._released)
-
-    def _hold(self, milliseconds: int) -> None:
-        """A budget or pause holds the next grant back this long: ask again then (one timer, the earliest)."""
-        if milliseconds <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        due = loop.time() + milliseconds / 1000
-        if self._kick_timer is not None:
-            if self._kick_at <= due:
-                return
-            self._kick_timer.cancel()
-        self._kick_at = due
-        self._kick_timer = loop.call_at(due, self._kick)
-
-    def _kick(self) -> None:
-        self._kick_timer = None
-        self._heartbeat()
+    # Ends ------------------------------------------------------------------------------------------------------
 
     def finished(self, job: Job, used_tokens: int | None) -> None:
-        # Once the answer is on its way: its record and the lease's release are no part of its latency.
-        asyncio.get_running_loop().call_soon(self._finished, job, used_tokens)
-
-    def _finished(self, job: Job, used_tokens: int | None) -> None:
-        ticket = job.ticket
-        if ticket is None:
-            return
-        self._tickets.pop(ticket, None)
-        if not self.available:
-            return  # Redis forgets it by itself: its lease expires, its ticket goes when this replica rejoins
-        record = self._describe(job)
-        key = job.key_name or ""
-        if job.lease is not None:
-            used = -1 if used_tokens is None else used_tokens
-            self._writer.queue(
-                self._run("release", ticket, job.lease, key, job.id, "1", record, job.cost, used), self._released
-            )
-            job.lease = None
-        else:
-            self._writer.queue(self._run("withdraw", ticket, key, job.id, record))
-        if job.key is not None and used_tokens is not None and job.started is not None:
-            self.budgets.settle(job.key, job.cost, used_tokens)
+        self.tickets.finished(job, used_tokens)
 
     def requeue(self, job: Job, avoid: Member) -> None:
-        ticket, lease = job.ticket, job.lease
-        if ticket is None or not self.available:
-            return
-        self._tickets.pop(ticket, None)
-        job.lease = None
-        if lease is not None:
-            self._writer.queue(self._run("release", ticket, lease, "", "", "0", "", job.cost, -1), self._released)
-        self._writer.queue(
-            self._run("enqueue", *self._enqueue_args(job, "1")), lambda result: self._admitted(job, result)
-        )
-
-    def _released(self, result: list[Any]) -> None:
-        self._granted(result[1:])
-        self._hold(result[0])
+        self.tickets.requeue(job, avoid)
 
     def pause(self, member: Member, seconds: float) -> None:
         if not self.available or seconds <= 0:
@@ -439,18 +317,14 @@ class Coordinator:
     def _heartbeat(self) -> None:
         if not self.available:
             return
-        leases: list[Arg] = []
-        for ticket, job in self._tickets.items():
-            if job.lease is not None:
-                leases += [ticket, job.lease]
-        self._writer.queue(self._run("heartbeat", self._description(), *leases), self._beaten)
+        self._writer.queue(self._run("heartbeat", self._description(), *self.tickets.leases()), self._beaten)
         self._writer.queue(self._run("view"), self._viewed)
 
     def _beaten(self, result: list[Any]) -> None:
         if result[0]:
             log.warning("replica %s: %d of its leases had expired (was it paused?)", self.replica, result[0])
-        self._granted(result[2:])
-        self._hold(result[1])
+        self.tickets.granted(result[2:])
+        self.tickets.hold(result[1])
 
     def _viewed(self, result: str) -> None:
         self.view = json.loads(result)
@@ -484,9 +358,3 @@ class Coordinator:
         except CoordinationUnavailable:
             return None
         return self.view
-
-
-def _place_seconds(scheduler: Scheduler, job: Job) -> float:
-    pool = job.pool
-    assert pool is not None
-    return eta.pool_wait(pool, 0, job.rank, scheduler.clock(), scheduler.service.average)
