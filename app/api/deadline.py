@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-
-from starlette.datastructures import Headers
+from collections.abc import Mapping
 
 from app.errors import InvalidRequest, RequestTimeout
 
@@ -14,7 +13,7 @@ _RELATIVE_MS = ("x-request-timeout-ms", "x-envoy-expected-rq-timeout-ms")
 _ABSOLUTE = "x-request-deadline"
 
 
-def client_timeout(headers: Headers) -> float | None:
+def client_timeout(headers: Mapping[str, str]) -> float | None:
     """Seconds the client gives the request, None if it names no deadline; 400 for an unreadable one, 408 for
     one that had passed on arrival."""
     found: list[float] = []

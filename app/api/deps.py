@@ -34,15 +34,23 @@ async def get_coordinator(request: Request) -> Coordinator | None:
 
 
 async def authenticate(request: Request) -> KeyAccount | None:
-    """The caller's key account, None with authentication off; 401 for a missing or wrong key.
+    """The caller's key account, None with authentication off; 401 for a missing or wrong key."""
+    state = request.scope.setdefault("state", {})
+    return caller(request.app.state.api_keys, request.headers.get("authorization"), state)
+
+
+def caller(
+    keys: tuple[tuple[bytes, KeyAccount], ...], authorization: str | None, state: dict[str, object]
+) -> KeyAccount | None:
+    """The account of the key an Authorization header carries, None with authentication off (no `keys`); 401
+    for a missing or wrong key. Its name goes into the request's `state`, for the access line.
 
     Every configured key is compared, in constant time, so timing tells nothing of which one nearly matched.
     """
-    keys: tuple[tuple[bytes, KeyAccount], ...] = request.app.state.api_keys
     if not keys:
         return None
-    matched = key_account(keys, request.headers.get("authorization", ""))
-    request.state.key = matched.name  # for the access line, on every route
+    matched = key_account(keys, authorization or "")
+    state["key"] = matched.name
     return matched
 
 
@@ -61,9 +69,11 @@ def key_account(keys: tuple[tuple[bytes, KeyAccount], ...], authorization: str) 
     return matched
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing with 413 past `limit` bytes whether or not Content-Length says so."""
-    declared = request.headers.get("content-length")
+async def read_body(request: Request, limit: int, declared: str | None = None) -> bytes:
+    """The whole body, refusing with 413 past `limit` bytes whether or not Content-Length (`declared`, read
+    from the request when not given) says so."""
+    if declared is None:
+        declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the request body is {declared} bytes; the most accepted is {limit}")
     if declared is not None:
@@ -87,12 +97,6 @@ def viewer(caller: KeyAccount | None) -> str | None:
     """Whose files, batches and background requests the caller sees: its own, or every key's (None) for an
     admin key."""
     return None if caller is not None and caller.admin else owner(caller)
-
-
-def request_id(request: Request) -> str:
-    """The id RequestIdMiddleware gave this request."""
-    rid: str = request.state.request_id
-    return rid
 
 
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]

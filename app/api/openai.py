@@ -6,6 +6,7 @@ exists for them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter
@@ -14,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.deadline import client_timeout
-from app.api.deps import Caller, FleetDep, authenticate, read_body, request_id
+from app.api.deps import Caller, FleetDep, caller, read_body
 from app.api.disconnect import DisconnectWatcher
 from app.api.errors import as_gateway_error, error_response, sse_error_event
 from app.api.queue_updates import QueueUpdates, wanted
@@ -88,36 +89,37 @@ class CompletionEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        state = request.app.state
-        service: CompletionService = state.service
-        settings: Settings = state.settings
-        key = await authenticate(request)
-        body = await read_body(request, settings.max_body_bytes)
+        app_state = scope["app"].state
+        service: CompletionService = app_state.service
+        settings: Settings = app_state.settings
+        state = scope["state"]  # the request's own (RequestIdMiddleware made it)
+        # The headers read once, into a dict (the first of a repeated name wins, as in Starlette's Headers):
+        # each Headers.get scans them all, and raises and catches a KeyError for each one absent.
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(scope["headers"])}
+        key = caller(app_state.api_keys, headers.get("authorization"), state)
+        body = await read_body(request, settings.max_body_bytes, headers.get("content-length"))
         completion = parse_completion_request(
             body,
             self.kind,
             settings.max_tokens_limit,
             settings.forward_service_tier,
-            lambda asked, tier: _priority(request, asked, tier, settings.default_priority, key),
+            lambda asked, tier: _priority(headers, asked, tier, settings.default_priority, key),
         )
         priority = completion.priority
         assert priority is not None  # priority_of decided it
-        headers = request.headers
         timeout = client_timeout(headers)
+        rid: str = state["request_id"]
         prefer = headers.get("prefer")
         if prefer is not None and _respond_async(prefer):
-            rid = request_id(request)
-            job = await state.persisted.background.submit(
+            job = await app_state.persisted.background.submit(
                 completion, rid, priority, key, headers.get("x-session-id"), timeout
             )
-            request.state.job = job
+            state["job"] = job
             await _accepted(send, service, job, rid)
             return
-        admitted = await service.accept(
-            completion, request_id(request), priority, key, headers.get("x-session-id"), timeout
-        )
+        admitted = await service.accept(completion, rid, priority, key, headers.get("x-session-id"), timeout)
         job = admitted.job
-        request.state.job = job
+        state["job"] = job
         watcher = DisconnectWatcher(receive, lambda: service.abort(job, ClientDisconnected("client left")))
         try:
             # HTTP/1.0 has no chunked encoding: its streams are sent whole, with a Content-Length, once done.
@@ -218,7 +220,7 @@ async def _accepted(send: Send, service: CompletionService, job: Job, rid: str) 
 
 
 def _priority(
-    request: Request,
+    headers: Mapping[str, str],
     body_priority: Priority | None,
     service_tier: str | None,
     default: Priority,
@@ -226,7 +228,7 @@ def _priority(
 ) -> Priority:
     """X-Priority, else the body's `priority`, else its `service_tier`, else DEFAULT_PRIORITY; lowered to what the
     key allows."""
-    header = request.headers.get("x-priority")
+    header = headers.get("x-priority")
     if header is not None:
         asked = parse_priority(header, "X-Priority")
     else:
