@@ -101,7 +101,8 @@ async def delete_file(file_id: str, caller: Caller, files: FilesDep) -> Response
 @router.post("/v1/batches")
 async def create_batch(request: Request, caller: Caller, batches: BatchesDep) -> Response:
     """A batch of the lines of an uploaded file, run below `low` priority within `completion_window`."""
-    raw = await read_body(request, request.app.state.settings.max_body_bytes)
+    limit = request.app.state.settings.max_body_bytes
+    raw = await read_body(request.receive, limit, request.headers.get("content-length"))
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -10,8 +10,9 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.types import Receive
 
-from app.errors import BodyTooLarge, Unauthorized
+from app.errors import BodyTooLarge, ClientDisconnected, Unauthorized
 from app.fleet.fleet import Fleet
 from app.limits.keys import KeyAccount
 from app.queue.scheduler import Scheduler
@@ -69,23 +70,27 @@ def key_account(keys: tuple[tuple[bytes, KeyAccount], ...], authorization: str) 
     return matched
 
 
-async def read_body(request: Request, limit: int, declared: str | None = None) -> bytes:
-    """The whole body, refusing with 413 past `limit` bytes whether or not Content-Length (`declared`, read
-    from the request when not given) says so."""
-    if declared is None:
-        declared = request.headers.get("content-length")
+async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes:
+    """The whole body, refusing with 413 past `limit` bytes whether or not Content-Length (`declared`) says so.
+
+    Read from the ASGI messages themselves: Starlette's Request.body() reads them through an async generator,
+    whose end costs an exception per request on the completion path.
+    """
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the request body is {declared} bytes; the most accepted is {limit}")
-    if declared is not None:
-        return await request.body()
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client went away while sending its request")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"the request body is over {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def owner(caller: KeyAccount | None) -> str:

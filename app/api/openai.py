@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter
-from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -88,7 +87,6 @@ class CompletionEndpoint:
         self.kind = kind
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
         app_state = scope["app"].state
         service: CompletionService = app_state.service
         settings: Settings = app_state.settings
@@ -97,7 +95,7 @@ class CompletionEndpoint:
         # each Headers.get scans them all, and raises and catches a KeyError for each one absent.
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(scope["headers"])}
         key = caller(app_state.api_keys, headers.get("authorization"), state)
-        body = await read_body(request, settings.max_body_bytes, headers.get("content-length"))
+        body = await read_body(receive, settings.max_body_bytes, headers.get("content-length"))
         completion = parse_completion_request(
             body,
             self.kind,
