@@ -11,6 +11,7 @@ from app.errors import InvalidRequest, RequestTimeout
 
 _RELATIVE_MS = ("x-request-timeout-ms", "x-envoy-expected-rq-timeout-ms")
 _ABSOLUTE = "x-request-deadline"
+DEADLINE_HEADERS = (*_RELATIVE_MS, _ABSOLUTE)  # the names client_timeout reads
 
 
 def client_timeout(headers: Mapping[str, str]) -> float | None:

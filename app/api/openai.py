@@ -13,7 +13,7 @@ from fastapi import APIRouter
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.deadline import client_timeout
+from app.api.deadline import DEADLINE_HEADERS, client_timeout
 from app.api.deps import Caller, FleetDep, caller, read_body
 from app.api.disconnect import DisconnectWatcher
 from app.api.errors import as_gateway_error, error_response, sse_error_event
@@ -47,6 +47,19 @@ SSE_HEADERS = [
 ]
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+# The request headers a completion route reads (a name missing here reads as absent).
+_READ = frozenset(
+    name.encode()
+    for name in (
+        "authorization",
+        "content-length",
+        "prefer",
+        "x-priority",
+        "x-queue-updates",
+        "x-session-id",
+        *DEADLINE_HEADERS,
+    )
+)
 
 
 class CompletionRoutes:
@@ -91,9 +104,11 @@ class CompletionEndpoint:
         service: CompletionService = app_state.service
         settings: Settings = app_state.settings
         state = scope["state"]  # the request's own (RequestIdMiddleware made it)
-        # The headers read once, into a dict (the first of a repeated name wins, as in Starlette's Headers):
-        # each Headers.get scans them all, and raises and catches a KeyError for each one absent.
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(scope["headers"])}
+        # The headers it reads, read once into a dict (the first of a repeated name wins, as in Starlette's
+        # Headers): each Headers.get scans them all, and raises and catches a KeyError for each one absent.
+        headers = {
+            name.decode(): value.decode("latin-1") for name, value in reversed(scope["headers"]) if name in _READ
+        }
         key = caller(app_state.api_keys, headers.get("authorization"), state)
         body = await read_body(receive, settings.max_body_bytes, headers.get("content-length"))
         completion = parse_completion_request(
@@ -157,9 +172,9 @@ async def _answer(
         async with service.run(admitted, updates) as answer:
             # Dispatched, and the backend accepted it: only now do headers go out, so a full queue, a timeout
             # in the queue or an upstream refusal reach the client as their real status codes.
-            headers = {"x-priority": priority.value, "x-queue-wait-ms": _waited_ms(job)}
+            headers = [(b"x-priority", priority.value.encode()), (b"x-queue-wait-ms", _waited_ms(job))]
             if job.eta is not None:  # it waited: what the queue told itself at its arrival, to compare
-                headers["x-queue-eta-ms"] = f"{job.eta * 1000:.1f}"
+                headers.append((b"x-queue-eta-ms", b"%.1f" % (job.eta * 1000)))
             if isinstance(answer, BackendResponse):
                 whole = answer
             elif collected is not None:
@@ -168,8 +183,7 @@ async def _answer(
                     collected.append(chunk)
             else:
                 if updates is None:
-                    raw = [*SSE_HEADERS, *((name.encode(), value.encode()) for name, value in headers.items())]
-                    await send({"type": "http.response.start", "status": 200, "headers": raw})
+                    await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
                 started = True
                 async for chunk in answer:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -192,8 +206,8 @@ async def _answer(
         return
     raw = [
         (b"content-type", whole.content_type.encode()),
-        (b"content-length", str(len(whole.body)).encode()),
-        *((name.encode(), value.encode()) for name, value in headers.items()),
+        (b"content-length", b"%d" % len(whole.body)),
+        *headers,
     ]
     await send({"type": "http.response.start", "status": whole.status, "headers": raw})
     await send({"type": "http.response.body", "body": whole.body})
@@ -235,9 +249,9 @@ def _priority(
     return asked if key is None else key.allowed_priority(asked)
 
 
-def _waited_ms(job: Job) -> str:
+def _waited_ms(job: Job) -> bytes:
     """How long the request waited in the queue, for the X-Queue-Wait-Ms response header."""
-    return f"{((job.started or job.arrived) - job.arrived) * 1000:.1f}"
+    return b"%.1f" % (((job.started or job.arrived) - job.arrived) * 1000)
 
 
 def completion_openapi() -> dict[str, Any]:
