@@ -17,6 +17,8 @@ from typing import Any
 import llama_cpp as ll
 import numpy as np
 
+from app.backends.llama.batch import add_to_batch
+from app.backends.llama.embedder import Embedder
 from app.backends.llama.events import TokenLogprob
 from app.backends.llama.sampling import grammar_sampler
 
@@ -80,7 +82,7 @@ class LlamaModel:
         self.batch = ll.llama_batch_init(config.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(_PIECE_BYTES)
         self._config = config
-        self._embedder: _Embedder | None = None  # made on the first embedding request
+        self._embedder: Embedder | None = None  # made on the first embedding request
         # The candidates a grammar-bound pick runs over, in llama_token_data's layout, made once.
         n_vocab = self.vocab_size
         self._candidates = np.zeros(n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -186,14 +188,15 @@ class LlamaModel:
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Each input's vector (mean of its tokens' states, of unit length), n_embed inputs per decode."""
         if self._embedder is None:
-            self._embedder = _Embedder(self._model, self._config)
+            config = self._config
+            self._embedder = Embedder(self._model, config.n_ctx, config.n_embed, config.n_threads)
         return self._embedder.embed(inputs)
 
     # Decoding and the KV memory ---------------------------------------------------------------------
 
     def add(self, slot: int, token: int, position: int, logits: bool) -> int:
         """Append a token of sequence `slot` to the batch; its index there."""
-        return _add(self.batch, slot, token, position, logits)
+        return add_to_batch(self.batch, slot, token, position, logits)
 
     def decode(self) -> int:
         """Run the batch (0 on success, llama.cpp's status otherwise) and empty it for the next step."""
@@ -274,76 +277,6 @@ class LlamaModel:
 def _has_amx() -> bool:
     """Whether this build of llama.cpp uses the CPU's AMX units."""
     return b"AMX_INT8 = 1" in ll.llama_print_system_info()
-
-
-def _add(batch: Any, seq: int, token: int, position: int, logits: bool) -> int:
-    """Append a token of sequence `seq` to a llama_batch; its index there."""
-    index = batch.n_tokens
-    batch.token[index] = token
-    batch.pos[index] = position
-    batch.n_seq_id[index] = 1
-    batch.seq_id[index][0] = seq
-    batch.logits[index] = logits
-    batch.n_tokens = index + 1
-    return int(index)
-
-
-class _Embedder:
-    """A second context on the same weights, made for embeddings: mean pooling, up to n_embed sequences of
-    n_ctx tokens in one decode. Sequences do not attend to each other, so an input's vector is the same
-    whatever is batched with it; the memory is cleared after each decode."""
-
-    def __init__(self, model: Any, config: EngineConfig):
-        params = ll.llama_context_default_params()
-        self.n_seq = config.n_embed
-        self.n_tokens = config.n_ctx * config.n_embed
-        params.n_ctx = self.n_tokens
-        params.n_batch = params.n_ubatch = self.n_tokens  # a pooled sequence must be in one micro-batch
-        params.n_seq_max = config.n_embed
-        params.n_threads = params.n_threads_batch = config.n_threads
-        params.embeddings = True
-        params.pooling_type = ll.LLAMA_POOLING_TYPE_MEAN
-        params.kv_unified = True
-        self._ctx = ll.llama_init_from_model(model, params)
-        if not self._ctx:
-            raise RuntimeError("llama.cpp could not create the embedding context (out of memory?)")
-        self._batch = ll.llama_batch_init(self.n_tokens, 0, 1)
-        self._n_embd = int(ll.llama_model_n_embd(model))
-
-    def free(self) -> None:
-        ll.llama_batch_free(self._batch)
-        ll.llama_free(self._ctx)
-
-    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        vectors: list[list[float]] = []
-        start = 0
-        while start < len(inputs):
-            end, used = start, 0
-            while end < len(inputs) and end - start < self.n_seq and used + len(inputs[end]) <= self.n_tokens:
-                used += len(inputs[end])
-                end += 1
-            vectors += self._decode(inputs[start:end])
-            start = end
-        return vectors
-
-    def _decode(self, inputs: list[list[int]]) -> list[list[float]]:
-        batch = self._batch
-        batch.n_tokens = 0
-        for seq, tokens in enumerate(inputs):
-            for position, token in enumerate(tokens):
-                _add(batch, seq, token, position, True)
-        status = int(ll.llama_decode(self._ctx, batch))
-        try:
-            if status != 0:
-                raise RuntimeError(f"the model failed to embed (llama_decode status {status})")
-            vectors = []
-            for seq in range(len(inputs)):
-                values = ll.llama_get_embeddings_seq(self._ctx, seq)[: self._n_embd]
-                norm = math.sqrt(sum(v * v for v in values)) or 1.0
-                vectors.append([v / norm for v in values])
-            return vectors
-        finally:
-            ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
 
 
 class _LogForwarder:
