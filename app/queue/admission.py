@@ -127,13 +127,16 @@ class Admission:
         self.deadline_admission = deadline_admission
         self._clock = clock
 
-    def check(self, pool: Pool, request_id: str, priority: Priority, key: KeyAccount | None, choices: int) -> bool:
+    def check(
+        self, pool: Pool, request_id: str, priority: Priority, key: KeyAccount | None, choices: int, has_room: bool
+    ) -> bool:
         """Raise the error that refuses a new request for `pool`; else whether it finds the queue full (and is to
-        wait for space, QUEUE_FULL_BEHAVIOR=wait)."""
-        refusal = too_wide(pool, priority.rank, choices)
-        if refusal is not None:
-            raise refusal
-        breaker = breaker_refusal(pool)
+        wait for space, QUEUE_FULL_BEHAVIOR=wait). `has_room`: a member has a slot for it now (Pool.has_room)."""
+        if choices > 1:
+            refusal = too_wide(pool, priority.rank, choices)
+            if refusal is not None:
+                raise refusal
+        breaker = None if has_room else breaker_refusal(pool)  # a member with room has an idle gate: none is open
         if breaker is not None:
             self.count(priority, "breaker_open")
             raise breaker

@@ -73,6 +73,12 @@ class Dispatcher:
     def run(self, now: float) -> None:
         """Fill idle slots from the pools as far as the gates allow, refilling the queue from the overflow."""
         room = self.waiting_room
+        if not room.in_queue and not room.overflow.size:
+            # Nothing waits (the common case as a request ends): no gate has a reason to hold dispatch back.
+            for member in self.roster.members.values():
+                if member.gate is not None and member.gate.held_by is not None:
+                    member.gate.release(now)
+            return
         room.promote(now)
         while True:
             self._fill(now)
@@ -136,8 +142,8 @@ class Dispatcher:
     def start(self, job: Job, member: Member, now: float) -> None:
         """Give `job` its slots at `member` (one per choice at the local model): it runs from now."""
         job.slot = member.slots.take(job)
-        extra = member.slots_for(job.choices) - 1
-        if extra:
+        if job.choices > 1:
+            extra = member.slots_for(job.choices) - 1
             job.extra_slots = tuple(member.slots.take(job) for _ in range(extra))
         job.member = member
         job.started = job.slot_taken = now
@@ -187,7 +193,8 @@ class Dispatcher:
             member.series.latency.observe(held)
         elif state is JobState.FAILED:
             member.series.errors += 1
-        self.roster.check_retired(member)
+        if member.retiring:
+            self.roster.check_retired(member)
 
     def requeue(self, job: Job, member: Member, now: float) -> None:
         """`member` failed `job` before its client saw a byte: it waits again, first at its level, and never

@@ -260,9 +260,10 @@ class Job:
 class AbortScope:
     """Like asyncio.timeout(), but fired by Job.interrupt(): the task is cancelled and the job's error raised.
 
-    Used as `async with job.abortable(): await work()`. Interrupts come from other tasks or callbacks (a
-    timer, a disconnect watcher, a DELETE), so the scoped task is always suspended inside the scope when
-    its cancellation is requested, and the CancelledError surfaces inside it.
+    Used as `with job.abortable(): await work()`, inside the task to stop. Interrupts come from other tasks or
+    callbacks (a timer, a disconnect watcher, a DELETE), so the scoped task is always suspended inside the
+    scope when its cancellation is requested, and the CancelledError surfaces inside it. Entering and leaving
+    await nothing, so it is a plain context manager.
     """
 
     __slots__ = ("_cancelled", "_job", "_task")
@@ -272,14 +273,14 @@ class AbortScope:
         self._task: asyncio.Task[object] | None = None
         self._cancelled = False
 
-    async def __aenter__(self) -> None:
+    def __enter__(self) -> None:
         job = self._job
         if job.error is not None:
             raise job.error
         self._task = asyncio.current_task()
         job._scope = self
 
-    async def __aexit__(
+    def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         job = self._job

@@ -41,9 +41,10 @@ class Registry:
 
     def ended(self, job: Job) -> None:
         """A request that has ended: it moves to the history (a reused id to its newest end)."""
-        self.drop(job)
+        name = job.key_name, job.id
+        if self._live.get(name) is job:
+            del self._live[name]
         if self._history_size:
-            name = job.key_name, job.id
             self._history.pop(name, None)
             self._history[name] = job
             if len(self._history) > self._history_size:

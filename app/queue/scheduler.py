@@ -160,10 +160,10 @@ class Scheduler:
             self.admission.count(priority, "shutting_down")
             raise ShuttingDown()
         pool = self.roster.pool_for(model)
-        full = self.admission.check(pool, request_id, priority, key, choices)
+        at_once = not pool.shared and not pool.queue.size and pool.has_room(priority.rank, choices)
+        full = self.admission.check(pool, request_id, priority, key, choices, at_once)
         room = self.waiting_room
         now = self.clock()
-        at_once = not pool.shared and not pool.queue.size and pool.has_room(priority.rank, choices)
         lifetime = admission.lifetime(self.request_timeout, timeout, priority is Priority.BATCH)
         expected = None if at_once else self.admission.expected_wait(pool, priority, key, lifetime, full, now)
         pool.arrivals[priority.rank].arrived(now)
@@ -268,12 +268,13 @@ class Scheduler:
 
         Called exactly once per submitted request, by the code that serves it.
         """
-        assert not job.is_terminal, f"request {job.id} retired twice"
+        assert job.finished is None, f"request {job.id} retired twice"
         now = self.clock()
         state = terminal_state(error)
         if job.watched:
             self._deadlines.discard(job)
-        self.dispatcher.unqueue(job)
+        if job.waiting_in is not None:  # it ended before its turn came (a timeout, a cancel)
+            self.dispatcher.unqueue(job)
         used = None if usage is None else usage.total_tokens
         if job.key is not None and job.cost:
             spent = 0 if job.started is None else used
@@ -295,7 +296,7 @@ class Scheduler:
             job.error = error
         job.mark_finished(state, now)
         self.totals.ended(state)
-        self._metrics.finished(job.priority, state.value, now - job.arrived)
+        self._metrics.finished(job.priority, state, now - job.arrived)
         self.registry.ended(job)
         if job.ticket is not None and self.shared is not None:
             self.shared.finished(job, used)

@@ -163,8 +163,11 @@ class CompletionService:
         error: GatewayError | None = None
         usage: Usage | None = None
         try:
-            await (job.dispatched() if waiting is None else waiting(job))
-            async with job.abortable():
+            if waiting is not None:
+                await waiting(job)
+            elif job.state is not JobState.PROCESSING:  # else it went to a backend as it arrived
+                await job.dispatched()
+            with job.abortable():
                 answer = await self._open(admitted)
                 if isinstance(answer, BackendStream):
                     try:

@@ -126,7 +126,7 @@ async def test_running_job_aborted_inside_scope_raises_its_error_and_frees_slot(
 
     async def work() -> None:
         await a.dispatched()
-        async with a.abortable():
+        with a.abortable():
             started.set()
             await asyncio.Event().wait()
 
@@ -147,7 +147,7 @@ async def test_outside_cancellation_is_not_swallowed_by_the_scope() -> None:
     started = asyncio.Event()
 
     async def work() -> None:
-        async with a.abortable():
+        with a.abortable():
             started.set()
             await asyncio.Event().wait()
 
