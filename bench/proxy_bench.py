@@ -14,14 +14,16 @@ Load comes from wrk (a Python load generator saturates near 1k req/s here and wo
 requests/s and p50/p99 latency at 1 and 32 connections, non-streaming and streaming. Time to first byte and
 the inter-chunk gap of streams come from a sequential client (the same client for every contender, so the
 differences are the contenders'). Then 1,000 concurrent slow streams through the gateway, optionally
-(--memory) RSS after 10,000 and after 1,000,000 proxied requests, and optionally (--profile) py-spy's samples
-of the gateway under wrk at 32 connections: the share of its CPU spent in the scheduler and the whole queue.
+(--memory) RSS after 10,000 and after 1,000,000 proxied requests, and optionally (--profile) where a copy of
+the gateway spends its CPU under wrk at 32 connections, sampled inside its process (bench/cpu_sampler.py): the
+share of the scheduler's own code, of its calls with all they call, and of the garbage collector.
 With --instructions N, bare and gateway each run again under valgrind's callgrind for N requests at 16
 connections: the machine instructions each spends per request, which no noise of the host moves (the
 req/s of one round here strayed by 10-20 %); their ratio tells whether a change to the hot path made it
 lighter, though not how fast it runs (cache misses and IPC are not counted).
 
-    python -m bench.proxy_bench [--rounds 3] [--duration 10] [--memory] [--profile] [--instructions 2000]
+    python -m bench.proxy_bench [--rounds 3] [--duration 10] [--memory] [--profile [--profile-seconds 40]]
+                                [--instructions 2000]
                                 [--json bench/results/proxy.json]
 """
 
@@ -31,6 +33,7 @@ import argparse
 import asyncio
 import json
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -202,7 +205,8 @@ def main() -> None:
     parser.add_argument("--slow-streams", type=int, default=1000)
     parser.add_argument("--memory", action="store_true", help="also run 1,000,000 requests for the RSS check")
     parser.add_argument("--memory-requests", type=int, default=1_000_000)
-    parser.add_argument("--profile", action="store_true", help="also sample the gateway with py-spy at c32")
+    parser.add_argument("--profile", action="store_true", help="also sample the gateway's CPU at c32")
+    parser.add_argument("--profile-seconds", type=float, default=40, help="how long to sample [default: 40]")
     parser.add_argument("--instructions", type=int, default=0, help="requests counted under callgrind (0: none)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "proxy.json"))
     args = parser.parse_args()
@@ -315,7 +319,7 @@ def main() -> None:
         if args.memory:
             extra["memory"] = memory_check(field[2], args.memory_requests)
         if args.profile:
-            extra["profile"] = profile(field[2], args.duration)
+            extra["profile"] = profile(field[2], args.profile_seconds)
         if args.instructions:
             counted = {contender.name: instructions(contender, args.instructions) for contender in field[1:3]}
             extra["instructions_per_request"] = {**counted, "bare_over_gateway": counted["bare"] / counted["gateway"]}
@@ -376,9 +380,8 @@ async def fixed_load(url: str, requests: int, connections: int) -> None:
         await asyncio.gather(*(client() for _ in range(connections)))
 
 
-# The gateway's parts, by the file of the innermost gateway frame of a sampled stack (its own time, with the
-# library calls it makes directly): the scheduler and its data structures, the service, the HTTP layer, the
-# backend.
+# The gateway's parts, by the file of the innermost gateway frame of a sample (its own time, with the library
+# calls it makes directly): the scheduler and its data structures, the service, the HTTP layer, the backend.
 _PROFILE_PARTS = {
     "scheduler": tuple(
         f"app/queue/{name}.py"
@@ -398,55 +401,58 @@ _PROFILE_PARTS = {
     "api": ("app/api/",),
     "backend": ("app/backends/",),
 }
+# The scheduler's calls from outside it on this path: the share of the CPU spent under them counts everything
+# they call (the request records, the metrics, the estimates, the budgets).
+_SCHEDULER_ENTRIES = (
+    "app/queue/scheduler.py:submit",
+    "app/queue/scheduler.py:retire",
+    "app/queue/scheduler.py:sheds",
+    "app/queue/job.py:abortable",
+    "app/queue/job.py:__enter__",
+    "app/queue/job.py:__exit__",
+    "app/queue/job.py:dispatched",
+)
 
 
-def profile(gateway: Contender, duration: float) -> dict[str, float]:
-    """py-spy samples the gateway while wrk drives it at 32 connections: each part's share of its CPU samples.
-
-    A sample counts for the part whose file holds its innermost gateway frame; samples with no gateway frame
-    (the event loop, uvicorn, aiohttp reading sockets) count in the total only.
-    """
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
-    assert gateway.process is not None
-    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-        spy = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "py-spy"),
-                "record",
-                "--pid",
-                str(gateway.process.pid),
-                "--duration",
-                str(max(1, round(duration))),
-                "--rate",
-                "250",
-                "--nonblocking",
-                "--format",
-                "raw",
-                "--output",
-                out.name,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.5)  # py-spy attaches
-        load = wrk(gateway.url, 32, duration, BODY)
-        spy.wait(60)
-        lines = Path(out.name).read_text().splitlines()
-    total = 0
-    counts = dict.fromkeys(_PROFILE_PARTS, 0)
-    for line in lines:
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        total += int(count)
-        # py-spy names a frame "function (path:line)", the path as the code object has it (here relative).
-        innermost = next((frame for frame in reversed(stack.split(";")) if "(app/" in frame or "/app/" in frame), "")
-        for part, markers in _PROFILE_PARTS.items():
-            if any(marker in innermost for marker in markers):
-                counts[part] += int(count)
-                break
-    shares = {f"{part}_share": round(n / total, 4) if total else float("nan") for part, n in counts.items()}
-    return {"samples": total, "rps_while_sampled": load["rps"], **shares}
+def profile(contender: Contender, duration: float) -> dict[str, float]:
+    """Where a copy of the gateway spends its CPU while wrk drives it at 32 connections (bench/cpu_sampler.py):
+    each part's share of the samples, the scheduler's calls' share with all they call, and the collector's."""
+    port = free_port()
+    argv = [contender.argv[0], "-m", "bench.cpu_sampler", *contender.argv[2:]]
+    env = {name: value for name, value in contender.env.items() if name != "DATA_DIR"}  # it gets its own
+    env["PORT"] = str(port)
+    with tempfile.TemporaryDirectory(prefix="bench-samples-") as out:
+        env["CPU_SAMPLES_OUT"] = f"{out}/samples.json"
+        env["CPU_SAMPLES_ENTRIES"] = ",".join(_SCHEDULER_ENTRIES)
+        sampled = Contender(f"{contender.name} sampled", argv, port, env, ready_path=contender.ready_path)
+        sampled.start()
+        try:
+            assert sampled.process is not None
+            wrk(sampled.url, 32, 3, BODY)
+            sampled.process.send_signal(signal.SIGUSR1)
+            load = wrk(sampled.url, 32, duration, BODY)
+            sampled.process.send_signal(signal.SIGUSR2)
+            written = Path(out, "samples.json")
+            deadline = time.monotonic() + 10
+            while not written.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.2)  # written by the time the file is seen, but let it close
+            counted = json.loads(written.read_text())
+        finally:
+            sampled.stop()
+    files: dict[str, int] = counted["files"]
+    total = sum(files.values())
+    shares: dict[str, float] = {}
+    for part, markers in _PROFILE_PARTS.items():
+        n = sum(count for path, count in files.items() if any(path.startswith(marker) for marker in markers))
+        shares[f"{part}_share"] = round(n / total, 4) if total else float("nan")
+    return {
+        "samples": total,
+        "rps_while_sampled": load["rps"],
+        **shares,
+        "scheduler_calls_inclusive_share": round(counted["inclusive"] / total, 4) if total else float("nan"),
+        "gc_share": round(counted["gc_seconds"] / counted["cpu_seconds"], 4),
+    }
 
 
 def paired(rounds: dict[tuple[str, str], list[float]], label: str, name: str, reference: str) -> float:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import random
+import signal
+import sys
+from collections.abc import Callable
 
 import pytest
 
+from bench.cpu_sampler import Sampler
 from bench.eta_sim import covered, future_wait, least_error, simulate
 from bench.replicas_bench import GrantAudit
 
@@ -28,11 +32,37 @@ from bench.replicas_bench import GrantAudit
         "eta_sim",
         "replicas_bench",
         "batch_bench",
+        "cpu_sampler",
     ],
 )
 def test_a_benchmark_module_imports(name: str) -> None:
     module = importlib.import_module(f"bench.{name}")
     assert hasattr(module, "main") or hasattr(module, "app")
+
+
+def _gateway_function(module: str, path: str, name: str, body: str) -> Callable[..., None]:
+    """A function of the gateway's module `module` (file `path`), as the gateway's own are."""
+    scope: dict[str, object] = {"__name__": module, "signal": signal, "sys": sys}
+    exec(compile(f"def {name}(sample, then):\n    {body}\n", path, "exec"), scope)
+    function = scope[name]
+    assert callable(function)
+    return function
+
+
+def test_the_cpu_sampler_counts_a_sample_for_its_innermost_gateway_frame() -> None:
+    sampler = Sampler({("app/queue/scheduler.py", "submit")})
+    sample_here = "sample(signal.SIGPROF, sys._getframe())"
+    observe = _gateway_function("app.metrics", "/srv/app/metrics.py", "observe", sample_here)
+    submit = _gateway_function("app.queue.scheduler", "/srv/app/queue/scheduler.py", "submit", "then(sample, None)")
+    # Not the gateway's, whatever its path says: a virtual environment under a directory named app.
+    library = _gateway_function("aiohttp.client", "/app/.venv/aiohttp/client.py", "post", "then(sample, None)")
+
+    submit(sampler.sample, lambda sample, then: library(sample, observe))
+    observe(sampler.sample, None)  # not under submit
+    library(sampler.sample, lambda sample, then: sample(signal.SIGPROF, sys._getframe()))  # no gateway frame
+    assert sampler.files == {"app/metrics.py": 2, "-": 1}
+    assert sampler.functions == {"app/metrics.py:observe": 2}
+    assert sampler.inclusive == 1
 
 
 def test_the_replicas_audit_counts_a_grant_made_while_a_higher_ticket_waited() -> None:
