@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from app.backends.llama.model import uses_amx
 from testkit.gateway import free_port, gateway_process_cwd, gateway_process_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,14 @@ def side_env(name: str, *requirements: str, build_parallel: bool = True) -> Path
     subprocess.run([str(python), "-m", "pip", "install", "-q", *requirements], check=True, env={**os.environ, **extra})
     marker.write_text(wanted)
     return python
+
+
+def llama_server_flags() -> list[str]:
+    """What every llama-server of the benches is started with besides its own settings: on a CPU with AMX, the
+    weights in plain CPU memory (--no-repack), as the gateway keeps them there (app/backends/llama/model.py).
+    Its repacked AMX layout is what crashes there: llama-server dies at start with SIGILL, seen on a Xeon with
+    amx_int8."""
+    return ["--no-repack"] if uses_amx() else []
 
 
 def llama_server_binary() -> str:

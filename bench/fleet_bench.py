@@ -38,7 +38,15 @@ import httpx
 import yaml
 
 from app.backends.llama.backend import default_model_path
-from bench.common import ROOT, Contender, gateway_process, llama_server_binary, percentile, stop_process
+from bench.common import (
+    ROOT,
+    Contender,
+    gateway_process,
+    llama_server_binary,
+    llama_server_flags,
+    percentile,
+    stop_process,
+)
 from testkit.gateway import free_port
 
 SYSTEM = "You are a careful assistant."
@@ -319,7 +327,7 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(2):
         port = free_port()
         argv = [binary, "-m", default_model_path(), "-t", "1", "-tb", "1", "-c", "8192", "-np", "2"]
-        argv += ["--port", str(port)]
+        argv += ["--port", str(port), *llama_server_flags()]
         servers.append(Contender(f"llama-server-{port}", argv, port, ready_path="/health"))
     ttft: dict[str, list[float]] = {}
     cached: dict[str, float] = {}

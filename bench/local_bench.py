@@ -53,7 +53,7 @@ import aiohttp
 import orjson
 
 from app.backends.llama import default_model_path
-from bench.common import ROOT, Contender, llama_server_binary, percentile
+from bench.common import ROOT, Contender, llama_server_binary, llama_server_flags, percentile
 from testkit.gateway import free_port
 
 N_CTX = 2048  # per sequence, for every contender
@@ -316,7 +316,7 @@ def embeddings_part(threads: int, rounds: int, seconds: float) -> dict[str, obje
         )
         port = free_port()
         argv = [binary, "-m", model, "-t", str(threads), "-tb", str(threads), "-c", str(N_CTX * SLOTS)]
-        argv += ["-np", str(SLOTS), "--embeddings", "--pooling", "mean", "--port", str(port)]
+        argv += ["-np", str(SLOTS), "--embeddings", "--pooling", "mean", "--port", str(port), *llama_server_flags()]
         server = Contender("llama-server --embeddings", argv, port, ready_path="/health")
         for contender in (gateway, server):
             contender.start()
@@ -500,6 +500,7 @@ def contenders(threads: int) -> list[Contender]:
             str(slots),
             "--port",
             str(port_),
+            *llama_server_flags(),
         ]
         return Contender(f"llama-server -np {slots}", argv, port_, ready_path="/health")
 

@@ -55,7 +55,7 @@ class LlamaModel:
         self.batch: Any = None
         model_params = ll.llama_model_default_params()
         model_params.n_gpu_layers = config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF
-        if _has_amx():
+        if uses_amx():
             # ggml's AMX weight layout crashes the first decode on some AMX CPUs (llama.cpp issue 20824, seen
             # here on a Xeon with amx_int8): the weights stay in plain CPU memory there, at the cost of the
             # other repacked layouts too (they speed Q4_0 and Q4_K models up, not the bundled Q4_1).
@@ -274,8 +274,8 @@ class LlamaModel:
         ll.llama_memory_seq_cp(self._memory, source, target, -1, -1)
 
 
-def _has_amx() -> bool:
-    """Whether this build of llama.cpp uses the CPU's AMX units."""
+def uses_amx() -> bool:
+    """Whether this build of llama.cpp uses the CPU's AMX units (then the weights stay in plain CPU memory)."""
     return b"AMX_INT8 = 1" in ll.llama_print_system_info()
 
 
