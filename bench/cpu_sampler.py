@@ -98,8 +98,10 @@ class Sampler:
             "gc_seconds": self.gc_seconds,
             "cpu_seconds": time.process_time() - self._cpu_from,
         }
-        with open(os.environ["CPU_SAMPLES_OUT"], "w") as out:
+        path = os.environ["CPU_SAMPLES_OUT"]
+        with open(path + ".part", "w") as out:
             json.dump(counted, out)
+        os.replace(path + ".part", path)  # whoever waits for the file reads it whole
 
 
 def main() -> None:

@@ -418,7 +418,7 @@ def profile(contender: Contender, duration: float) -> dict[str, float]:
     """Where a copy of the gateway spends its CPU while wrk drives it at 32 connections (bench/cpu_sampler.py):
     each part's share of the samples, the scheduler's calls' share with all they call, and the collector's."""
     port = free_port()
-    argv = [contender.argv[0], "-m", "bench.cpu_sampler", *contender.argv[2:]]
+    argv = [contender.argv[0], "-m", "bench.cpu_sampler", *contender.argv[2:]]  # python -m app, run by the sampler
     env = {name: value for name, value in contender.env.items() if name != "DATA_DIR"}  # it gets its own
     env["PORT"] = str(port)
     with tempfile.TemporaryDirectory(prefix="bench-samples-") as out:
@@ -436,7 +436,6 @@ def profile(contender: Contender, duration: float) -> dict[str, float]:
             deadline = time.monotonic() + 10
             while not written.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            time.sleep(0.2)  # written by the time the file is seen, but let it close
             counted = json.loads(written.read_text())
         finally:
             sampled.stop()
