@@ -241,7 +241,7 @@ class LlamaEngine:
     def _pick(self, sequence: Sequence, index: int) -> None:
         """Sample the sequence's next token from the logits at batch index `index`, and take it."""
         model = self.model
-        token = model.sample(sequence.sampler, index, sequence.grammar)
+        token = model.sample(sequence.sampler, index, sequence.grammar, sequence.shortlist)
         if sequence.logprobs is not None:
             sequence.pending.append(model.logprob(index, token, sequence.logprobs))
         self._accept(sequence, token)
@@ -331,14 +331,14 @@ class LlamaEngine:
         self.slots.unpark(sequence, slot)
 
     def _accept(self, sequence: Sequence, token: int) -> None:
-        model = self.model
-        if model.is_end(token):
+        piece, end = self.model.decoded(token)
+        if end:
             if sequence.pending:
                 sequence.pending.pop()  # the end token is not part of the answer
             self._finish(sequence, "stop")
             return
         sequence.generated += 1
-        text, stopped = sequence.text.feed(model.piece(token))
+        text, stopped = sequence.text.feed(piece)
         if text:
             self._text(sequence, text)
         if stopped:

@@ -20,7 +20,7 @@ import numpy as np
 from app.backends.llama.batch import add_to_batch
 from app.backends.llama.embedder import Embedder
 from app.backends.llama.events import TokenLogprob
-from app.backends.llama.sampling import grammar_sampler
+from app.backends.llama.sampling import grammar_sampler, top_candidates
 
 log = logging.getLogger("app.backends.llama")
 
@@ -83,10 +83,14 @@ class LlamaModel:
         self._piece = ctypes.create_string_buffer(_PIECE_BYTES)
         self._config = config
         self._embedder: Embedder | None = None  # made on the first embedding request
-        # The candidates a grammar-bound pick runs over, in llama_token_data's layout, made once.
-        n_vocab = self.vocab_size
+        # The candidates a chain runs over when this class picks them (a shortlist, a grammar), in
+        # llama_token_data's layout, made once.
+        self._n_vocab = n_vocab = self.vocab_size
         self._candidates = np.zeros(n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        self._candidates_data = self._candidates.ctypes.data_as(ctypes.POINTER(ll.llama_token_data))
         self._token_ids = np.arange(n_vocab, dtype=np.int32)
+        # Each generated token's bytes and whether it ends generation, looked up once (engine thread).
+        self._decoded: dict[int, tuple[bytes, bool]] = {}
 
     def free(self) -> None:
         """Release the batch, the contexts and the model."""
@@ -153,6 +157,14 @@ class LlamaModel:
         """Whether the token ends generation (end of text, end of turn)."""
         return bool(ll.llama_vocab_is_eog(self._vocab, token))
 
+    def decoded(self, token: int) -> tuple[bytes, bool]:
+        """A generated token's bytes and whether it ends generation, remembered (engine thread: two calls into
+        llama.cpp per token of every stream otherwise)."""
+        known = self._decoded.get(token)
+        if known is None:
+            known = self._decoded[token] = (self.piece(token), self.is_end(token))
+        return known
+
     @property
     def bos_token(self) -> int:
         return int(ll.llama_vocab_bos(self._vocab))
@@ -204,37 +216,59 @@ class LlamaModel:
         self.batch.n_tokens = 0
         return status
 
-    def sample(self, sampler: Any, index: int, grammar: Any = None) -> int:
+    def sample(self, sampler: Any, index: int, grammar: Any = None, shortlist: int | None = None) -> int:
         """The next token from the logits at batch index `index`, by the chain `sampler` and, if given, within
         `grammar`.
 
-        As llama-server does it: the chain picks from every candidate, and only a token the grammar refuses
-        sends the grammar over the whole vocabulary (its costly step) before the chain picks again. Greedy, the
-        token is the one the grammar-first chain would pick; most tokens never pay for the grammar (measured:
-        a JSON schema's overhead from 46% of the tokens per second down to a few).
+        A chain that looks at the `shortlist` largest logits only (sampling.shortlist) runs over the few
+        candidates that hold them (greedy: the largest is the token), not the whole vocabulary: the same token
+        in less time (measured in the engine, 4 streams: greedy 98 -> 14 us a token, top_k 40 85 -> 64 us).
+
+        With a grammar, as llama-server does it: the chain picks from every candidate, and only a token the
+        grammar refuses sends the grammar over the whole vocabulary (its costly step) before the chain picks
+        again. Greedy, the token is the one the grammar-first chain would pick; most tokens never pay for the
+        grammar (measured: a JSON schema's overhead from 46% of the tokens per second down to a few).
         """
         if grammar is None:
-            return int(ll.llama_sampler_sample(sampler, self._ctx, index))
-        token = self._pick(sampler, index, None)
+            if shortlist is None:
+                return int(ll.llama_sampler_sample(sampler, self._ctx, index))
+            logits = self._logits(index)
+            if shortlist == 1:
+                return int(logits.argmax())  # the first of equal largest, as llama.cpp's greedy sampler takes
+            ids = top_candidates(logits, shortlist)
+            if ids is None:
+                return int(ll.llama_sampler_sample(sampler, self._ctx, index))
+            token = self._pick(sampler, logits, None, ids)
+            ll.llama_sampler_accept(sampler, token)
+            return token
+        logits = self._logits(index)
+        token = self._pick(sampler, logits, None)
         if not self._allows(grammar, token):
-            token = self._pick(sampler, index, grammar)
+            token = self._pick(sampler, logits, grammar)
         ll.llama_sampler_accept(grammar, token)
         ll.llama_sampler_accept(sampler, token)
         return token
 
-    def _pick(self, sampler: Any, index: int, grammar: Any) -> int:
-        """Run the chain (after `grammar`, if given) over every candidate at `index`; the token it selects."""
-        logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, index), shape=(self.vocab_size,))
+    def _logits(self, index: int) -> np.ndarray[Any, Any]:
+        """The logits at batch index `index`, in llama.cpp's own buffer (valid until the next decode)."""
+        return np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+
+    def _pick(
+        self, sampler: Any, logits: np.ndarray[Any, Any], grammar: Any, ids: np.ndarray[Any, Any] | None = None
+    ) -> int:
+        """Run the chain (after `grammar`, if given) over the candidates `ids` (None: every token); the token it
+        selects."""
         candidates = self._candidates
-        candidates["id"] = self._token_ids  # samplers sort and cut the array in place: each pick starts afresh
-        candidates["logit"] = logits
-        candidates["p"] = 0.0
-        array = ll.llama_token_data_array(
-            data=candidates.ctypes.data_as(ctypes.POINTER(ll.llama_token_data)),
-            size=len(candidates),
-            selected=-1,
-            sorted=False,
-        )
+        if ids is None:  # samplers sort and cut the array in place: each pick starts afresh
+            size = len(candidates)
+            candidates["id"] = self._token_ids
+            candidates["logit"] = logits
+        else:
+            size = len(ids)
+            candidates["id"][:size] = ids
+            candidates["logit"][:size] = logits[ids]
+        candidates["p"][:size] = 0.0
+        array = ll.llama_token_data_array(data=self._candidates_data, size=size, selected=-1, sorted=False)
         if grammar is not None:
             ll.llama_sampler_apply(grammar, ctypes.byref(array))
         ll.llama_sampler_apply(sampler, ctypes.byref(array))

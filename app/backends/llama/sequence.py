@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from app.backends.llama.events import TokenLogprob
-from app.backends.llama.sampling import Sampling, build_chain, free_chain, grammar_sampler, plan
+from app.backends.llama.sampling import Sampling, build_chain, free_chain, grammar_sampler, plan, shortlist
 from app.backends.llama.stop_text import StopText
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class Sequence:
         "prompt",
         "sampler",
         "sampling",
+        "shortlist",
         "sink",
         "text",
         "urgent",
@@ -65,6 +66,7 @@ class Sequence:
         self.next_token: int | None = None
         self.logit_index = -1
         self.sampler: Any = None
+        self.shortlist: int | None = None  # how many of the largest logits its chain looks at (None: all)
         self.grammar: Any = None  # llama.cpp's grammar sampler, for response_format or a required tool call
         self.cached = 0  # prompt tokens whose KV was reused from the previous request on this id
         self.history: list[int] = []  # tokens decoded into this sequence's KV cells
@@ -81,7 +83,9 @@ class Sequence:
 
     def build_samplers(self, model: LlamaModel) -> None:
         """Its sampler chain (and grammar, if it has one) on `model`'s vocabulary: llama.cpp objects to free."""
-        self.sampler = build_chain(plan(self.sampling), model.vocab_size)
+        steps = plan(self.sampling)
+        self.sampler = build_chain(steps, model.vocab_size)
+        self.shortlist = shortlist(steps)
         if self.sampling.grammar is not None:
             self.grammar = grammar_sampler(model.vocab, self.sampling.grammar)
 

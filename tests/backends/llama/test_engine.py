@@ -13,7 +13,7 @@ from app.backends.llama import default_model_path
 from app.backends.llama.engine import LlamaEngine
 from app.backends.llama.events import Delta, Done, Event
 from app.backends.llama.model import EngineConfig, LlamaModel
-from app.backends.llama.sampling import Sampling
+from app.backends.llama.sampling import Sampling, build_chain, free_chain, plan, shortlist
 from app.backends.llama.sequence import Sequence
 
 PROMPTS = ["Name three colors.", "What is the capital of France?", "Write a haiku about rain.", "Hi."]
@@ -256,3 +256,36 @@ def test_forks_that_end_on_their_first_token_or_are_cancelled_free_everything() 
         assert until(lambda: len(engine.slots.free_ids) == 4 and not engine.slots.active and not engine._waiting)
     finally:
         engine.close()
+
+
+def test_a_shortlisted_pick_is_the_token_the_whole_vocabulary_gives() -> None:
+    """The chain given a shortlist (greedy's largest logit, top_k's candidates) picks what llama.cpp picks
+    over every token, seeded chains included: token for token over a whole answer."""
+    model = LlamaModel(EngineConfig(default_model_path(), 512, 1, 2, 0))
+    text = "<|im_start|>user\nWrite a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n"
+    prompt = model.tokenize(text, True)
+    try:
+        for sampling in (
+            Sampling(temperature=0),
+            Sampling(temperature=0.9, top_p=0.95, seed=3),
+            Sampling(temperature=1.5, top_k=20, seed=11),
+        ):
+            steps = plan(sampling)
+            assert shortlist(steps) is not None
+            short, whole = build_chain(steps, model.vocab_size), build_chain(steps, model.vocab_size)
+            model.clear(0)
+            for position, token in enumerate(prompt):
+                index = model.add(0, token, position, position == len(prompt) - 1)
+            picked = []
+            for position in range(len(prompt), len(prompt) + 48):
+                assert model.decode() == 0
+                token = model.sample(short, index, None, shortlist(steps))
+                assert token == model.sample(whole, index)
+                picked.append(token)
+                index = model.add(0, token, position, True)
+            model.batch.n_tokens = 0
+            free_chain(short)
+            free_chain(whole)
+            assert len(set(picked)) > 10  # a real answer, not one token over and over
+    finally:
+        model.free()

@@ -1,10 +1,23 @@
-"""The sampling plan on plain data: which samplers run, in which order, with which arguments."""
+"""The sampling plan on plain data: which samplers run, in which order, with which arguments, and the shortlist
+of candidates a chain is given."""
 
 from __future__ import annotations
 
 import llama_cpp as ll
+import numpy as np
 
-from app.backends.llama.sampling import DEFAULT_TOP_K, PENALTY_LAST_N, Sampling, build_chain, free_chain, plan
+from app.backends.llama.sampling import (
+    DEFAULT_TOP_K,
+    MAX_SHORTLIST,
+    PENALTY_LAST_N,
+    STRIDE,
+    Sampling,
+    build_chain,
+    free_chain,
+    plan,
+    shortlist,
+    top_candidates,
+)
 
 
 def test_temperature_zero_is_greedy_and_nothing_else() -> None:
@@ -53,3 +66,39 @@ def test_logit_bias_comes_first() -> None:
     steps = plan(Sampling(temperature=0.5, repeat_penalty=1.1, logit_bias=((5, -100.0), (7, 2.5))))
     assert steps[0] == ("logit_bias", (5, -100.0, 7, 2.5))
     assert steps[1][0] == "penalties"
+
+
+def test_the_shortlist_is_what_the_chain_starts_by_keeping() -> None:
+    assert shortlist(plan(Sampling(temperature=0))) == 1
+    assert shortlist(plan(Sampling(temperature=0.7, top_p=0.95))) == DEFAULT_TOP_K
+    assert shortlist(plan(Sampling(temperature=0.7, top_k=5))) == 5
+    # Whatever must see every logit first, or keeps too many to narrow: the whole vocabulary.
+    assert shortlist(plan(Sampling(temperature=0.7, top_k=0))) is None
+    assert shortlist(plan(Sampling(temperature=0.7, top_k=MAX_SHORTLIST + 1))) is None
+    assert shortlist(plan(Sampling(temperature=0, repeat_penalty=1.1))) is None
+    assert shortlist(plan(Sampling(temperature=0.7, logit_bias=((5, 2.0),)))) is None
+
+
+def test_top_candidates_hold_the_k_largest_and_few_others() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        logits = (rng.standard_normal(49152) * rng.uniform(0.5, 6)).astype(np.float32)
+        if trial % 3 == 0:  # a peaked distribution, as a confident model gives
+            logits[rng.integers(0, 49152, 5)] += 30
+        if trial % 5 == 0:  # ties at the top
+            logits[rng.integers(0, 49152, 60)] = logits.max()
+        k = int(rng.integers(1, MAX_SHORTLIST + 1))
+        ids = top_candidates(logits, k)
+        assert ids is not None
+        kth = np.sort(logits)[-k]
+        assert set(np.flatnonzero(logits >= kth)) <= set(ids.tolist())
+        assert list(ids) == sorted(ids)
+        if trial % 5:
+            assert len(ids) < 4 * STRIDE * k + 64
+
+
+def test_a_small_vocabulary_is_not_narrowed() -> None:
+    assert top_candidates(np.zeros(STRIDE * 4 * 5 - STRIDE, dtype=np.float32), 5) is None
+    size = STRIDE * 40 + 3  # the logits between the sampled ones count too
+    ids = top_candidates(np.arange(size, dtype=np.float32), 5)
+    assert ids is not None and set(range(size - 5, size)) <= set(ids.tolist())
