@@ -1,12 +1,12 @@
 """One llama.cpp model and context, owned by one thread: continuous batching over up to n_seq sequences.
 
 Every step, each generating sequence adds its last token to one llama_batch and the earliest placed
-prompt fills the rest (chunked, so a long prompt never stalls the others for more than a step); one
-llama_decode serves them all. A sequence that ends frees its slot at once, so the next request joins at the
-next step rather than when the whole batch ends; its KV cells stay for a later prompt with the same prefix
-(llama_memory_seq_rm trims them to it). Each sequence has its own KV buffer, so greedy tokens do not depend
-on what is batched beside them. ctypes releases the GIL during llama_decode, so the event loop keeps
-serving HTTP while the model computes.
+prompt fills the rest, short prompts riding along (chunked, so a long prompt never stalls the others for more
+than a step); one llama_decode serves them all. A sequence that ends frees its slot at once, so the next
+request joins at the next step rather than when the whole batch ends; its KV cells stay for a later prompt
+with the same prefix (llama_memory_seq_rm trims them to it). Each sequence has its own KV buffer, so greedy
+tokens do not depend on what is batched beside them. ctypes releases the GIL during llama_decode, so the
+event loop keeps serving HTTP while the model computes.
 
 Choices (n > 1): the first choice's sequence evaluates the prompt; the others are forks of it. At the step
 its prompt's last token is decoded, every fork samples its first token from those same logits with its own
@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from app.backends.llama import placement
 from app.backends.llama.events import Delta, Done, Embedded, Event, Failed
 from app.backends.llama.model import EngineConfig, LlamaModel
 from app.backends.llama.sequence import Embedding, Sequence
@@ -184,17 +185,20 @@ class LlamaEngine:
         self._take_in()
         slots.close_gaps()
         model = self.model
-        # Every generating sequence adds its one token (that keeps every stream moving) and one prompt, the
-        # earliest placed (the queue dispatches by priority), gets the rest of n_batch: a request's first
-        # token then waits for its own prompt only, not for prompts that arrived with it. An urgent prompt
-        # (high priority) goes first and alone: the others wait that step, so its first token comes about as
-        # fast as on an idle model. Tokens go in ascending sequence id: with a KV buffer per sequence,
-        # llama.cpp puts into one micro-batch only sequences whose ids follow each other in batch order, and
-        # any other order costs a pass over the weights per sequence (measured: 4 streams at 34-39 ms a step
-        # out of order, 23 ms in order).
-        prompting = next((s for s in slots.prompting if s.urgent), slots.prompting[0] if slots.prompting else None)
-        alone = prompting is not None and prompting.urgent
+        # Every generating sequence adds its one token (that keeps every stream moving) and the prompts in
+        # progress share the rest of n_batch (placement.prompt_chunks): the earliest placed first (the queue
+        # dispatches by priority), then the short ones along with it. An urgent prompt (high priority) goes
+        # first and alone: the others wait that step, so its first token comes about as fast as on an idle
+        # model. Tokens go in ascending sequence id: with a KV buffer per sequence, llama.cpp puts into one
+        # micro-batch only sequences whose ids follow each other in batch order, and any other order costs a
+        # pass over the weights per sequence (measured: 4 streams at 34-39 ms a step out of order, 23 ms in
+        # order).
+        prompting = slots.prompting
+        urgent = next((i for i, s in enumerate(prompting) if s.urgent), None)
+        alone = urgent is not None
         room = self.config.n_batch - (0 if alone else sum(s.generating for s in slots.active))
+        rests = [len(s.prompt) - s.prefilled for s in prompting]
+        chunks = dict(zip(prompting, placement.prompt_chunks(rests, urgent or 0, room, alone), strict=True))
         for sequence in slots.active:  # kept in id order
             if sequence.generating and not alone:
                 token = sequence.next_token
@@ -203,9 +207,9 @@ class LlamaEngine:
                 sequence.logit_index = model.add(sequence.id, token, position, True)
                 sequence.history.append(token)
                 sequence.next_token = None
-            elif sequence is prompting:
+            elif chunks.get(sequence):
                 start = sequence.prefilled
-                end = min(start + room, len(sequence.prompt))
+                end = start + chunks[sequence]
                 # A fork has its first token already: the prompt's last logits were its leader's.
                 last = len(sequence.prompt) - 1 if sequence.next_token is None else -1
                 for position in range(start, end):
@@ -216,7 +220,7 @@ class LlamaEngine:
                 sequence.prefilled = end
                 self.prompt_evaluated += end - start
                 if end == len(sequence.prompt):
-                    slots.prompting.remove(sequence)
+                    prompting.remove(sequence)
         if model.batch.n_tokens == 0:
             return
         status = model.decode()

@@ -1,4 +1,5 @@
-"""Where sequences live in the KV cache: which slot a prompt takes, what it copies, which slots move.
+"""Where sequences live in the KV cache: which slot a prompt takes, what it copies, which slots move, and which
+prompts a decode step evaluates.
 
 Pure planning on plain data (token lists and slot ids); the engine carries the plans out on llama.cpp's
 memory. Two costs drive every choice, both measured with the bundled model on 2 cores:
@@ -13,6 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIN_COPY_TOKENS = 4  # twice the copy's cost in prompt tokens: a copy pays for itself with room to spare
+# A prompt with at most this many tokens left rides along with the step's first prompt rather than wait for a
+# step of its own: about what one more pass over the weights costs (4-5 ms, two prompt tokens' worth) plus the
+# step's tokens it delays, while it starts its stream a step or more sooner (see prompt_chunks).
+SHORT_PROMPT_TOKENS = 16
 _PREFIX_BLOCK = 256
 
 
@@ -93,3 +98,30 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while index < limit and a[index] == b[index]:
         index += 1
     return index
+
+
+def prompt_chunks(rests: list[int], first: int, room: int, alone: bool) -> list[int]:
+    """How many tokens of each prompt in progress a step evaluates (0: it waits), given what is left of each
+    (`rests`, in the order they were placed), which of them goes first (the urgent one, else the earliest),
+    and the step's room for prompt tokens.
+
+    The first takes what it needs of the room: its first token then waits for its own prompt, not for the
+    long prompts that arrived with it. An urgent first goes `alone`. Otherwise every other prompt with at most
+    SHORT_PROMPT_TOKENS left (what a prefix held in a slot leaves of a chat request: its last message) comes
+    along whole: prompts that arrive together then start their streams at the same step, in one pass over
+    the weights, rather than one step apart, each step's prompt a second pass beside the generating tokens
+    (measured with 4 chat streams arriving at once: 7 passes down to 2, and no stream finishing alone for
+    the last steps).
+    """
+    chunks = [0] * len(rests)
+    if not rests:
+        return chunks
+    chunks[first] = min(rests[first], room)
+    room -= chunks[first]
+    if alone:
+        return chunks
+    for index, rest in enumerate(rests):
+        if index != first and rest <= min(SHORT_PROMPT_TOKENS, room):
+            chunks[index] = rest
+            room -= rest
+    return chunks

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from app.backends.llama.placement import MIN_COPY_TOKENS, Move, Placement, close_gaps, common_prefix, place, runs
+from app.backends.llama.placement import (
+    MIN_COPY_TOKENS,
+    SHORT_PROMPT_TOKENS,
+    Move,
+    Placement,
+    close_gaps,
+    common_prefix,
+    place,
+    prompt_chunks,
+    runs,
+)
 
 SYSTEM = list(range(100, 140))  # a 40-token system prompt that chat requests share
 
@@ -66,3 +76,16 @@ def test_common_prefix_is_exact_across_the_compared_blocks() -> None:
     assert common_prefix(tokens, tokens) == len(tokens)
     assert common_prefix(tokens, tokens[:300]) == 300
     assert common_prefix([], tokens) == 0
+
+
+def test_a_step_evaluates_the_first_prompt_and_the_short_ones_along_with_it() -> None:
+    # Four chat requests whose system prompt a slot holds: all four last messages in one step.
+    assert prompt_chunks([9, 8, 9, 7], 0, 508, alone=False) == [9, 8, 9, 7]
+    # A long prompt goes first (the earliest placed) with what room there is; long ones wait their turn.
+    assert prompt_chunks([900, 300, 5], 0, 508, alone=False) == [508, 0, 0]
+    assert prompt_chunks([200, 300, 5, SHORT_PROMPT_TOKENS + 1], 0, 508, alone=False) == [200, 0, 5, 0]
+    # An urgent prompt goes first and alone, wherever it was placed.
+    assert prompt_chunks([5, 5, 40], 2, 512, alone=True) == [0, 0, 40]
+    # Short prompts come along only while there is room.
+    assert prompt_chunks([10, 10, 10], 0, 22, alone=False) == [10, 10, 0]
+    assert prompt_chunks([], 0, 512, alone=False) == []
