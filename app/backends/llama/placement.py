@@ -110,8 +110,8 @@ def prompt_chunks(rests: list[int], first: int, room: int, alone: bool) -> list[
     SHORT_PROMPT_TOKENS left (what a prefix held in a slot leaves of a chat request: its last message) comes
     along whole: prompts that arrive together then start their streams at the same step, in one pass over
     the weights, rather than one step apart, each step's prompt a second pass beside the generating tokens
-    (measured with 4 chat streams arriving at once: 7 passes down to 2, and no stream finishing alone for
-    the last steps).
+    (traced with 4 chat streams arriving at once, 8 prompt tokens each: 7 passes before all 4 generate, now
+    3, the first prompt alone and then the others together).
     """
     chunks = [0] * len(rests)
     if not rests:

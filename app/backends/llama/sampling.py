@@ -68,8 +68,8 @@ def plan(sampling: Sampling) -> list[Step]:
     return steps
 
 
-# The most candidates a chain may start by keeping for the shortlist to serve it: past this, the largest logits'
-# bound (top_candidates) gets loose and the whole vocabulary is cheaper.
+# The most candidates a chain may start by keeping for the shortlist to serve it: a shortlist holds about
+# STRIDE * k tokens, so a larger k is handed the whole vocabulary, as before.
 MAX_SHORTLIST = 64
 # Every STRIDE-th logit is the sample whose k-th largest bounds the k-th largest logit (top_candidates).
 STRIDE = 4
